@@ -1,0 +1,1 @@
+"""hongbao: a high-concurrency WeChat red-packet and lottery service."""

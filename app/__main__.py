@@ -1,0 +1,83 @@
+"""Command line: ``python -m app <command>``. The only place that picks uvloop and logging."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+from redis.asyncio import Redis
+
+from app.factory import create_app
+from app.sessions import SessionStore
+from app.settings import Settings, SettingsError
+from app.supervisor import DEFAULT_DATA_DIR, EMBEDDED_REDIS_URL, serve
+
+
+def _worker(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"hongbao: {exc}", file=sys.stderr)
+        return 2
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        reuse_port=True,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        print=None,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+    )
+    return 0
+
+
+async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
+    redis = Redis.from_url(os.environ.get("REDIS_URL") or EMBEDDED_REDIS_URL)
+    try:
+        store = SessionStore(redis, ttl_s)
+        openids = [f"{prefix}{i:08d}" for i in range(count)]
+        tokens = await store.mint(openids)
+    finally:
+        await redis.aclose()
+    return list(zip(openids, tokens, strict=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(prog="hongbao")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the service (embedded Redis/PostgreSQL if unset)")
+    p_serve.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p_serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    p_serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    sub.add_parser("worker", help="run one worker process (settings from the environment)")
+    p_mint = sub.add_parser("mint-sessions", help="create N player sessions for load tests")
+    p_mint.add_argument("--count", type=int, required=True)
+    p_mint.add_argument("--out", type=Path, required=True)
+    p_mint.add_argument("--prefix", default="load-")
+    p_mint.add_argument("--ttl", type=int, default=24 * 3600)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "serve":
+        return serve(args.workers, args.port, args.data_dir)
+    if args.command == "worker":
+        return _worker(args)
+    if args.command == "mint-sessions":
+        pairs = asyncio.run(_mint(args.count, args.prefix, args.ttl))
+        args.out.write_text("".join(f"{openid}\t{token}\n" for openid, token in pairs))
+        print(f"wrote {args.count} sessions (openid<TAB>cookie value) to {args.out}")
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

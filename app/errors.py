@@ -1,0 +1,106 @@
+"""API errors and the one middleware that renders every error as JSON."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+log = logging.getLogger("hongbao.errors")
+
+
+class ApiError(Exception):
+    """An error the client caused or must react to; rendered as {"error", "message"}."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of this error."""
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class InvalidJson(ApiError):
+    code = "invalid_json"
+
+
+class Invalid(ApiError):
+    """A field failed validation; ``field`` names it."""
+
+    status = 422
+    code = "invalid"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message, field=field)
+
+
+class Unauthenticated(ApiError):
+    status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class NotStarted(ApiError):
+    status = 409
+    code = "not_started"
+
+
+class Ended(ApiError):
+    status = 409
+    code = "ended"
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "unavailable"
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """A JSON response serialised with orjson."""
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn ApiError, aiohttp's HTTP errors and crashes into JSON error bodies."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        response = json_response({"error": code, "message": exc.reason}, status=exc.status)
+        for name in ("Allow", "Retry-After"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response({"error": "internal", "message": "internal error"}, status=500)

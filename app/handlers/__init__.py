@@ -1,0 +1,1 @@
+"""HTTP handlers by audience: h5 (players), admin (operators), auth, ops."""

@@ -1,0 +1,46 @@
+"""Player API."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app.errors import json_response
+from app.handlers.deps import current_session, playing_session
+from app.keys import CAMPAIGNS
+from app.scripts import GrabCode
+
+_RESULTS = {
+    GrabCode.WON: "won",
+    GrabCode.ALREADY_WON: "already_won",
+}
+
+
+async def get_campaign(request: web.Request) -> web.Response:
+    """GET /api/campaigns/{id}: public state, no session needed."""
+    view = await request.app[CAMPAIGNS].public_view(request.match_info["id"])
+    return json_response(view)
+
+
+async def grab(request: web.Request) -> web.Response:
+    """POST /api/campaigns/{id}/grab: one envelope per player, settled in Redis."""
+    session = await playing_session(request)
+    outcome = await request.app[CAMPAIGNS].grab(request.match_info["id"], session.openid)
+    if outcome.code is GrabCode.SOLD_OUT:
+        return json_response({"result": "sold_out"})
+    return json_response({"result": _RESULTS[outcome.code], "amount_fen": outcome.amount_fen})
+
+
+async def my_result(request: web.Request) -> web.Response:
+    """GET /api/campaigns/{id}/me: what this player has won."""
+    session = await current_session(request)
+    amount = await request.app[CAMPAIGNS].my_result(request.match_info["id"], session.openid)
+    if amount is None:
+        return json_response({"result": "none"})
+    return json_response({"result": "won", "amount_fen": amount})
+
+
+def setup(app: web.Application) -> None:
+    """Register player routes."""
+    app.router.add_get("/api/campaigns/{id}", get_campaign, name="campaign")
+    app.router.add_post("/api/campaigns/{id}/grab", grab, name="grab")
+    app.router.add_get("/api/campaigns/{id}/me", my_result, name="me")

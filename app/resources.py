@@ -1,0 +1,58 @@
+"""Cleanup contexts: one per resource, created at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+from aiohttp import web
+from redis.asyncio import Redis
+
+from app import ledger
+from app.campaigns import CampaignService
+from app.keys import CAMPAIGNS, PG, REDIS, SCRIPTS, SESSIONS, SETTINGS
+from app.scripts import Scripts
+from app.sessions import SessionStore
+
+log = logging.getLogger("hongbao.resources")
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Redis client, with every Lua script loaded (a broken script stops start-up)."""
+    settings = app[SETTINGS]
+    redis = Redis.from_url(settings.redis_url, max_connections=settings.redis_max_connections)
+    scripts = Scripts(redis)
+    await scripts.preload(redis)
+    app[REDIS] = redis
+    app[SCRIPTS] = scripts
+    yield
+    await redis.aclose()
+
+
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The asyncpg pool, with migrations applied."""
+    settings = app[SETTINGS]
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=settings.pg_pool_max
+    )
+    applied = await ledger.migrate(pool)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    app[PG] = pool
+    yield
+    await pool.close()
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Domain services over Redis and PostgreSQL; in-flight batches finish on shutdown."""
+    settings = app[SETTINGS]
+    sessions = SessionStore(app[REDIS], settings.session_ttl_s)
+    campaigns = CampaignService(
+        app[REDIS], app[PG], app[SCRIPTS], grab_batch_max=settings.grab_batch_max
+    )
+    app[SESSIONS] = sessions
+    app[CAMPAIGNS] = campaigns
+    yield
+    await campaigns.drain()
+    await sessions.drain()

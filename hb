@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The project's entry point. `./hb serve` runs the service, `./hb test` runs the tests;
+# both create .venv and install the project on first use.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+pick_python() {
+  for py in python3.13 python3.12 python3.11 python3; do
+    if command -v "$py" >/dev/null 2>&1 &&
+       "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$py"; return
+    fi
+  done
+  echo "hongbao needs Python >= 3.11" >&2; exit 1
+}
+
+ensure_venv() {
+  if [ ! -x .venv/bin/python ] || [ pyproject.toml -nt .venv/.installed ]; then
+    [ -x .venv/bin/python ] || "$(pick_python)" -m venv .venv
+    .venv/bin/pip install --quiet --upgrade pip
+    .venv/bin/pip install --quiet -e '.[dev]'
+    touch .venv/.installed
+  fi
+}
+
+cmd="${1:-help}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  serve) ensure_venv; exec .venv/bin/python -m app serve "$@" ;;
+  test)  ensure_venv; exec .venv/bin/python -m pytest "$@" ;;
+  lint)  ensure_venv; .venv/bin/ruff check . && .venv/bin/ruff format --check . && exec .venv/bin/mypy ;;
+  help|-h|--help) echo "usage: ./hb serve [--workers N] [--port P] | ./hb test [pytest args] | ./hb lint | ./hb <app command>" ;;
+  *)     ensure_venv; exec .venv/bin/python -m app "$cmd" "$@" ;;
+esac

@@ -1,0 +1,59 @@
+-- grab_envelope.lua: settle a batch of grabs on one red-packet campaign, each user at most once.
+-- Concurrent grabs of one campaign are coalesced by the worker into one call of this script.
+-- KEYS[1] campaign meta (hash)                     hb:{<campaign>}:meta
+-- KEYS[2] envelope pool (list of "seq:amount_fen")  hb:{<campaign>}:pool
+-- KEYS[3] winners (hash user -> "seq:amount_fen")  hb:{<campaign>}:winners
+-- KEYS[4] ledger stream (write-behind to Postgres)  hb:{<campaign>}:ledger
+-- ARGV[1] now, unix milliseconds (the worker's clock)
+-- ARGV[2..n] user ids (openids), one per grab
+-- returns {status, remaining_count, code_1, amount_1, code_2, amount_2, ...}
+--   status 0 settled, 1 no such campaign (or still loading), 2 not started, 3 ended
+--   per user: code 0 won, 1 already won (same amount), 2 sold out; amount 0 when sold out
+
+local meta, pool, winners, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = tonumber(ARGV[1])
+
+-- The meta hash is written only after the whole pool is loaded, so its absence
+-- also means "not open yet": nobody can grab a half-loaded campaign.
+local window = redis.call('HMGET', meta, 'starts_at_ms', 'ends_at_ms')
+if not window[1] then
+  return {1, 0}
+end
+if now < tonumber(window[1]) then
+  return {2, redis.call('LLEN', pool)}
+end
+if now >= tonumber(window[2]) then
+  return {3, redis.call('LLEN', pool)}
+end
+
+local out = {0, 0}
+local won_count, won_fen = 0, 0
+for i = 2, #ARGV do
+  local user = ARGV[i]
+  local prior = redis.call('HGET', winners, user)
+  if prior then
+    local _, _, amount = string.find(prior, ':(%d+)$')
+    out[#out + 1] = 1
+    out[#out + 1] = tonumber(amount)
+  else
+    local envelope = redis.call('LPOP', pool)
+    if envelope then
+      local _, _, seq, amount = string.find(envelope, '^(%d+):(%d+)$')
+      redis.call('HSET', winners, user, envelope)
+      redis.call('XADD', ledger, '*', 'u', user, 's', seq, 'a', amount, 't', ARGV[1])
+      won_count = won_count + 1
+      won_fen = won_fen + tonumber(amount)
+      out[#out + 1] = 0
+      out[#out + 1] = tonumber(amount)
+    else
+      out[#out + 1] = 2
+      out[#out + 1] = 0
+    end
+  end
+end
+if won_count > 0 then
+  redis.call('HINCRBY', meta, 'won_count', won_count)
+  redis.call('HINCRBY', meta, 'won_fen', won_fen)
+end
+out[2] = redis.call('LLEN', pool)
+return out
