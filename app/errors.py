@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 log = logging.getLogger("hongbao.errors")
 
@@ -101,6 +103,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
+    except (RedisError, asyncpg.PostgresConnectionError, OSError) as exc:
+        # A store is down or overloaded: the client may retry; nothing was settled twice
+        # because every settlement is one atomic script call.
+        log.warning("store unavailable on %s %s: %r", request.method, request.path, exc)
+        return json_response(
+            {"error": "unavailable", "message": "service temporarily unavailable"}, status=503
+        )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_response({"error": "internal", "message": "internal error"}, status=500)

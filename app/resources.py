@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from app import ledger
 from app.campaigns import CampaignService
@@ -21,7 +21,11 @@ log = logging.getLogger("hongbao.resources")
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Redis client, with every Lua script loaded (a broken script stops start-up)."""
     settings = app[SETTINGS]
-    redis = Redis.from_url(settings.redis_url, max_connections=settings.redis_max_connections)
+    # A blocking pool waits for a free connection instead of failing under bursts.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=5
+    )
+    redis = Redis.from_pool(pool)
     scripts = Scripts(redis)
     await scripts.preload(redis)
     app[REDIS] = redis

@@ -1,0 +1,141 @@
+"""Shared fixtures: real Redis and PostgreSQL, cleaned per test.
+
+TEST_REDIS_URL / TEST_DATABASE_URL choose the servers. Unset, the suite uses the
+machine's Redis (db 15) and PostgreSQL (database ``test``) on their standard ports
+when they answer, and otherwise starts embedded ones (the same binaries
+``./hb serve`` uses) for the whole session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from app.factory import create_app
+from app.settings import Settings
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a Redis database the tests may FLUSHDB."""
+    if os.environ.get("TEST_REDIS_URL"):
+        yield os.environ["TEST_REDIS_URL"]
+    elif _answers(6379):
+        yield "redis://127.0.0.1:6379/15"
+    else:
+        server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port()).start()
+        yield server.url
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL database whose public schema the tests may drop."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+    elif _answers(5432):
+        yield "postgresql://postgres@127.0.0.1:5432/test"
+    else:
+        server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("pg")), free_port()).start()
+        yield server.url
+        server.stop()
+
+
+async def reset_stores(redis_url: str, database_url: str) -> None:
+    """Empty the test Redis database and PostgreSQL schema."""
+    redis = Redis.from_url(redis_url)
+    await redis.flushdb()
+    await redis.aclose()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def clean(redis_url: str, database_url: str) -> None:
+    """Start each test from empty stores."""
+    await reset_stores(redis_url, database_url)
+
+
+@pytest.fixture
+def settings(redis_url: str, database_url: str, clean: None) -> Settings:
+    """Settings for an in-process app against the test stores."""
+    return Settings(
+        redis_url=redis_url,
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        dev_login=True,
+        insecure_cookies=True,
+    )
+
+
+@pytest.fixture
+async def redis(redis_url: str, clean: None) -> AsyncIterator[Redis]:
+    """A client on the test Redis database, for asserting end state."""
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pg(database_url: str, clean: None) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test database, for asserting end state."""
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings: Settings) -> TestClient:  # type: ignore[no-untyped-def]
+    """An HTTP client on an in-process app."""
+    return await aiohttp_client(create_app(settings))
+
+
+async def create_campaign(client: TestClient, **fields: object) -> dict[str, object]:
+    """POST a red-packet campaign and return its JSON (asserting 201)."""
+    body = {"kind": "red_packet", "name": "新春红包", "total_fen": 100_000, "count": 100}
+    body.update(fields)
+    resp = await client.post("/api/admin/campaigns", json=body, headers=ADMIN)
+    data = await resp.json()
+    assert resp.status == 201, data
+    return data  # type: ignore[no-any-return]
+
+
+async def login(client: TestClient, openid: str) -> str:
+    """dev-login as ``openid``; return the session cookie value."""
+    resp = await client.post("/auth/dev-login", json={"openid": openid})
+    assert resp.status == 200, await resp.text()
+    return resp.cookies["hb_session"].value
+
+
+def gather_limited(coros: list, limit: int = 200):  # type: ignore[no-untyped-def,type-arg]
+    """asyncio.gather with at most ``limit`` running at once."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(coro):  # type: ignore[no-untyped-def]
+        async with sem:
+            return await coro
+
+    return asyncio.gather(*(one(c) for c in coros))
