@@ -52,12 +52,13 @@
   var MODES = {
     red_packet: {
       action: 'grab', button: '開', loginButton: '微信登录 抢红包', brand: '恭喜发财，大吉大利',
+      rules: '每人限抢一次 · 先到先得',
       fromMe: function (me) {
-        return me.result === 'won' ? { title: '你已抢到红包', fen: me.amount_fen, note: '每人限抢一次' } : null;
+        return me.result === 'won' ? { title: '你已抢到红包', fen: me.amount_fen, note: '红包已到账' } : null;
       },
       fromAction: function (data) {
         if (data.result === 'won') return { title: '恭喜发财', fen: data.amount_fen, note: '红包已到账' };
-        if (data.result === 'already_won') return { title: '你已抢到红包', fen: data.amount_fen, note: '每人限抢一次' };
+        if (data.result === 'already_won') return { title: '你已抢到红包', fen: data.amount_fen, note: '红包已到账' };
         if (data.result === 'sold_out') return { title: '手慢了，红包派完了', note: '下次早点来' };
         return null;
       },
@@ -65,6 +66,7 @@
     },
     lottery: {
       action: 'draw', button: '抽', loginButton: '微信登录 去抽奖', brand: '好运连连，抽奖赢好礼',
+      rules: '每日次数有限 · 奖品先到先得',
       fromMe: function () { return null; },
       fromAction: function (data) {
         if (data.result === 'prize') {
@@ -149,6 +151,7 @@
     ui.name.textContent = c.name;
     document.title = c.name;
     ui.stage.querySelector('.packet__brand').textContent = mode.brand;
+    ui.foot.textContent = mode.rules;
     ui.stage.setAttribute('data-state', c.state);
     renderAccount();
     var already = me ? mode.fromMe(me) : null;
