@@ -63,7 +63,6 @@ def serve(workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
         env.setdefault("INSECURE_COOKIES", "1")
         env.setdefault("DEV_LOGIN", "1")
         env["PORT"] = str(port)
-        env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
         fake = start_fake_wechat(env)
         if fake is not None:
             procs.append(fake)
@@ -72,7 +71,7 @@ def serve(workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
             procs.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env))
         print(f"hongbao: {workers} worker(s) on http://127.0.0.1:{port}/", flush=True)
         print(f"admin token in {data_dir / 'admin-token'} (or $ADMIN_TOKEN)", flush=True)
-        page = demo_page(env["PUBLIC_BASE_URL"], env["ADMIN_TOKEN"], data_dir)
+        page = demo_page(f"http://127.0.0.1:{port}", env["ADMIN_TOKEN"], data_dir)
         print(f"open the H5 page (375x667 is the phone size): {page}", flush=True)
         print("Ctrl-C stops everything started here.", flush=True)
         while not stopping:

@@ -101,6 +101,7 @@
     var hasAmount = outcome.fen !== undefined && outcome.fen !== null;
     ui.resultAmount.hidden = !hasAmount;
     ui.amount.textContent = hasAmount ? yuan(outcome.fen) : '';
+    ui.amount.classList.toggle('is-long', ui.amount.textContent.length > 9);
     ui.resultNote.textContent = outcome.note || '';
     if (outcome.again) {
       setButton(page.mode.button, true, false);
