@@ -201,7 +201,7 @@ async def test_login_grab_reload_in_chromium(
     await page.screenshot(path=ARTIFACTS / "h5-3-already-won.png")
 
 
-async def test_refusal_and_countdown_in_chromium(service: Service, browser: Browser) -> None:
+async def test_countdown_refusal_snapshot_in_chromium(service: Service, browser: Browser) -> None:
     await _ready(service)
     starts = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
     later = await _create_campaign(service, starts_at=starts)
@@ -222,3 +222,13 @@ async def test_refusal_and_countdown_in_chromium(service: Service, browser: Brow
     await expect(page.locator("#toast")).to_have_text("你取消了微信授权，登录后才能参与")
     await expect(page.locator("#action")).to_have_text("微信登录 抢红包")
     await page.screenshot(path=ARTIFACTS / "h5-5-refused.png")
+
+    # A snapshot-page visitor may log in and look, but the grab is refused with a reason.
+    await page.locator("#action").click()
+    await page.check("input[name=fake_snapshot]")
+    await page.get_by_role("button", name="同意").click()
+    await page.wait_for_url(f"{service.base}/c/{now}")
+    await page.locator("#action").click()
+    await expect(page.locator("#toast")).to_contain_text("使用完整服务")
+    await expect(page.locator("#amount")).to_be_hidden()
+    await page.screenshot(path=ARTIFACTS / "h5-6-snapshot-user.png")

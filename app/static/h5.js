@@ -39,7 +39,7 @@
       var wait = parseInt(res.headers.get('Retry-After') || '', 10);
       return '参与的人太多了，请' + (wait > 0 ? ' ' + wait + ' 秒后' : '稍后') + '再试';
     }
-    if (code === 'snapshot_user') return '当前是预览模式，请点击屏幕右下角“使用完整服务”后参与';
+    if (res.data && res.data.reason === 'snapshot_user') return '当前是预览模式，请点击屏幕右下角“使用完整服务”后参与';
     if (code === 'csrf') return '请求来源异常，请刷新页面后重试';
     if (code === 'not_started') return '活动还没开始，请稍候';
     if (code === 'ended') return '活动已结束';
