@@ -20,6 +20,7 @@ from app import ledger
 from app.campaigns import CampaignService
 from app.errors import ApiError
 from app.factory import create_app
+from app.fakewechat import FakeWeChat, create_fake_app
 from app.scripts import Scripts
 from app.sessions import SessionStore
 from app.settings import Settings, SettingsError
@@ -38,6 +39,22 @@ def _worker(args: argparse.Namespace) -> int:
         port=settings.port,
         reuse_port=True,
         shutdown_timeout=settings.shutdown_timeout_s,
+        print=None,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+    )
+    return 0
+
+
+def _fake_wechat(args: argparse.Namespace) -> int:
+    appid, secret = os.environ.get("WECHAT_APPID", ""), os.environ.get("WECHAT_SECRET", "")
+    if not appid or not secret:
+        print("hongbao: fake-wechat needs WECHAT_APPID and WECHAT_SECRET", file=sys.stderr)
+        return 2
+    web.run_app(
+        create_fake_app(FakeWeChat(appid, secret)),
+        host=args.host,
+        port=args.port,
         print=None,
         access_log=None,
         loop=uvloop.new_event_loop(),
@@ -103,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     p_serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     sub.add_parser("worker", help="run one worker process (settings from the environment)")
+    p_fake = sub.add_parser("fake-wechat", help="run the fake WeChat (WECHAT_APPID/SECRET)")
+    p_fake.add_argument("--host", default="127.0.0.1")
+    p_fake.add_argument("--port", type=int, required=True)
     p_mint = sub.add_parser("mint-sessions", help="create N player sessions for load tests")
     p_mint.add_argument("--count", type=int, required=True)
     p_mint.add_argument("--out", type=Path, required=True)
@@ -125,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.workers, args.port, args.data_dir)
     if args.command == "worker":
         return _worker(args)
+    if args.command == "fake-wechat":
+        return _fake_wechat(args)
     if args.command == "mint-sessions":
         pairs = asyncio.run(_mint(args.count, args.prefix, args.ttl))
         args.out.write_text("".join(f"{openid}\t{token}\n" for openid, token in pairs))

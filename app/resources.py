@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from app import ledger
+from app.assets import Assets
 from app.campaigns import CampaignService
-from app.keys import CAMPAIGNS, PG, REDIS, SCRIPTS, SESSIONS, SETTINGS
+from app.keys import ASSETS, CAMPAIGNS, LOGINS, PG, REDIS, SCRIPTS, SESSIONS, SETTINGS
+from app.login import LoginService
 from app.scripts import Scripts
 from app.sessions import SessionStore
+from app.wechat import WeChatClient
 
 log = logging.getLogger("hongbao.resources")
 
@@ -60,3 +64,29 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await campaigns.drain()
     await sessions.drain()
+
+
+# WeChat answers in well under a second; a stuck exchange must not hold the player long.
+WECHAT_TIMEOUT = aiohttp.ClientTimeout(total=5, connect=2)
+
+
+async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One HTTP client session for WeChat's API, and the login service over it."""
+    settings = app[SETTINGS]
+    async with aiohttp.ClientSession(timeout=WECHAT_TIMEOUT, raise_for_status=False) as http:
+        client = WeChatClient(
+            http,
+            appid=settings.wechat_appid,
+            secret=settings.wechat_secret,
+            authorize_url=settings.wechat_authorize_url,
+            api_base=settings.wechat_api_base,
+            scope=settings.wechat_scope,
+        )
+        app[LOGINS] = LoginService(app[REDIS], app[SCRIPTS], app[SESSIONS], client)
+        yield
+
+
+async def assets_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The H5 page and its assets, read once (a missing file stops start-up)."""
+    app[ASSETS] = Assets.load()
+    yield

@@ -9,6 +9,7 @@ each script touches a single Redis Cluster slot:
     hb:{<cid>}:ledger    stream one entry per grant, drained into PostgreSQL
     hb:campaigns         set    ids of every campaign (read by drainers and operators)
     hb:sess:<token>      string session JSON, with a TTL
+    hb:login:{<state>}   hash   one WeChat login in progress: browser hash, next, code, token
 
 Python builds key names here and nowhere else.
 """
@@ -54,6 +55,31 @@ def session_key(token: str) -> str:
     return f"hb:sess:{token}"
 
 
+def login_key(state: str) -> str:
+    """Redis key of the WeChat login started with ``state``."""
+    return f"hb:login:{{{state}}}"
+
+
+class RedeemCode(enum.IntEnum):
+    """What redeem_login answered for a callback."""
+
+    UNKNOWN_STATE = 0
+    OTHER_BROWSER = 1
+    CLAIMED = 2
+    OTHER_CODE = 3
+    DONE = 4
+    PENDING = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Redeemed:
+    """A callback's claim on its login: the code, where to go next, the session if made."""
+
+    code: RedeemCode
+    next: str = "/"
+    token: str | None = None
+
+
 class GrabStatus(enum.IntEnum):
     """Campaign-level outcome of one grab_envelope call."""
 
@@ -94,6 +120,7 @@ class Scripts:
 
     def __init__(self, redis: Redis) -> None:
         self._grab = redis.register_script(load_lua("grab_envelope"))
+        self._redeem = redis.register_script(load_lua("redeem_login"))
 
     async def preload(self, redis: Redis) -> None:
         """SCRIPT LOAD every script, so a syntax error stops start-up."""
@@ -101,7 +128,18 @@ class Scripts:
             await redis.script_load(script.script)
 
     def _all(self) -> list[AsyncScript]:
-        return [self._grab]
+        return [self._grab, self._redeem]
+
+    async def redeem_login(self, state: str, browser_hash: str, code_hash: str) -> Redeemed:
+        """Claim the login of ``state`` for one code, from the browser that started it."""
+        raw = cast(
+            list[Any],
+            await self._redeem(keys=[login_key(state)], args=[browser_hash, code_hash]),
+        )
+        code = RedeemCode(int(raw[0]))
+        nxt = raw[1].decode() if len(raw) > 1 else "/"
+        token = raw[2].decode() if len(raw) > 2 else None
+        return Redeemed(code, nxt, token)
 
     async def grab_envelope(
         self, campaign_id: str, users: list[str], now_ms: int

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+WECHAT_AUTHORIZE_URL = "https://open.weixin.qq.com/connect/oauth2/authorize"
+WECHAT_API_BASE = "https://api.weixin.qq.com"
+WECHAT_SCOPES = ("snsapi_base", "snsapi_userinfo")
 
 
 class SettingsError(ValueError):
@@ -36,6 +41,21 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return value
 
 
+def _origin(env: Mapping[str, str], name: str) -> str:
+    """An http(s) origin without path, query or trailing slash ("" when unset)."""
+    raw = env.get(name, "").rstrip("/")
+    if raw and not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?", raw):
+        raise SettingsError(f"{name} must look like https://host[:port], got {raw!r}")
+    return raw
+
+
+def _url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name) or default
+    if not re.match(r"https?://[^/?#]+", raw):
+        raise SettingsError(f"{name} must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a worker needs to know; immutable once the app is built."""
@@ -55,6 +75,15 @@ class Settings:
     # Upper bound on grabs settled by one script call; concurrent grabs coalesce up to it.
     grab_batch_max: int = 128
     shutdown_timeout_s: float = 10.0
+    # WeChat web authorization (网页授权); the base URLs point at the fake in local runs.
+    wechat_appid: str = ""
+    wechat_secret: str = field(default="", repr=False)
+    wechat_authorize_url: str = WECHAT_AUTHORIZE_URL
+    wechat_api_base: str = WECHAT_API_BASE
+    wechat_scope: str = "snsapi_base"
+    # The origin players reach us at, e.g. https://hb.example.com: WeChat's redirect_uri
+    # and the CSRF same-origin check. Empty: the origin of each request (local runs, tests).
+    public_base_url: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +96,13 @@ class Settings:
             raise SettingsError("REDIS_URL is required")
         if not database_url:
             raise SettingsError("DATABASE_URL is required")
+        wechat_scope = env.get("WECHAT_SCOPE") or "snsapi_base"
+        if wechat_scope not in WECHAT_SCOPES:
+            raise SettingsError(
+                f"WECHAT_SCOPE must be one of {WECHAT_SCOPES}, got {wechat_scope!r}"
+            )
+        if bool(env.get("WECHAT_APPID")) != bool(env.get("WECHAT_SECRET")):
+            raise SettingsError("WECHAT_APPID and WECHAT_SECRET go together")
         if len(admin_token) < 16:
             raise SettingsError("ADMIN_TOKEN is required and must be at least 16 characters")
         return cls(
@@ -83,6 +119,12 @@ class Settings:
             pg_pool_max=_int(env, "PG_POOL_MAX", 4, minimum=1),
             grab_batch_max=_int(env, "GRAB_BATCH_MAX", 128, minimum=1),
             shutdown_timeout_s=float(_int(env, "SHUTDOWN_TIMEOUT_S", 10, minimum=1)),
+            wechat_appid=env.get("WECHAT_APPID", ""),
+            wechat_secret=env.get("WECHAT_SECRET", ""),
+            wechat_authorize_url=_url(env, "WECHAT_AUTHORIZE_URL", WECHAT_AUTHORIZE_URL),
+            wechat_api_base=_url(env, "WECHAT_API_BASE", WECHAT_API_BASE),
+            wechat_scope=wechat_scope,
+            public_base_url=_origin(env, "PUBLIC_BASE_URL"),
         )
 
     def with_(self, **changes: Any) -> Settings:

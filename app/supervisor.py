@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.localrun import demo_page, start_fake_wechat
 
 DEFAULT_DATA_DIR = Path(".data")
 EMBEDDED_REDIS_PORT = 16379
@@ -64,10 +65,16 @@ def serve(workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
         env.setdefault("INSECURE_COOKIES", "1")
         env.setdefault("DEV_LOGIN", "1")
         env["PORT"] = str(port)
+        fake = start_fake_wechat(env)
+        if fake is not None:
+            procs.append(fake)
+            print(f"fake WeChat (web authorization) at {env['WECHAT_API_BASE']}", flush=True)
         for _ in range(workers):
             procs.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env))
         print(f"hongbao: {workers} worker(s) on http://127.0.0.1:{port}/", flush=True)
         print(f"admin token in {data_dir / 'admin-token'} (or $ADMIN_TOKEN)", flush=True)
+        page = demo_page(f"http://127.0.0.1:{port}", env["ADMIN_TOKEN"], data_dir)
+        print(f"open the H5 page (375x667 is the phone size): {page}", flush=True)
         print("Ctrl-C stops everything started here.", flush=True)
         while not stopping:
             if any(p.poll() is not None for p in procs):

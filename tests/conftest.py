@@ -25,6 +25,8 @@ from app.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# The header the H5 page sends on every request: it passes the CSRF same-origin check.
+PAGE = {"X-Requested-With": "hongbao"}
 
 
 def _answers(port: int) -> bool:
@@ -109,8 +111,8 @@ async def pg(database_url: str, clean: None) -> AsyncIterator[asyncpg.Connection
 
 @pytest.fixture
 async def client(aiohttp_client, settings: Settings) -> TestClient:  # type: ignore[no-untyped-def]
-    """An HTTP client on an in-process app."""
-    return await aiohttp_client(create_app(settings))
+    """An HTTP client on an in-process app, sending what the H5 page sends."""
+    return await aiohttp_client(create_app(settings), headers=PAGE)
 
 
 async def create_campaign(client: TestClient, **fields: object) -> dict[str, object]:

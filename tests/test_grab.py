@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app.scripts import CampaignKeys
-from tests.conftest import ADMIN, create_campaign, login
+from tests.conftest import ADMIN, PAGE, create_campaign, login
 
 
 async def _grab_as(client: TestClient, token: str, cid: str) -> dict[str, object]:
@@ -70,8 +70,8 @@ async def test_grab_through_two_apps_sharing_redis(
     """Workers are stateless: two app instances settle one campaign without overselling."""
     from app.factory import create_app
 
-    a = await aiohttp_client(create_app(settings))
-    b = await aiohttp_client(create_app(settings))
+    a = await aiohttp_client(create_app(settings), headers=PAGE)
+    b = await aiohttp_client(create_app(settings), headers=PAGE)
     campaign = await create_campaign(a, total_fen=5_000, count=50)
     cid = str(campaign["id"])
     tokens = await asyncio.gather(*(login(a, f"u{i}") for i in range(200)))
@@ -165,7 +165,7 @@ async def test_session_cookie_attributes(client: TestClient, settings) -> None: 
 async def test_secure_cookie_unless_configured(aiohttp_client, settings) -> None:  # type: ignore[no-untyped-def]
     from app.factory import create_app
 
-    secure = await aiohttp_client(create_app(settings.with_(insecure_cookies=False)))
+    secure = await aiohttp_client(create_app(settings.with_(insecure_cookies=False)), headers=PAGE)
     resp = await secure.post("/auth/dev-login", json={"openid": "s"})
     assert "Secure" in resp.headers["Set-Cookie"]
 

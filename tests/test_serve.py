@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from app.embedded import free_port
-from tests.conftest import create_campaign
+from tests.conftest import PAGE, create_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,9 @@ async def test_serve_from_nothing_grabs_and_stops(tmp_path: Path) -> None:
         await _wait_http(f"{base}/readyz", proc)
         token = (data_dir / "admin-token").read_text().strip()
         # unsafe=True: keep cookies for an IP-address host.
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True), headers=PAGE
+        ) as http:
             async with http.post(
                 f"{base}/api/admin/campaigns",
                 json={"kind": "red_packet", "name": "冒烟", "total_fen": 1_000, "count": 3},

@@ -1,0 +1,257 @@
+// The player page: one campaign, rendered by its kind (red_packet today, lottery later).
+// Money arrives as integer fen and is formatted with integer arithmetic only.
+(function () {
+  'use strict';
+
+  var $ = function (id) { return document.getElementById(id); };
+  var HEADERS = { 'X-Requested-With': 'hongbao', Accept: 'application/json' };
+  var ui = {
+    stage: $('stage'), name: $('name'), status: $('status'), countdown: $('countdown'),
+    action: $('action'), label: $('action-label'), result: $('result'),
+    resultTitle: $('result-title'), resultAmount: $('result-amount'), amount: $('amount'),
+    resultNote: $('result-note'), foot: $('foot'), toast: $('toast'), account: $('account')
+  };
+  var page = { id: null, campaign: null, mode: null, loggedIn: false, offsetMs: 0, timer: 0, busy: false };
+
+  function yuan(fen) {
+    var f = Math.max(0, Math.trunc(Number(fen) || 0));
+    var whole = String((f - f % 100) / 100).replace(/\B(?=(\d{3})+(?!\d))/g, ',');
+    return whole + '.' + String(f % 100).padStart(2, '0');
+  }
+
+  async function api(method, path) {
+    var resp;
+    try {
+      resp = await fetch(path, { method: method, headers: HEADERS, credentials: 'same-origin', cache: 'no-store' });
+    } catch (e) {
+      return { status: 0, data: { error: 'network' }, headers: new Headers() };
+    }
+    var data = {};
+    try { data = await resp.json(); } catch (e) { data = {}; }
+    return { status: resp.status, data: data, headers: resp.headers };
+  }
+
+  function errorText(res) {
+    var code = res.data && res.data.error;
+    if (res.status === 0) return '网络不给力，请检查网络后重试';
+    if (res.status === 429) {
+      if (code === 'quota_exhausted') return '今天的次数已用完，明天再来吧';
+      var wait = parseInt(res.headers.get('Retry-After') || '', 10);
+      return '参与的人太多了，请' + (wait > 0 ? ' ' + wait + ' 秒后' : '稍后') + '再试';
+    }
+    if (res.data && res.data.reason === 'snapshot_user') return '当前是预览模式，请点击屏幕右下角“使用完整服务”后参与';
+    if (code === 'csrf') return '请求来源异常，请刷新页面后重试';
+    if (code === 'not_started') return '活动还没开始，请稍候';
+    if (code === 'ended') return '活动已结束';
+    if (code === 'not_found') return '活动不存在或已下线';
+    if (res.status >= 500) return '服务繁忙，请稍后再试';
+    return (res.data && res.data.message) || '出错了，请稍后再试';
+  }
+
+  // Each campaign kind says how its button reads and what its answers mean.
+  var MODES = {
+    red_packet: {
+      action: 'grab', button: '開', loginButton: '微信登录 抢红包', brand: '恭喜发财，大吉大利',
+      rules: '每人限抢一次 · 先到先得',
+      fromMe: function (me) {
+        return me.result === 'won' ? { title: '你已抢到红包', fen: me.amount_fen, note: '红包已到账' } : null;
+      },
+      fromAction: function (data) {
+        if (data.result === 'won') return { title: '恭喜发财', fen: data.amount_fen, note: '红包已到账' };
+        if (data.result === 'already_won') return { title: '你已抢到红包', fen: data.amount_fen, note: '红包已到账' };
+        if (data.result === 'sold_out') return { title: '手慢了，红包派完了', note: '下次早点来' };
+        return null;
+      },
+      soldOut: { title: '手慢了，红包派完了', note: '下次早点来' }
+    },
+    lottery: {
+      action: 'draw', button: '抽', loginButton: '微信登录 去抽奖', brand: '好运连连，抽奖赢好礼',
+      rules: '每日次数有限 · 奖品先到先得',
+      fromMe: function () { return null; },
+      fromAction: function (data) {
+        if (data.result === 'prize') {
+          var prize = data.prize || {};
+          var fen = prize.amount_fen !== undefined ? prize.amount_fen : prize.value_fen;
+          return { title: '恭喜抽中 ' + (prize.name || '奖品'), fen: fen, note: '可再次抽奖，祝你好运', again: true };
+        }
+        if (data.result === 'no_prize') return { title: '差一点就中了', note: '再试一次吧', again: true };
+        return null;
+      },
+      soldOut: { title: '奖品已抽完', note: '感谢参与' }
+    }
+  };
+
+  function toast(text) {
+    ui.toast.textContent = text;
+    ui.toast.hidden = !text;
+  }
+
+  function setStatus(text) { ui.status.textContent = text; }
+
+  function setButton(label, enabled, wide) {
+    ui.label.textContent = label;
+    ui.action.disabled = !enabled;
+    ui.action.classList.toggle('is-wide', !!wide);
+    ui.action.hidden = false;
+  }
+
+  function showOutcome(outcome) {
+    ui.result.hidden = false;
+    ui.resultTitle.textContent = outcome.title;
+    var hasAmount = outcome.fen !== undefined && outcome.fen !== null;
+    ui.resultAmount.hidden = !hasAmount;
+    ui.amount.textContent = hasAmount ? yuan(outcome.fen) : '';
+    ui.amount.classList.toggle('is-long', ui.amount.textContent.length > 9);
+    ui.resultNote.textContent = outcome.note || '';
+    if (outcome.again) {
+      setButton(page.mode.button, true, false);
+    } else {
+      ui.stage.setAttribute('data-opened', '');
+    }
+    ui.stage.setAttribute('data-state', outcome.fen ? 'won' : 'done');
+  }
+
+  function pad(n) { return String(n).padStart(2, '0'); }
+
+  function tick() {
+    var left = Date.parse(page.campaign.starts_at) - (Date.now() + page.offsetMs);
+    if (left <= 0) {
+      clearInterval(page.timer);
+      ui.countdown.hidden = true;
+      load();
+      return;
+    }
+    var s = Math.ceil(left / 1000);
+    var d = Math.floor(s / 86400);
+    var clock = pad(Math.floor(s % 86400 / 3600)) + ':' + pad(Math.floor(s % 3600 / 60)) + ':' + pad(s % 60);
+    ui.countdown.textContent = (d > 0 ? d + ' 天 ' : '') + clock;
+    ui.countdown.hidden = false;
+  }
+
+  function loginUrl() {
+    return '/auth/wechat/login?next=' + encodeURIComponent(location.pathname);
+  }
+
+  function renderAccount() {
+    ui.account.textContent = '';
+    if (!page.loggedIn) return;
+    ui.account.append('已登录');
+    var out = document.createElement('button');
+    out.type = 'button';
+    out.textContent = '退出登录';
+    out.addEventListener('click', async function () {
+      await api('POST', '/auth/logout');
+      location.reload();
+    });
+    ui.account.append(out);
+  }
+
+  function render(me) {
+    var c = page.campaign;
+    var mode = page.mode;
+    ui.name.textContent = c.name;
+    document.title = c.name;
+    ui.stage.querySelector('.packet__brand').textContent = mode.brand;
+    ui.foot.textContent = mode.rules;
+    ui.stage.setAttribute('data-state', c.state);
+    renderAccount();
+    var already = me ? mode.fromMe(me) : null;
+    if (already) {
+      setStatus('');
+      showOutcome(already);
+      return;
+    }
+    if (c.state === 'scheduled') {
+      setStatus('距开始还有');
+      setButton(mode.button, false, false);
+      tick();
+      page.timer = setInterval(tick, 1000);
+    } else if (c.state === 'open') {
+      setStatus(c.remaining_count !== undefined ? '剩余 ' + c.remaining_count + ' 个' : '进行中');
+      if (page.loggedIn) setButton(mode.button, true, false);
+      else setButton(mode.loginButton, true, true);
+    } else if (c.state === 'sold_out') {
+      setStatus('');
+      ui.action.hidden = true;
+      showOutcome(mode.soldOut);
+    } else {
+      setStatus('活动已结束');
+      ui.action.hidden = true;
+    }
+  }
+
+  async function act() {
+    if (page.busy) return;
+    if (!page.loggedIn) {
+      location.assign(loginUrl());
+      return;
+    }
+    page.busy = true;
+    toast('');
+    ui.action.disabled = true;
+    ui.action.classList.add('is-spinning');
+    var started = Date.now();
+    var res = await api('POST', '/api/campaigns/' + encodeURIComponent(page.id) + '/' + page.mode.action);
+    // Let the coin turn at least once: the moment is part of the product.
+    var rest = 700 - (Date.now() - started);
+    if (rest > 0) await new Promise(function (r) { setTimeout(r, rest); });
+    ui.action.classList.remove('is-spinning');
+    page.busy = false;
+    if (res.status === 401) {
+      page.loggedIn = false;
+      toast('登录已过期，请重新登录');
+      setButton(page.mode.loginButton, true, true);
+      return;
+    }
+    var outcome = res.status === 200 ? page.mode.fromAction(res.data) : null;
+    if (outcome) {
+      showOutcome(outcome);
+      return;
+    }
+    toast(errorText(res));
+    var retry = res.status === 429 || res.status === 0 || res.status >= 500;
+    ui.action.disabled = !retry;
+    if (res.data && (res.data.error === 'ended' || res.data.error === 'not_found')) ui.action.hidden = true;
+  }
+
+  async function load() {
+    var res = await api('GET', '/api/campaigns/' + encodeURIComponent(page.id));
+    if (res.status !== 200) {
+      ui.name.textContent = res.status === 404 ? '活动不存在' : '暂时无法加载';
+      setStatus(res.status === 404 ? '请检查链接是否正确' : '');
+      ui.action.hidden = true;
+      if (res.status !== 404) toast(errorText(res));
+      return;
+    }
+    var date = Date.parse(res.headers.get('Date') || '');
+    if (!isNaN(date)) page.offsetMs = date - Date.now();
+    page.campaign = res.data;
+    page.mode = MODES[res.data.kind] || MODES.red_packet;
+    var me = await api('GET', '/api/campaigns/' + encodeURIComponent(page.id) + '/me');
+    page.loggedIn = me.status === 200;
+    render(me.status === 200 ? me.data : null);
+  }
+
+  function start() {
+    var params = new URLSearchParams(location.search);
+    var login = params.get('login');
+    if (login) {
+      toast(login === 'denied' ? '你取消了微信授权，登录后才能参与' : '登录没有完成，请重试');
+      params.delete('login');
+      var query = params.toString();
+      history.replaceState(null, '', location.pathname + (query ? '?' + query : ''));
+    }
+    var m = location.pathname.match(/^\/c\/([A-Za-z0-9_-]{1,64})\/?$/);
+    if (!m) {
+      ui.name.textContent = '请从活动链接进入';
+      setStatus('链接形如 /c/活动编号');
+      ui.action.hidden = true;
+      return;
+    }
+    page.id = m[1];
+    ui.action.addEventListener('click', act);
+    load();
+  }
+
+  start();
+}());
