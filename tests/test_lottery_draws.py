@@ -20,7 +20,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from app import ledger
 from app.campaigns import CampaignService
 from app.errors import QuotaExhausted
-from app.lottery import RANDOM_BITS, shanghai_day
+from app.lottery import RANDOM_BITS, reconcile_lottery, shanghai_day
 from app.scripts import CampaignKeys, DrawCode, DrawStatus, Scripts, daily_key
 
 
@@ -327,3 +327,75 @@ async def test_script_checks_kind_and_window(service: CampaignService, scripts: 
     assert (await scripts.draw_prize(cid, after, day, [("a", 0)]))[0] is DrawStatus.ENDED
     assert (await scripts.draw_prize(packet, after, day, [("a", 0)]))[0] is DrawStatus.WRONG_KIND
     assert (await scripts.draw_prize("nope", after, day, [("a", 0)]))[0] is DrawStatus.NOT_FOUND
+
+
+async def _drain_into_ledger(redis: Redis, pool: asyncpg.Pool, cid: str) -> int:
+    """Feed the stream's draw entries to the batch writer, then replay them all once more."""
+    entries = await redis.xrange(CampaignKeys.of(cid).ledger)
+    records = [ledger.DrawRecord.from_entry(cid, sid.decode(), fields) for sid, fields in entries]
+    async with pool.acquire() as conn:
+        written = 0
+        for start in range(0, len(records), 64):
+            written += await ledger.insert_draws(conn, records[start : start + 64])
+        assert await ledger.insert_draws(conn, records) == 0
+    return written
+
+
+async def test_draws_reach_the_ledger_and_reconcile(
+    service: CampaignService, clock: Clock, stores: Any
+) -> None:
+    redis, pool = stores
+    cid = await make(
+        service,
+        tiers=[
+            {"name": "金元宝", "stock": 3, "weight": 1, "value_fen": 88_800},
+            {"name": "福袋", "stock": 500, "weight": 3, "value_fen": None},
+        ],
+        no_prize_weight=2,
+        quota_total=4,
+        quota_daily=3,
+    )
+    players = [f"p{i:02d}" for i in range(40)]
+    clock.now = ms("2027-02-09T23:59:00+08:00")
+    await asyncio.gather(*(attempt(service, cid, p) for p in players for _ in range(3)))
+    clock.now = ms("2027-02-10T00:01:00+08:00")
+    await asyncio.gather(*(attempt(service, cid, p) for p in players for _ in range(3)))
+
+    assert await _drain_into_ledger(redis, pool, cid) == 160
+    async with pool.acquire() as conn:
+        assert (await reconcile_lottery(redis, conn, cid)).mismatches == []
+        rows = await conn.fetch("SELECT * FROM draws WHERE campaign_id = $1", cid)
+        gold = [r for r in rows if r["tier"] == 0]
+        assert len(gold) == 3
+        assert {r["value_fen"] for r in gold} == {88_800}
+        assert {r["value_fen"] for r in rows if r["tier"] != 0} == {0}
+        days = Counter(r["day"].isoformat() for r in rows)
+        assert days == {"2027-02-09": 120, "2027-02-10": 40}
+        late = [r for r in rows if r["day"].isoformat() == "2027-02-10"]
+        assert {r["drawn_at"].timestamp() * 1000 for r in late} == {clock.now}
+
+        # A draw lost on the way and a counter out of step are both reported.
+        victim = gold[0]
+        await conn.execute(
+            "DELETE FROM draws WHERE campaign_id = $1 AND openid = $2 AND draw_no = $3",
+            cid,
+            victim["openid"],
+            victim["draw_no"],
+        )
+        await redis.hincrby(CampaignKeys.of(cid).tiers, "won:1", 1)
+        report = await reconcile_lottery(redis, conn, cid)
+    assert not report.ok
+    assert len(report.mismatches) == 4, report.mismatches
+    assert report.mismatches[0] == "tier 0: 3 won in Redis, 2 in the ledger"
+    assert report.mismatches[1].startswith("tier 1: ")
+    assert report.mismatches[2].startswith(f"player {victim['openid']}: 4 draws in Redis, 3 rows")
+    day = victim["day"].strftime("%Y%m%d")
+    assert report.mismatches[3].startswith(f"player {victim['openid']} on {day}: ")
+
+
+def test_draw_record_from_a_stream_entry() -> None:
+    fields = {b"k": b"draw", b"u": b"o1", b"n": b"7", b"p": b"-1", b"a": b"0", b"d": b"20270210"}
+    record = ledger.DrawRecord.from_entry("c1", "1-0", {**fields, b"t": b"1802275200123"})
+    assert (record.openid, record.draw_no, record.tier, record.value_fen) == ("o1", 7, None, 0)
+    assert record.day.isoformat() == "2027-02-10"
+    assert record.drawn_at.isoformat() == "2027-02-10T16:00:00.123000+00:00"
