@@ -7,13 +7,20 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
+import asyncpg
+import orjson
 import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
 
+from app import ledger
+from app.campaigns import CampaignService
+from app.errors import ApiError
 from app.factory import create_app
+from app.scripts import Scripts
 from app.sessions import SessionStore
 from app.settings import Settings, SettingsError
 from app.supervisor import DEFAULT_DATA_DIR, EMBEDDED_REDIS_URL, serve
@@ -49,6 +56,44 @@ async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
     return list(zip(openids, tokens, strict=True))
 
 
+async def _create_campaign(args: argparse.Namespace) -> dict[str, object]:
+    settings = Settings.from_env()
+    redis = Redis.from_url(settings.redis_url)
+    pg = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        await ledger.migrate(pg)
+        service = CampaignService(redis, pg, Scripts(redis), grab_batch_max=1)
+        started = time.monotonic()
+
+        def progress(done: int, total: int) -> None:
+            print(
+                f"\rloading envelopes into Redis: {done:,}/{total:,} "
+                f"({100 * done // total}%, {time.monotonic() - started:.1f}s)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        body = {
+            "kind": "red_packet",
+            "name": args.name,
+            "total_fen": args.total_fen,
+            "count": args.count,
+            "min_fen": args.min_fen,
+            "max_fen": args.max_fen,
+            "starts_at": args.starts_at,
+            "ends_at": args.ends_at,
+        }
+        campaign = await service.create(body, progress)
+        print(file=sys.stderr)
+        stats = await service.stats(campaign.id)
+        stats["seconds"] = round(time.monotonic() - started, 2)
+        return stats
+    finally:
+        await pg.close()
+        await redis.aclose()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(prog="hongbao")
@@ -63,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     p_mint.add_argument("--out", type=Path, required=True)
     p_mint.add_argument("--prefix", default="load-")
     p_mint.add_argument("--ttl", type=int, default=24 * 3600)
+    p_create = sub.add_parser(
+        "create-campaign", help="create a red packet from the shell, with load progress"
+    )
+    p_create.add_argument("--name", required=True)
+    p_create.add_argument("--total-fen", type=int, required=True)
+    p_create.add_argument("--count", type=int, required=True)
+    p_create.add_argument("--min-fen", type=int, default=1)
+    p_create.add_argument("--max-fen", type=int, default=None)
+    p_create.add_argument("--starts-at", default=None, help="RFC 3339")
+    p_create.add_argument("--ends-at", default=None, help="RFC 3339")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -74,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         pairs = asyncio.run(_mint(args.count, args.prefix, args.ttl))
         args.out.write_text("".join(f"{openid}\t{token}\n" for openid, token in pairs))
         print(f"wrote {args.count} sessions (openid<TAB>cookie value) to {args.out}")
+        return 0
+    if args.command == "create-campaign":
+        try:
+            stats = asyncio.run(_create_campaign(args))
+        except (SettingsError, ApiError) as exc:
+            print(f"hongbao: {exc}", file=sys.stderr)
+            return 2
+        print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
         return 0
     parser.error(f"unknown command {args.command}")
     return 2

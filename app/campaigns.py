@@ -203,8 +203,13 @@ class CampaignService:
             campaign.min_fen or 1,
             campaign.max_fen,
         )
-        await ledger.insert_campaign(self._pg, campaign, amounts)
-        await self.load(campaign, list(enumerate(amounts)), progress)
+        envelopes = list(enumerate(amounts))
+        # PostgreSQL and Redis load side by side; the campaign opens only after both.
+        await asyncio.gather(
+            ledger.insert_campaign(self._pg, campaign, amounts),
+            self._push_pool(campaign, envelopes, progress),
+        )
+        await self._open(campaign)
         return campaign
 
     async def _create_lottery(self, data: Mapping[str, Any]) -> Campaign:
@@ -231,22 +236,32 @@ class CampaignService:
         envelopes: list[tuple[int, int]],
         progress: Progress | None = None,
     ) -> None:
-        """Push ``(seq, amount)`` envelopes into the pool, then write meta to open it."""
+        """Replace the pool with ``(seq, amount)`` envelopes, then open the campaign."""
+        await self._push_pool(campaign, envelopes, progress)
+        await self._open(campaign)
+
+    async def _push_pool(
+        self, campaign: Campaign, envelopes: list[tuple[int, int]], progress: Progress | None
+    ) -> None:
         keys = CampaignKeys.of(campaign.id)
         await self._redis.delete(keys.pool)
         total = len(envelopes)
-        for start in range(0, total, LOAD_CHUNK * 10):
+        step = LOAD_CHUNK * 10
+        for start in range(0, total, step):
             async with self._redis.pipeline(transaction=False) as pipe:
-                for chunk in range(start, min(start + LOAD_CHUNK * 10, total), LOAD_CHUNK):
+                for chunk in range(start, min(start + step, total), LOAD_CHUNK):
                     pipe.rpush(
                         keys.pool,
                         *[f"{s}:{a}" for s, a in envelopes[chunk : chunk + LOAD_CHUNK]],
                     )
                 await pipe.execute()
             if progress is not None:
-                progress(min(start + LOAD_CHUNK * 10, total), total)
+                progress(min(start + step, total), total)
+
+    async def _open(self, campaign: Campaign) -> None:
+        """Write meta (the scripts treat its absence as "not open") and list the campaign."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.meta, mapping=campaign.to_meta())
+            pipe.hset(CampaignKeys.of(campaign.id).meta, mapping=campaign.to_meta())
             pipe.sadd(CAMPAIGNS_SET, campaign.id)
             await pipe.execute()
 

@@ -48,12 +48,14 @@ def serve(workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         if not env.get("REDIS_URL"):
-            redis = EmbeddedRedis(data_dir / "redis", EMBEDDED_REDIS_PORT).start()
+            redis_port = int(env.get("EMBEDDED_REDIS_PORT", EMBEDDED_REDIS_PORT))
+            redis = EmbeddedRedis(data_dir / "redis", redis_port).start()
             services.append(redis)
             env["REDIS_URL"] = redis.url
             print(f"embedded Redis (AOF everysec) at {redis.url}", flush=True)
         if not env.get("DATABASE_URL"):
-            pg = EmbeddedPostgres(data_dir / "postgres", EMBEDDED_PG_PORT).start()
+            pg_port = int(env.get("EMBEDDED_PG_PORT", EMBEDDED_PG_PORT))
+            pg = EmbeddedPostgres(data_dir / "postgres", pg_port).start()
             services.append(pg)
             env["DATABASE_URL"] = pg.url
             print(f"embedded PostgreSQL at {pg.url}", flush=True)

@@ -6,7 +6,6 @@ import asyncio
 from collections import Counter
 
 import asyncpg
-from aiohttp import ClientSession, CookieJar
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
@@ -179,6 +178,3 @@ async def test_dev_login_absent_unless_enabled(aiohttp_client, settings) -> None
     resp = await prod.post("/auth/dev-login", json={"openid": "x"})
     assert resp.status == 404
     assert (await resp.json())["error"] == "not_found"
-
-
-_ = (ClientSession, CookieJar)

@@ -14,8 +14,10 @@ CREATE TABLE campaigns (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 
+-- No foreign key to campaigns: a per-row FK check would dominate the COPY of millions
+-- of envelopes; both are written in one transaction, campaign first.
 CREATE TABLE envelopes (
-    campaign_id  text NOT NULL REFERENCES campaigns (id),
+    campaign_id  text NOT NULL,
     seq          integer NOT NULL CHECK (seq >= 0),
     amount_fen   bigint NOT NULL CHECK (amount_fen > 0),
     PRIMARY KEY (campaign_id, seq)
