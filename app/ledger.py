@@ -128,19 +128,18 @@ class DrawRecord:
     stream_id: str
 
     @classmethod
-    def from_entry(
-        cls, campaign_id: str, stream_id: str, fields: Mapping[bytes, bytes]
-    ) -> DrawRecord:
-        """Parse a stream entry: u openid, n draw number, p tier or -1, a fen, t ms, d YYYYMMDD."""
-        tier = int(fields[b"p"])
-        day = int(fields[b"d"])
-        ms = int(fields[b"t"])
+    def from_entry(cls, campaign_id: str, stream_id: str, fields: Mapping[str, str]) -> DrawRecord:
+        """Parse a decoded stream entry: u openid, n draw number, p tier or -1, a fen, t ms,
+        d YYYYMMDD. Raises KeyError or ValueError when the entry is malformed."""
+        tier = int(fields["p"])
+        day = int(fields["d"])
+        ms = int(fields["t"])
         return cls(
             campaign_id=campaign_id,
-            openid=fields[b"u"].decode(),
-            draw_no=int(fields[b"n"]),
+            openid=fields["u"],
+            draw_no=int(fields["n"]),
             tier=None if tier < 0 else tier,
-            value_fen=int(fields[b"a"]),
+            value_fen=int(fields["a"]),
             day=date(day // 10_000, day // 100 % 100, day % 100),
             drawn_at=datetime.fromtimestamp(ms // 1000, tz=UTC) + timedelta(milliseconds=ms % 1000),
             stream_id=stream_id,

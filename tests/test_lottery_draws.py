@@ -332,7 +332,12 @@ async def test_script_checks_kind_and_window(service: CampaignService, scripts: 
 async def _drain_into_ledger(redis: Redis, pool: asyncpg.Pool, cid: str) -> int:
     """Feed the stream's draw entries to the batch writer, then replay them all once more."""
     entries = await redis.xrange(CampaignKeys.of(cid).ledger)
-    records = [ledger.DrawRecord.from_entry(cid, sid.decode(), fields) for sid, fields in entries]
+    records = [
+        ledger.DrawRecord.from_entry(
+            cid, sid.decode(), {k.decode(): v.decode() for k, v in f.items()}
+        )
+        for sid, f in entries
+    ]
     async with pool.acquire() as conn:
         written = 0
         for start in range(0, len(records), 64):
@@ -394,8 +399,12 @@ async def test_draws_reach_the_ledger_and_reconcile(
 
 
 def test_draw_record_from_a_stream_entry() -> None:
-    fields = {b"k": b"draw", b"u": b"o1", b"n": b"7", b"p": b"-1", b"a": b"0", b"d": b"20270210"}
-    record = ledger.DrawRecord.from_entry("c1", "1-0", {**fields, b"t": b"1802275200123"})
+    fields = {"k": "draw", "u": "o1", "n": "7", "p": "-1", "a": "0", "d": "20270210"}
+    record = ledger.DrawRecord.from_entry("c1", "1-0", {**fields, "t": "1802275200123"})
     assert (record.openid, record.draw_no, record.tier, record.value_fen) == ("o1", 7, None, 0)
     assert record.day.isoformat() == "2027-02-10"
     assert record.drawn_at.isoformat() == "2027-02-10T16:00:00.123000+00:00"
+    with pytest.raises(KeyError):
+        ledger.DrawRecord.from_entry("c1", "1-0", fields)
+    with pytest.raises(ValueError, match="invalid literal"):
+        ledger.DrawRecord.from_entry("c1", "1-0", {**fields, "t": "soon"})
