@@ -145,6 +145,8 @@ async def test_draw_errors(client: TestClient, redis: Redis) -> None:
         assert resp.status == 409
         assert (await resp.json())["error"] == code
         assert await redis.hlen(CampaignKeys.of(cid).draws) == 0
+    for cid, state in ((future, "scheduled"), (past, "ended")):
+        assert (await (await client.get(f"/api/campaigns/{cid}")).json())["state"] == state
     resp = await client.post("/api/campaigns/nosuch/draw")
     assert resp.status == 404
     token = await client.app[SESSIONS].create(Session("peeker", snapshot=True))
