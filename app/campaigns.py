@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -33,6 +34,8 @@ from app.validation import get_int, get_optional_int, get_str, get_time_ms, reje
 FAR_FUTURE_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 MAX_NAME_LEN = 100
 LOAD_CHUNK = 10_000
+SOLD_OUT_RECHECK_S = 1.0
+R = TypeVar("R")
 Progress = Callable[[int, int], None]
 
 
@@ -185,7 +188,9 @@ class CampaignService:
         self._scripts = scripts
         self._grab_batch_max = grab_batch_max
         self._cache: dict[str, Campaign] = {}
-        self._batchers: dict[str, Batcher[str, tuple[GrabStatus, GrabOutcome]]] = {}
+        self._grabs: dict[str, Batcher[str, tuple[GrabStatus, GrabOutcome]]] = {}
+        self._lookups: dict[str, Batcher[str, GrabOutcome]] = {}
+        self._sold_out_until: dict[str, float] = {}
 
     async def create(self, data: Mapping[str, Any], progress: Progress | None = None) -> Campaign:
         """Validate, split, record in PostgreSQL, then load into Redis and open."""
@@ -343,24 +348,30 @@ class CampaignService:
             "won_fen": won_f,
         }
 
-    async def grab(self, campaign_id: str, openid: str) -> GrabOutcome:
-        """Settle one player's grab; raises NotFound / NotStarted / Ended."""
+    async def ensure_open(self, campaign_id: str) -> Campaign:
+        """The campaign if its window is open now; 404 / 409 from the cached definition.
+
+        Needs no Redis once the definition is cached, so ended and not-started
+        campaigns are answered before any session lookup.
+        """
         campaign = await self.get(campaign_id)
-        if campaign.kind != "red_packet":
-            raise WrongKind("this campaign is a lottery; draw instead")
         now = now_ms()
-        # Answer the window without Redis; the script re-checks it atomically.
         if now < campaign.opens_ms:
             raise NotStarted("the campaign has not started yet")
         if now >= campaign.closes_ms:
             raise Ended("the campaign has ended")
-        batcher = self._batchers.get(campaign_id)
-        if batcher is None:
-            batcher = Batcher(
-                lambda users: self._settle(campaign_id, users), max_size=self._grab_batch_max
-            )
-            self._batchers[campaign_id] = batcher
-        status, outcome = await batcher.submit(openid)
+        return campaign
+
+    async def grab(self, campaign_id: str, openid: str) -> GrabOutcome:
+        """Settle one player's grab; raises NotFound / NotStarted / Ended / WrongKind."""
+        campaign = await self.ensure_open(campaign_id)
+        if campaign.kind != "red_packet":
+            raise WrongKind("this campaign is a lottery; draw instead")
+        if self._sold_out_until.get(campaign_id, 0.0) > time.monotonic():
+            # Known sold out: only winners' retries need an answer from Redis, and a
+            # coalesced HMGET gives it without running the script.
+            return await self._batcher(self._lookups, campaign_id, self._lookup).submit(openid)
+        status, outcome = await self._batcher(self._grabs, campaign_id, self._settle).submit(openid)
         if status is GrabStatus.NOT_FOUND:
             raise NotFound("no such campaign")
         if status is GrabStatus.NOT_STARTED:
@@ -369,6 +380,18 @@ class CampaignService:
             raise Ended("the campaign has ended")
         return outcome
 
+    def _batcher(
+        self,
+        batchers: dict[str, Batcher[str, R]],
+        campaign_id: str,
+        flush: Callable[[str, list[str]], Awaitable[list[R]]],
+    ) -> Batcher[str, R]:
+        batcher = batchers.get(campaign_id)
+        if batcher is None:
+            batcher = Batcher(functools.partial(flush, campaign_id), max_size=self._grab_batch_max)
+            batchers[campaign_id] = batcher
+        return batcher
+
     async def _settle(
         self, campaign_id: str, users: list[str]
     ) -> list[tuple[GrabStatus, GrabOutcome]]:
@@ -376,7 +399,23 @@ class CampaignService:
         if result.status is not GrabStatus.SETTLED:
             none = GrabOutcome(GrabCode.SOLD_OUT, 0)
             return [(result.status, none)] * len(users)
+        if result.remaining_count == 0:
+            # Sold out is final unless an operator rebuilds the campaign, so a worker
+            # re-asks the script at most once per SOLD_OUT_RECHECK_S.
+            self._sold_out_until[campaign_id] = time.monotonic() + SOLD_OUT_RECHECK_S
         return [(result.status, GrabOutcome(code, amount)) for code, amount in result.outcomes]
+
+    async def _lookup(self, campaign_id: str, users: list[str]) -> list[GrabOutcome]:
+        raw = cast(
+            list[bytes | None],
+            await self._redis.hmget(CampaignKeys.of(campaign_id).winners, users),
+        )
+        return [
+            GrabOutcome(GrabCode.SOLD_OUT, 0)
+            if value is None
+            else GrabOutcome(GrabCode.ALREADY_WON, int(value.rsplit(b":", 1)[1]))
+            for value in raw
+        ]
 
     async def draw(self, campaign_id: str, openid: str) -> DrawOutcome:
         """Settle one lottery draw; raises NotFound / NotStarted / Ended / WrongKind / quota."""
@@ -402,6 +441,8 @@ class CampaignService:
 
     async def drain(self) -> None:
         """Finish grabs in flight (graceful shutdown)."""
-        for batcher in list(self._batchers.values()):
-            await batcher.drain()
+        for grabs in list(self._grabs.values()):
+            await grabs.drain()
+        for lookups in list(self._lookups.values()):
+            await lookups.drain()
         await self._lottery.drain()

@@ -178,3 +178,35 @@ async def test_dev_login_absent_unless_enabled(aiohttp_client, settings) -> None
     resp = await prod.post("/auth/dev-login", json={"openid": "x"})
     assert resp.status == 404
     assert (await resp.json())["error"] == "not_found"
+
+
+async def test_sold_out_path_still_answers_winners(client: TestClient, redis: Redis) -> None:
+    campaign = await create_campaign(client, total_fen=600, count=3)
+    cid = str(campaign["id"])
+    tokens = [await login(client, f"s{i}") for i in range(6)]
+    client.session.cookie_jar.clear()
+    first = [await _grab_as(client, t, cid) for t in tokens]
+    assert [r["result"] for r in first] == ["won"] * 3 + ["sold_out"] * 3
+    # The worker now knows the campaign is sold out; retries take the lookup path.
+    again = await asyncio.gather(*(_grab_as(client, t, cid) for t in tokens * 3))
+    for i, result in enumerate(again):
+        original = first[i % 6]
+        if original["result"] == "won":
+            assert result == {"result": "already_won", "amount_fen": original["amount_fen"]}
+        else:
+            assert result == {"result": "sold_out"}
+    assert await redis.hlen(CampaignKeys.of(cid).winners) == 3
+    assert await redis.xlen(CampaignKeys.of(cid).ledger) == 3
+
+
+async def test_sold_out_knowledge_expires_after_refill(client: TestClient, redis: Redis) -> None:
+    """A rebuilt pool is seen again within the recheck interval: sold out is not forever."""
+    campaign = await create_campaign(client, total_fen=100, count=1)
+    cid = str(campaign["id"])
+    a, b = await login(client, "ra"), await login(client, "rb")
+    client.session.cookie_jar.clear()
+    assert (await _grab_as(client, a, cid))["result"] == "won"
+    assert (await _grab_as(client, b, cid))["result"] == "sold_out"
+    await redis.rpush(CampaignKeys.of(cid).pool, "1:50")
+    await asyncio.sleep(1.2)
+    assert await _grab_as(client, b, cid) == {"result": "won", "amount_fen": 50}

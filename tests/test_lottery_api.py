@@ -136,9 +136,12 @@ async def test_draw_errors(client: TestClient, redis: Redis) -> None:
             client, starts_at="2001-01-01T00:00:00Z", ends_at="2001-01-02T00:00:00Z", tiers=tiers
         )
     )["id"]
+    # Like grabs, the window is answered before the session is looked at.
     resp = await client.post(f"/api/campaigns/{future}/draw")
-    assert resp.status == 401
-    assert (await resp.json())["error"] == "unauthenticated"
+    assert (resp.status, (await resp.json())["error"]) == (409, "not_started")
+    open_now = (await create_lottery(client, tiers=tiers))["id"]
+    resp = await client.post(f"/api/campaigns/{open_now}/draw")
+    assert (resp.status, (await resp.json())["error"]) == (401, "unauthenticated")
     await login(client, "dave")
     for cid, code in ((future, "not_started"), (past, "ended")):
         resp = await client.post(f"/api/campaigns/{cid}/draw")
@@ -150,7 +153,7 @@ async def test_draw_errors(client: TestClient, redis: Redis) -> None:
     resp = await client.post("/api/campaigns/nosuch/draw")
     assert resp.status == 404
     token = await client.app[SESSIONS].create(Session("peeker", snapshot=True))
-    status, body = await _draw(client, token, past)
+    status, body = await _draw(client, token, open_now)
     assert (status, body["error"]) == (403, "forbidden")
 
 

@@ -23,8 +23,11 @@ async def get_campaign(request: web.Request) -> web.Response:
 
 async def grab(request: web.Request) -> web.Response:
     """POST /api/campaigns/{id}/grab: one envelope per player, settled in Redis."""
+    campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
+    # 404 / 409 need no session: answered from the cached definition, before Redis.
+    await campaigns.ensure_open(campaign_id)
     session = await playing_session(request)
-    outcome = await request.app[CAMPAIGNS].grab(request.match_info["id"], session.openid)
+    outcome = await campaigns.grab(campaign_id, session.openid)
     if outcome.code is GrabCode.SOLD_OUT:
         return json_response({"result": "sold_out"})
     return json_response({"result": _RESULTS[outcome.code], "amount_fen": outcome.amount_fen})
@@ -39,8 +42,11 @@ async def my_result(request: web.Request) -> web.Response:
 
 async def draw(request: web.Request) -> web.Response:
     """POST /api/campaigns/{id}/draw: one lottery draw, settled in Redis."""
+    campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
+    # As for grabs, 404 / 409 need no session.
+    await campaigns.ensure_open(campaign_id)
     session = await playing_session(request)
-    outcome = await request.app[CAMPAIGNS].draw(request.match_info["id"], session.openid)
+    outcome = await campaigns.draw(campaign_id, session.openid)
     return json_response(outcome.to_json())
 
 

@@ -1,0 +1,319 @@
+"""One-command benchmark of the real stack: ``./hb bench``.
+
+Starts its own Redis (AOF everysec) and PostgreSQL, N app workers and N floor workers
+(bench/floor.py) behind one HAProxy, mints player sessions, and drives each path with
+wrk (bench/wrk/players.lua: every request a different player). It prints req/s, p50 and
+p99 for each path with its ratio to the floor measured in the same run, Redis script
+calls per grab (INFO commandstats), and the cost of appendfsync always.
+Everything runs on loopback, bounded in time, and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from redis.asyncio import Redis
+
+from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from app.sessions import SessionStore
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "bench-admin-token-0123456789"
+
+HAPROXY_CFG = """
+global
+    maxconn 4000
+    nbthread 1
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 5s
+frontend app
+    bind 127.0.0.1:{app_port}
+    default_backend workers
+frontend floor
+    bind 127.0.0.1:{floor_port}
+    default_backend floors
+backend workers
+    balance leastconn
+    option httpchk GET /readyz
+{app_servers}
+backend floors
+    balance leastconn
+    option httpchk GET /readyz
+{floor_servers}
+"""
+
+
+@dataclass
+class Result:
+    """One wrk run."""
+
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+
+    def row(self, floor: Result | None) -> str:
+        ratio = "—" if floor is None else f"{self.rps / floor.rps:.2f}"
+        return (
+            f"| {self.name} | {self.rps:,.0f} | {self.p50_ms:.2f} | {self.p99_ms:.2f} "
+            f"| {ratio} | {self.errors} |"
+        )
+
+
+@contextmanager
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes started inside are terminated on exit."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def wait_ready(url: str, timeout: float = 60) -> None:
+    """Poll ``url`` until it answers 200."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def wrk(name: str, url: str, sessions: Path, seconds: int, connections: int, origin: str) -> Result:
+    """Run wrk against ``url`` and parse the BENCH line of players.lua."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench/wrk/players.lua"),
+            url,
+            "--",
+            str(sessions),
+            "POST",
+            origin,
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    line = next(li for li in out.splitlines() if li.startswith("BENCH "))
+    data = json.loads(line[len("BENCH ") :])
+    errors = sum(
+        data[k]
+        for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    )
+    return Result(
+        name=name,
+        rps=data["requests"] / (data["duration_us"] / 1e6),
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        errors=errors,
+        requests=data["requests"],
+    )
+
+
+async def create(http: aiohttp.ClientSession, base: str, **fields: object) -> str:
+    """Create a red packet through the admin API; return its id."""
+    body = {"kind": "red_packet", "name": "bench", **fields}
+    async with http.post(
+        f"{base}/api/admin/campaigns",
+        json=body,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as resp:
+        data = await resp.json()
+        if resp.status != 201:
+            raise RuntimeError(f"create failed: {data}")
+        return str(data["id"])
+
+
+async def script_calls(redis: Redis) -> int:
+    """EVALSHA + EVAL calls so far."""
+    stats = await redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
+async def bench(args: argparse.Namespace) -> str:
+    """Run every scenario; return the markdown report."""
+    work = Path(tempfile.mkdtemp(prefix="hongbao-bench-"))
+    redis_srv = EmbeddedRedis(work / "redis", free_port()).start()
+    pg_srv = EmbeddedPostgres(work / "pg", free_port()).start()
+    app_ports = [free_port() for _ in range(args.workers)]
+    floor_ports = [free_port() for _ in range(args.workers)]
+    app_port, floor_port = free_port(), free_port()
+    redis = Redis.from_url(redis_srv.url)
+    try:
+        with processes() as procs:
+            env = dict(
+                os.environ,
+                REDIS_URL=redis_srv.url,
+                DATABASE_URL=pg_srv.url,
+                ADMIN_TOKEN=ADMIN_TOKEN,
+                INSECURE_COOKIES="1",
+                PUBLIC_BASE_URL=f"http://127.0.0.1:{app_port}",
+            )
+            for port in app_ports:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "app", "worker"],
+                        cwd=ROOT,
+                        env={**env, "PORT": str(port)},
+                    )
+                )
+            for port in floor_ports:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(ROOT / "bench/floor.py")],
+                        cwd=ROOT,
+                        env={**env, "PORT": str(port)},
+                    )
+                )
+            cfg = work / "haproxy.cfg"
+            cfg.write_text(
+                HAPROXY_CFG.format(
+                    app_port=app_port,
+                    floor_port=floor_port,
+                    app_servers="\n".join(
+                        f"    server w{i} 127.0.0.1:{p} check inter 1s maxconn 256"
+                        for i, p in enumerate(app_ports)
+                    ),
+                    floor_servers="\n".join(
+                        f"    server f{i} 127.0.0.1:{p} check inter 1s maxconn 256"
+                        for i, p in enumerate(floor_ports)
+                    ),
+                )
+            )
+            procs.append(subprocess.Popen(["haproxy", "-f", str(cfg)]))
+            for port in [*app_ports, *floor_ports]:
+                await wait_ready(f"http://127.0.0.1:{port}/readyz")
+            base = f"http://127.0.0.1:{app_port}"
+            await wait_ready(f"{base}/readyz")
+            await wait_ready(f"http://127.0.0.1:{floor_port}/readyz")
+
+            store = SessionStore(redis, 3600)
+            openids = [f"bench-{i:07d}" for i in range(args.players)]
+            tokens = await store.mint(openids)
+            sessions = work / "sessions.tsv"
+            pairs = zip(openids, tokens, strict=True)
+            sessions.write_text("".join(f"{o}\t{t}\n" for o, t in pairs))
+
+            async with aiohttp.ClientSession() as http:
+                grab_id = await create(http, base, total_fen=args.players * 100, count=args.players)
+                always_id = await create(
+                    http, base, total_fen=args.players * 100, count=args.players
+                )
+                sold_id = await create(http, base, total_fen=100, count=1)
+                ended_id = await create(
+                    http,
+                    base,
+                    total_fen=100,
+                    count=1,
+                    starts_at="2001-01-01T00:00:00Z",
+                    ends_at="2001-01-02T00:00:00Z",
+                )
+                early_id = await create(
+                    http, base, total_fen=100, count=1, starts_at="2999-01-01T00:00:00Z"
+                )
+                async with http.post(
+                    f"{base}/api/campaigns/{sold_id}/grab",
+                    cookies={"hb_session": tokens[-1]},
+                    headers={"Origin": base, "X-Requested-With": "hongbao"},
+                ) as resp:
+                    assert (await resp.json())["result"] == "won"
+
+            def run(name: str, url: str) -> Result:
+                print(f"  {name} ...", file=sys.stderr, flush=True)
+                return wrk(name, url, sessions, args.seconds, args.connections, base)
+
+            floor_url = f"http://127.0.0.1:{floor_port}/api/campaigns/x/grab"
+            run("warm-up", floor_url)
+            floor = run("floor (minimal aiohttp handler)", floor_url)
+            calls_before = await script_calls(redis)
+            grab = run("grab (won)", f"{base}/api/campaigns/{grab_id}/grab")
+            calls = await script_calls(redis) - calls_before
+            won = int(await redis.hget(f"hb:{{{grab_id}}}:meta", "won_count") or 0)
+            sold = run("sold out", f"{base}/api/campaigns/{sold_id}/grab")
+            ended = run("ended", f"{base}/api/campaigns/{ended_id}/grab")
+            early = run("not started", f"{base}/api/campaigns/{early_id}/grab")
+            await redis.config_set("appendfsync", "always")
+            always = run("grab (won), appendfsync always", f"{base}/api/campaigns/{always_id}/grab")
+            await redis.config_set("appendfsync", "everysec")
+    finally:
+        await redis.aclose()
+        pg_srv.stop()
+        redis_srv.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    lines = [
+        f"workers: {args.workers} app + {args.workers} floor behind one HAProxy; "
+        f"wrk -t2 -c{args.connections} -d{args.seconds}s; {args.players:,} players; "
+        f"{os.cpu_count()} cores shared by everything",
+        "",
+        "| path | req/s | p50 ms | p99 ms | ratio to floor | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+        floor.row(None),
+        grab.row(floor),
+        sold.row(floor),
+        ended.row(floor),
+        early.row(floor),
+        always.row(floor),
+        "",
+        f"grab run: {grab.requests:,} requests, {won:,} envelopes won, "
+        f"{calls:,} script calls: {calls / max(grab.requests, 1):.3f} script calls per grab",
+        f"durability: appendfsync always / everysec = {always.rps / grab.rps:.2f}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse arguments, run, print the report."""
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--players", type=int, default=300_000)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None or shutil.which("haproxy") is None:
+        sys.exit("bench needs wrk and haproxy: apt-get install -y wrk haproxy")
+    print(asyncio.run(bench(args)))
+
+
+if __name__ == "__main__":
+    main()
