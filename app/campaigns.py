@@ -12,12 +12,14 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import asyncpg
+import orjson
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from app import ledger
 from app.batching import Batcher
-from app.errors import Ended, Invalid, NotFound, NotStarted
+from app.errors import Ended, Invalid, NotFound, NotStarted, WrongKind
+from app.lottery import DrawOutcome, LotteryService, parse_lottery
 from app.scripts import (
     CAMPAIGNS_SET,
     CampaignKeys,
@@ -106,10 +108,11 @@ class Campaign:
             max_fen=opt(b"max_fen"),
             starts_at_ms=opt(b"starts_at"),
             ends_at_ms=opt(b"ends_at"),
+            config=orjson.loads(meta[b"config"]) if b"config" in meta else {},
         )
 
-    def state(self, now: int, remaining: int) -> str:
-        """scheduled | open | sold_out | ended."""
+    def state(self, now: int, remaining: int | None = None) -> str:
+        """scheduled | open | sold_out | ended (a lottery, remaining None, never sells out)."""
         if now < self.opens_ms:
             return "scheduled"
         if now >= self.closes_ms:
@@ -170,8 +173,16 @@ class CampaignService:
     """Campaign definitions (cached per worker; they never change) and grabs."""
 
     def __init__(
-        self, redis: Redis, pg: asyncpg.Pool, scripts: Scripts, *, grab_batch_max: int
+        self,
+        redis: Redis,
+        pg: asyncpg.Pool,
+        scripts: Scripts,
+        *,
+        grab_batch_max: int,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
+        self._clock = clock
+        self._lottery = LotteryService(redis, scripts, batch_max=grab_batch_max, clock=clock)
         self._redis = redis
         self._pg = pg
         self._scripts = scripts
@@ -184,8 +195,10 @@ class CampaignService:
     async def create(self, data: Mapping[str, Any], progress: Progress | None = None) -> Campaign:
         """Validate, split, record in PostgreSQL, then load into Redis and open."""
         kind = data.get("kind")
+        if kind == "lottery":
+            return await self._create_lottery(data)
         if kind != "red_packet":
-            raise Invalid("kind", "kind must be 'red_packet'")
+            raise Invalid("kind", "kind must be 'red_packet' or 'lottery'")
         campaign = parse_red_packet(data, new_campaign_id())
         amounts = await asyncio.get_running_loop().run_in_executor(
             None,
@@ -202,6 +215,24 @@ class CampaignService:
             self._push_pool(campaign, envelopes, progress),
         )
         await self._open(campaign)
+        return campaign
+
+    async def _create_lottery(self, data: Mapping[str, Any]) -> Campaign:
+        draft = parse_lottery(data)
+        campaign = Campaign(
+            new_campaign_id(),
+            "lottery",
+            draft.name,
+            None,
+            None,
+            None,
+            None,
+            draft.starts_at_ms,
+            draft.ends_at_ms,
+            draft.config.to_json(),
+        )
+        await ledger.insert_campaign(self._pg, campaign, None)
+        await self._lottery.load(campaign, campaign.to_meta())
         return campaign
 
     async def load(
@@ -258,9 +289,20 @@ class CampaignService:
     async def public_view(self, campaign_id: str) -> dict[str, Any]:
         """What a player sees of a campaign."""
         campaign = await self.get(campaign_id)
+        if campaign.kind == "lottery":
+            return {
+                "id": campaign.id,
+                "kind": campaign.kind,
+                "name": campaign.name,
+                "state": campaign.state(self._clock()),
+                "starts_at": iso(campaign.starts_at_ms),
+                "ends_at": iso(campaign.ends_at_ms),
+                **self._lottery.public_fields(campaign),
+            }
         remaining = int(await self._redis.llen(CampaignKeys.of(campaign_id).pool))
         return {
             "id": campaign.id,
+            "kind": campaign.kind,
             "name": campaign.name,
             "state": campaign.state(now_ms(), remaining),
             "remaining_count": remaining,
@@ -271,6 +313,16 @@ class CampaignService:
     async def stats(self, campaign_id: str) -> dict[str, Any]:
         """Live operator statistics, read as one consistent snapshot."""
         campaign = await self.get(campaign_id)
+        if campaign.kind == "lottery":
+            return {
+                "id": campaign.id,
+                "kind": campaign.kind,
+                "name": campaign.name,
+                "state": campaign.state(self._clock()),
+                "starts_at": iso(campaign.starts_at_ms),
+                "ends_at": iso(campaign.ends_at_ms),
+                **await self._lottery.stats(campaign),
+            }
         keys = CampaignKeys.of(campaign_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hmget(keys.meta, "won_count", "won_fen")
@@ -311,8 +363,10 @@ class CampaignService:
         return campaign
 
     async def grab(self, campaign_id: str, openid: str) -> GrabOutcome:
-        """Settle one player's grab; raises NotFound / NotStarted / Ended."""
-        await self.ensure_open(campaign_id)
+        """Settle one player's grab; raises NotFound / NotStarted / Ended / WrongKind."""
+        campaign = await self.ensure_open(campaign_id)
+        if campaign.kind != "red_packet":
+            raise WrongKind("this campaign is a lottery; draw instead")
         if self._sold_out_until.get(campaign_id, 0.0) > time.monotonic():
             # Known sold out: only winners' retries need an answer from Redis, and a
             # coalesced HMGET gives it without running the script.
@@ -363,6 +417,20 @@ class CampaignService:
             for value in raw
         ]
 
+    async def draw(self, campaign_id: str, openid: str) -> DrawOutcome:
+        """Settle one lottery draw; raises NotFound / NotStarted / Ended / WrongKind / quota."""
+        return await self._lottery.draw(await self.get(campaign_id), openid)
+
+    async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
+        """What ``openid`` has won in a campaign, as the player sees it."""
+        campaign = await self.get(campaign_id)
+        if campaign.kind == "lottery":
+            return await self._lottery.player_view(campaign, openid)
+        amount = await self.my_result(campaign_id, openid)
+        if amount is None:
+            return {"result": "none"}
+        return {"result": "won", "amount_fen": amount}
+
     async def my_result(self, campaign_id: str, openid: str) -> int | None:
         """The amount ``openid`` won in ``campaign_id``, or None."""
         await self.get(campaign_id)
@@ -377,3 +445,4 @@ class CampaignService:
             await grabs.drain()
         for lookups in list(self._lookups.values()):
             await lookups.drain()
+        await self._lottery.drain()

@@ -69,6 +69,20 @@ class Ended(ApiError):
     code = "ended"
 
 
+class WrongKind(ApiError):
+    """A grab on a lottery or a draw on a red packet."""
+
+    status = 409
+    code = "wrong_kind"
+
+
+class QuotaExhausted(ApiError):
+    """The player has used their draws; ``scope`` says which quota ("total" or "daily")."""
+
+    status = 429
+    code = "quota_exhausted"
+
+
 class Unavailable(ApiError):
     status = 503
     code = "unavailable"

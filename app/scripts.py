@@ -6,7 +6,12 @@ each script touches a single Redis Cluster slot:
     hb:{<cid>}:meta      hash   definition (kind, name, window, totals) + won counters
     hb:{<cid>}:pool      list   un-granted envelopes, "seq:amount_fen", popped from the left
     hb:{<cid>}:winners   hash   openid -> "seq:amount_fen"
-    hb:{<cid>}:ledger    stream one entry per grant, drained into PostgreSQL
+    hb:{<cid>}:ledger    stream one entry per grant or draw, drained into PostgreSQL
+    hb:{<cid>}:tiers     hash   lottery tiers: weight:i stock:i value:i schedule:i, won:i counters
+    hb:{<cid>}:draws     hash   lottery: openid -> draws so far (the last draw number)
+    hb:{<cid>}:daily:<d> hash   lottery: openid -> draws on day d (YYYYMMDD, Asia/Shanghai)
+    hb:{<cid>}:days      hash   lottery: d -> draws that day, won:d -> prizes that day
+    hb:{<cid>}:wins      hash   lottery: openid -> "draw_no:tier,..." prizes won
     hb:campaigns         set    ids of every campaign (read by drainers and operators)
     hb:sess:<token>      string session JSON, with a TTL
     hb:login:{<state>}   hash   one WeChat login in progress: browser hash, next, code, token
@@ -37,6 +42,10 @@ class CampaignKeys:
     pool: str
     winners: str
     ledger: str
+    tiers: str
+    draws: str
+    days: str
+    wins: str
 
     @classmethod
     def of(cls, campaign_id: str) -> CampaignKeys:
@@ -47,7 +56,16 @@ class CampaignKeys:
             pool=f"{tag}:pool",
             winners=f"{tag}:winners",
             ledger=f"{tag}:ledger",
+            tiers=f"{tag}:tiers",
+            draws=f"{tag}:draws",
+            days=f"{tag}:days",
+            wins=f"{tag}:wins",
         )
+
+
+def daily_key(campaign_id: str, day: int) -> str:
+    """Per-player lottery draw counts of one day (YYYYMMDD in Asia/Shanghai)."""
+    return f"hb:{{{campaign_id}}}:daily:{day}"
 
 
 def session_key(token: str) -> str:
@@ -106,6 +124,34 @@ class GrabBatchResult:
     outcomes: list[tuple[GrabCode, int]]
 
 
+class DrawStatus(enum.IntEnum):
+    """Campaign-level outcome of one draw_prize call."""
+
+    SETTLED = 0
+    NOT_FOUND = 1
+    NOT_STARTED = 2
+    ENDED = 3
+    WRONG_KIND = 4
+
+
+class DrawCode(enum.IntEnum):
+    """Per-draw outcome inside a settled batch."""
+
+    PRIZE = 0
+    NO_PRIZE = 1
+    QUOTA_TOTAL = 2
+    QUOTA_DAILY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DrawResult:
+    """One draw as settled by draw_prize: tier -1 unless a prize, draw_no 0 when refused."""
+
+    code: DrawCode
+    tier: int
+    draw_no: int
+
+
 def load_lua(name: str) -> str:
     """Source of ``lua/<name>.lua``."""
     return (LUA_DIR / f"{name}.lua").read_text(encoding="utf-8")
@@ -121,6 +167,7 @@ class Scripts:
     def __init__(self, redis: Redis) -> None:
         self._grab = redis.register_script(load_lua("grab_envelope"))
         self._redeem = redis.register_script(load_lua("redeem_login"))
+        self._draw = redis.register_script(load_lua("draw_prize"))
 
     async def preload(self, redis: Redis) -> None:
         """SCRIPT LOAD every script, so a syntax error stops start-up."""
@@ -128,7 +175,7 @@ class Scripts:
             await redis.script_load(script.script)
 
     def _all(self) -> list[AsyncScript]:
-        return [self._grab, self._redeem]
+        return [self._grab, self._redeem, self._draw]
 
     async def redeem_login(self, state: str, browser_hash: str, code_hash: str) -> Redeemed:
         """Claim the login of ``state`` for one code, from the browser that started it."""
@@ -153,3 +200,20 @@ class Scripts:
         status = GrabStatus(int(raw[0]))
         outcomes = [(GrabCode(int(raw[i])), int(raw[i + 1])) for i in range(2, len(raw), 2)]
         return GrabBatchResult(status, int(raw[1]), outcomes)
+
+    async def draw_prize(
+        self, campaign_id: str, now_ms: int, day: int, draws: list[tuple[str, int]]
+    ) -> tuple[DrawStatus, list[DrawResult]]:
+        """Settle ``(openid, random)`` draws on a lottery atomically; ``day`` is ``now_ms``'s."""
+        k = CampaignKeys.of(campaign_id)
+        keys = [k.meta, k.tiers, k.draws, daily_key(campaign_id, day), k.days, k.wins, k.ledger]
+        args: list[str | int] = [now_ms, day]
+        for openid, rand in draws:
+            args += [openid, rand]
+        raw = cast(list[Any], await self._draw(keys=keys, args=args))
+        status = DrawStatus(int(raw[0]))
+        results = [
+            DrawResult(DrawCode(int(raw[i])), int(raw[i + 1]), int(raw[i + 2]))
+            for i in range(1, len(raw), 3)
+        ]
+        return status, results

@@ -167,9 +167,7 @@ class Player(FastHttpUser):
         pair = BOOK.next_session()
         if pair is None:
             self.openid = f"locust-{uuid.uuid4().hex[:16]}"
-            self.client.post(
-                "/auth/dev-login", json={"openid": self.openid}, headers=self.headers
-            )
+            self.client.post("/auth/dev-login", json={"openid": self.openid}, headers=self.headers)
         else:
             self.openid, token = pair
             self.headers["Cookie"] = f"hb_session={token}"

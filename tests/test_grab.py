@@ -90,6 +90,7 @@ async def test_campaign_view_and_me_before_grab(client: TestClient) -> None:
     view = await (await client.get(f"/api/campaigns/{cid}")).json()
     assert view == {
         "id": cid,
+        "kind": "red_packet",
         "name": "新春红包",
         "state": "open",
         "remaining_count": 3,

@@ -36,10 +36,18 @@ async def grab(request: web.Request) -> web.Response:
 async def my_result(request: web.Request) -> web.Response:
     """GET /api/campaigns/{id}/me: what this player has won."""
     session = await current_session(request)
-    amount = await request.app[CAMPAIGNS].my_result(request.match_info["id"], session.openid)
-    if amount is None:
-        return json_response({"result": "none"})
-    return json_response({"result": "won", "amount_fen": amount})
+    view = await request.app[CAMPAIGNS].my_view(request.match_info["id"], session.openid)
+    return json_response(view)
+
+
+async def draw(request: web.Request) -> web.Response:
+    """POST /api/campaigns/{id}/draw: one lottery draw, settled in Redis."""
+    campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
+    # As for grabs, 404 / 409 need no session.
+    await campaigns.ensure_open(campaign_id)
+    session = await playing_session(request)
+    outcome = await campaigns.draw(campaign_id, session.openid)
+    return json_response(outcome.to_json())
 
 
 def setup(app: web.Application) -> None:
@@ -47,3 +55,4 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/api/campaigns/{id}", get_campaign, name="campaign")
     app.router.add_post("/api/campaigns/{id}/grab", grab, name="grab")
     app.router.add_get("/api/campaigns/{id}/me", my_result, name="me")
+    app.router.add_post("/api/campaigns/{id}/draw", draw, name="draw")

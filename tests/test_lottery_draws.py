@@ -1,0 +1,410 @@
+"""Lottery draws below HTTP: odds, release schedules, quotas across days, randomness.
+
+The service runs on a test clock, so day and slot boundaries are crossed by setting the
+time rather than sleeping; the script is also called directly with chosen randomness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from app import ledger
+from app.campaigns import CampaignService
+from app.errors import QuotaExhausted
+from app.lottery import RANDOM_BITS, reconcile_lottery, shanghai_day
+from app.scripts import CampaignKeys, DrawCode, DrawStatus, Scripts, daily_key
+
+
+def ms(moment: str) -> int:
+    """Unix milliseconds of an RFC 3339 time."""
+    return int(datetime.fromisoformat(moment).timestamp() * 1000)
+
+
+class Clock:
+    """A settable clock in unix milliseconds."""
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+async def stores(redis_url: str, database_url: str, clean: None) -> AsyncIterator[Any]:
+    redis = Redis.from_pool(BlockingConnectionPool.from_url(redis_url, max_connections=32))
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    await ledger.migrate(pool)
+    yield redis, pool
+    await pool.close()
+    await redis.aclose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(ms("2027-02-09T12:00:00+08:00"))
+
+
+@pytest.fixture
+def service(stores: Any, clock: Clock) -> CampaignService:
+    redis, pool = stores
+    return CampaignService(redis, pool, Scripts(redis), grab_batch_max=128, clock=clock)
+
+
+@pytest.fixture
+def scripts(stores: Any) -> Scripts:
+    return Scripts(stores[0])
+
+
+async def make(service: CampaignService, **fields: Any) -> str:
+    body: dict[str, Any] = {
+        "kind": "lottery",
+        "name": "财神到",
+        "starts_at": "2027-02-09T00:00:00+08:00",
+        "ends_at": "2027-02-20T00:00:00+08:00",
+        "quota_total": 100_000,
+    }
+    body.update(fields)
+    return (await service.create(body)).id
+
+
+async def attempt(service: CampaignService, cid: str, openid: str) -> str:
+    """One draw: "prize", "no_prize", or the quota scope that refused it."""
+    try:
+        outcome = await service.draw(cid, openid)
+    except QuotaExhausted as exc:
+        return str(exc.extra["scope"])
+    return "prize" if outcome.result.code is DrawCode.PRIZE else "no_prize"
+
+
+async def test_daily_quota_turns_over_at_midnight_in_shanghai(
+    service: CampaignService, clock: Clock, redis: Redis
+) -> None:
+    cid = await make(
+        service,
+        tiers=[{"name": "福", "stock": 1000, "weight": 1, "value_fen": 100}],
+        no_prize_weight=1,
+        quota_total=5,
+        quota_daily=2,
+    )
+    players = [f"p{i:02d}" for i in range(50)]
+
+    async def day_of_draws() -> Counter[str]:
+        tries = [attempt(service, cid, p) for p in players for _ in range(4)]
+        results = await asyncio.gather(*tries)
+        return Counter("ok" if r in {"prize", "no_prize"} else r for r in results)
+
+    # 23:59:59.999 in Shanghai and the next millisecond are the same day in UTC (15:59Z/16:00Z):
+    # only a day counted in Asia/Shanghai lets the second batch through.
+    clock.now = ms("2027-02-09T23:59:59.999+08:00")
+    assert await day_of_draws() == {"ok": 100, "daily": 100}
+    clock.now += 1
+    assert await day_of_draws() == {"ok": 100, "daily": 100}
+    clock.now += 24 * 3600 * 1000
+    assert await day_of_draws() == {"ok": 50, "total": 150}
+
+    keys = CampaignKeys.of(cid)
+    for day, each in ((20270209, b"2"), (20270210, b"2"), (20270211, b"1")):
+        assert set((await redis.hgetall(daily_key(cid, day))).values()) == {each}
+    assert set((await redis.hgetall(keys.draws)).values()) == {b"5"}
+    days = Counter(e[1][b"d"] for e in await redis.xrange(keys.ledger))
+    assert days == {b"20270209": 100, b"20270210": 100, b"20270211": 50}
+    stats = await service.stats(cid)
+    assert stats["draws_per_day"] == {"20270209": 100, "20270210": 100, "20270211": 50}
+
+
+def test_shanghai_day_boundaries() -> None:
+    assert shanghai_day(ms("2027-02-09T15:59:59.999Z")) == 20270209
+    assert shanghai_day(ms("2027-02-09T16:00:00Z")) == 20270210
+    assert shanghai_day(ms("2026-12-31T16:00:00Z")) == 20270101
+
+
+@pytest.mark.parametrize("when_out", ["renormalise", "fallback"])
+async def test_release_schedule_holds(
+    service: CampaignService, clock: Clock, redis: Redis, when_out: str
+) -> None:
+    """No tier gives out more than it has released by the time of the draw."""
+    slots = [
+        ("2027-02-09T20:00:00+08:00", 3),
+        ("2027-02-10T20:00:00+08:00", 3),
+        ("2027-02-11T20:00:00+08:00", 4),
+    ]
+    cid = await make(
+        service,
+        tiers=[
+            {
+                "name": "金元宝",
+                "stock": 10,
+                "weight": 1000,
+                "value_fen": 88_800,
+                "schedule": [{"at": at, "release": n} for at, n in slots],
+            }
+        ],
+        no_prize_weight=1,
+        when_out=when_out,
+    )
+    keys = CampaignKeys.of(cid)
+    checkpoints = [
+        ("2027-02-09T19:59:59.999+08:00", 0),
+        ("2027-02-09T20:00:00+08:00", 3),
+        ("2027-02-10T19:59:59.999+08:00", 3),
+        ("2027-02-10T20:00:00+08:00", 6),
+        ("2027-02-11T20:00:00.001+08:00", 10),
+        ("2027-02-19T23:00:00+08:00", 10),
+    ]
+    for n, (moment, released) in enumerate(checkpoints):
+        clock.now = ms(moment)
+        await asyncio.gather(*(attempt(service, cid, f"c{n}-{i}") for i in range(40)))
+        won = int(await redis.hget(keys.tiers, "won:0") or 0)
+        # Each draw picks the tier with odds 1000/1001 while it has stock: it is won out.
+        assert won == released, (moment, won)
+        stats = await service.stats(cid)
+        assert (stats["tiers"][0]["released"], stats["tiers"][0]["left"]) == (released, 0)
+    prizes = [e for e in await redis.xrange(keys.ledger) if e[1][b"p"] == b"0"]
+    for moment, released in checkpoints:
+        by_then = [e for e in prizes if int(e[1][b"t"]) <= ms(moment)]
+        assert len(by_then) <= released
+
+
+async def test_release_schedule_under_concurrent_script_calls(
+    service: CampaignService, scripts: Scripts, redis: Redis
+) -> None:
+    cid = await make(
+        service,
+        tiers=[
+            {
+                "name": "金元宝",
+                "stock": 50,
+                "weight": 10,
+                "value_fen": 88_800,
+                "schedule": [
+                    {"at": "2027-02-10T00:00:00+08:00", "release": 20},
+                    {"at": "2027-02-11T00:00:00+08:00", "release": 30},
+                ],
+            },
+        ],
+        no_prize_weight=1,
+    )
+    now = ms("2027-02-10T08:00:00+08:00")
+    calls = [
+        scripts.draw_prize(
+            cid, now, shanghai_day(now), [(f"u{i}-{j}", secrets.randbits(RANDOM_BITS))]
+        )
+        for i in range(50)
+        for j in range(20)
+    ]
+    results = await asyncio.gather(*calls)
+    prizes = sum(1 for _, [r] in results if r.code is DrawCode.PRIZE)
+    assert prizes == 20
+    assert await redis.hget(CampaignKeys.of(cid).tiers, "won:0") == b"20"
+
+
+async def test_empirical_odds_match_the_weights(
+    service: CampaignService, scripts: Scripts, redis: Redis
+) -> None:
+    """Chi-square goodness of fit of 100,000 draws at significance 0.001."""
+    weights = [1, 4, 15, 80, 150, 250]
+    no_prize = 500
+    cid = await make(
+        service,
+        tiers=[
+            {"name": f"t{i}", "stock": 1_000_000, "weight": w, "value_fen": 100}
+            for i, w in enumerate(weights)
+        ],
+        no_prize_weight=no_prize,
+        quota_total=1000,
+    )
+    now = ms("2027-02-09T12:00:00+08:00")
+    observed: Counter[int] = Counter()
+    batch = 2000
+    for start in range(0, 100_000, batch):
+        draws = [
+            (f"p{i % 100}", secrets.randbits(RANDOM_BITS)) for i in range(start, start + batch)
+        ]
+        status, results = await scripts.draw_prize(cid, now, shanghai_day(now), draws)
+        assert status is DrawStatus.SETTLED
+        observed.update(r.tier for r in results)
+    total = sum(weights) + no_prize
+    expected = {i: 100_000 * w / total for i, w in enumerate(weights)}
+    expected[-1] = 100_000 * no_prize / total
+    chi2 = sum((observed[k] - e) ** 2 / e for k, e in expected.items())
+    # Critical value of chi-square with 6 degrees of freedom at p = 0.001.
+    assert chi2 < 22.458, (chi2, observed)
+    won = await redis.hgetall(CampaignKeys.of(cid).tiers)
+    assert {i: int(won[f"won:{i}".encode()]) for i in range(6)} == {
+        i: observed[i] for i in range(6)
+    }
+
+
+async def test_pick_uses_the_randomness_passed_in(
+    service: CampaignService, scripts: Scripts
+) -> None:
+    """The tier is a function of ARGV's random number: rand mod total over the weights."""
+    cid = await make(
+        service,
+        tiers=[
+            {"name": "甲", "stock": 1000, "weight": 2, "value_fen": 100},
+            {"name": "乙", "stock": 1000, "weight": 3, "value_fen": 200},
+        ],
+        no_prize_weight=5,
+    )
+    now = ms("2027-02-09T12:00:00+08:00")
+    rands = [0, 1, 2, 4, 5, 9, 10, 2**52 - 1, 2**52 - 9, 2**51 + 3]
+    status, results = await scripts.draw_prize(
+        cid, now, shanghai_day(now), [(f"r{i}", r) for i, r in enumerate(rands)]
+    )
+    assert status is DrawStatus.SETTLED
+
+    def expected(rand: int) -> int:
+        x = rand % 10
+        return 0 if x < 2 else 1 if x < 5 else -1
+
+    assert [r.tier for r in results] == [expected(r) for r in rands]
+    # Same randomness, same pick; fresh randomness from the service varies per call.
+    _, again = await scripts.draw_prize(cid, now, shanghai_day(now), [("again", 2**52 - 1)])
+    assert again[0].tier == expected(2**52 - 1)
+
+
+async def test_service_draws_differ_per_call(service: CampaignService) -> None:
+    cid = await make(
+        service,
+        tiers=[
+            {"name": "甲", "stock": 1000, "weight": 1, "value_fen": 100},
+            {"name": "乙", "stock": 1000, "weight": 1, "value_fen": 200},
+        ],
+    )
+    outcomes = [await service.draw(cid, "same-player") for _ in range(40)]
+    outcomes += await asyncio.gather(*(service.draw(cid, "same-player") for _ in range(40)))
+    tiers = Counter(o.result.tier for o in outcomes)
+    # Both tiers have odds 1/2; forty of one kind in a row has odds 2^-79 per batch.
+    assert tiers.keys() == {0, 1}
+    assert min(tiers.values()) >= 10
+
+
+@pytest.mark.parametrize(
+    ("when_out", "second"), [("renormalise", 1), ("fallback", -1)], ids=["renormalise", "fallback"]
+)
+async def test_tier_out_of_stock(
+    service: CampaignService, scripts: Scripts, when_out: str, second: int
+) -> None:
+    """A picked tier with nothing left: renormalise over the rest, or give no prize."""
+    cid = await make(
+        service,
+        tiers=[
+            {"name": "甲", "stock": 1, "weight": 1, "value_fen": 100},
+            {"name": "乙", "stock": 1, "weight": 1, "value_fen": 200},
+        ],
+        when_out=when_out,
+    )
+    now = ms("2027-02-09T12:00:00+08:00")
+    day = shanghai_day(now)
+    _, results = await scripts.draw_prize(cid, now, day, [("a", 0), ("b", 0), ("c", 0)])
+    assert [r.tier for r in results] == [0, second, -1]
+    assert [r.code for r in results] == [
+        DrawCode.PRIZE,
+        DrawCode.PRIZE if second >= 0 else DrawCode.NO_PRIZE,
+        DrawCode.NO_PRIZE,
+    ]
+
+
+async def test_script_checks_kind_and_window(service: CampaignService, scripts: Scripts) -> None:
+    cid = await make(service, tiers=[{"name": "甲", "stock": 1, "weight": 1, "value_fen": 1}])
+    packet = (
+        await service.create({"kind": "red_packet", "name": "红包", "total_fen": 100, "count": 1})
+    ).id
+    day = 20270209
+    before, after = ms("2027-02-08T23:59:59+08:00"), ms("2027-02-20T00:00:00+08:00")
+    assert (await scripts.draw_prize(cid, before, day, [("a", 0)]))[0] is DrawStatus.NOT_STARTED
+    assert (await scripts.draw_prize(cid, after, day, [("a", 0)]))[0] is DrawStatus.ENDED
+    assert (await scripts.draw_prize(packet, after, day, [("a", 0)]))[0] is DrawStatus.WRONG_KIND
+    assert (await scripts.draw_prize("nope", after, day, [("a", 0)]))[0] is DrawStatus.NOT_FOUND
+
+
+async def _drain_into_ledger(redis: Redis, pool: asyncpg.Pool, cid: str) -> int:
+    """Feed the stream's draw entries to the batch writer, then replay them all once more."""
+    entries = await redis.xrange(CampaignKeys.of(cid).ledger)
+    records = [
+        ledger.DrawRecord.from_entry(
+            cid, sid.decode(), {k.decode(): v.decode() for k, v in f.items()}
+        )
+        for sid, f in entries
+    ]
+    async with pool.acquire() as conn:
+        written = 0
+        for start in range(0, len(records), 64):
+            written += await ledger.insert_draws(conn, records[start : start + 64])
+        assert await ledger.insert_draws(conn, records) == 0
+    return written
+
+
+async def test_draws_reach_the_ledger_and_reconcile(
+    service: CampaignService, clock: Clock, stores: Any
+) -> None:
+    redis, pool = stores
+    cid = await make(
+        service,
+        tiers=[
+            {"name": "金元宝", "stock": 3, "weight": 1, "value_fen": 88_800},
+            {"name": "福袋", "stock": 500, "weight": 3, "value_fen": None},
+        ],
+        no_prize_weight=2,
+        quota_total=4,
+        quota_daily=3,
+    )
+    players = [f"p{i:02d}" for i in range(40)]
+    clock.now = ms("2027-02-09T23:59:00+08:00")
+    await asyncio.gather(*(attempt(service, cid, p) for p in players for _ in range(3)))
+    clock.now = ms("2027-02-10T00:01:00+08:00")
+    await asyncio.gather(*(attempt(service, cid, p) for p in players for _ in range(3)))
+
+    assert await _drain_into_ledger(redis, pool, cid) == 160
+    async with pool.acquire() as conn:
+        assert (await reconcile_lottery(redis, conn, cid)).mismatches == []
+        rows = await conn.fetch("SELECT * FROM draws WHERE campaign_id = $1", cid)
+        gold = [r for r in rows if r["tier"] == 0]
+        assert len(gold) == 3
+        assert {r["value_fen"] for r in gold} == {88_800}
+        assert {r["value_fen"] for r in rows if r["tier"] != 0} == {0}
+        days = Counter(r["day"].isoformat() for r in rows)
+        assert days == {"2027-02-09": 120, "2027-02-10": 40}
+        late = [r for r in rows if r["day"].isoformat() == "2027-02-10"]
+        assert {r["drawn_at"].timestamp() * 1000 for r in late} == {clock.now}
+
+        # A draw lost on the way and a counter out of step are both reported.
+        victim = gold[0]
+        await conn.execute(
+            "DELETE FROM draws WHERE campaign_id = $1 AND openid = $2 AND draw_no = $3",
+            cid,
+            victim["openid"],
+            victim["draw_no"],
+        )
+        await redis.hincrby(CampaignKeys.of(cid).tiers, "won:1", 1)
+        report = await reconcile_lottery(redis, conn, cid)
+    assert not report.ok
+    assert len(report.mismatches) == 4, report.mismatches
+    assert report.mismatches[0] == "tier 0: 3 won in Redis, 2 in the ledger"
+    assert report.mismatches[1].startswith("tier 1: ")
+    assert report.mismatches[2].startswith(f"player {victim['openid']}: 4 draws in Redis, 3 rows")
+    day = victim["day"].strftime("%Y%m%d")
+    assert report.mismatches[3].startswith(f"player {victim['openid']} on {day}: ")
+
+
+def test_draw_record_from_a_stream_entry() -> None:
+    fields = {"k": "draw", "u": "o1", "n": "7", "p": "-1", "a": "0", "d": "20270210"}
+    record = ledger.DrawRecord.from_entry("c1", "1-0", {**fields, "t": "1802275200123"})
+    assert (record.openid, record.draw_no, record.tier, record.value_fen) == ("o1", 7, None, 0)
+    assert record.day.isoformat() == "2027-02-10"
+    assert record.drawn_at.isoformat() == "2027-02-10T16:00:00.123000+00:00"
+    with pytest.raises(KeyError):
+        ledger.DrawRecord.from_entry("c1", "1-0", fields)
+    with pytest.raises(ValueError, match="invalid literal"):
+        ledger.DrawRecord.from_entry("c1", "1-0", {**fields, "t": "soon"})
