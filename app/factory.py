@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from app.drainer import drainer_ctx
 from app.errors import error_middleware
 from app.handlers import admin, auth, h5, ops
 from app.keys import SETTINGS
@@ -16,6 +17,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.client_max_size)
     app[SETTINGS] = settings
     app.cleanup_ctx.extend([redis_ctx, postgres_ctx, services_ctx])
+    app.cleanup_ctx.append(drainer_ctx)
     ops.setup(app)
     auth.setup(app)
     h5.setup(app)

@@ -37,6 +37,34 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    """The write-behind drainers that copy the ledger streams into PostgreSQL (LEDGER_*)."""
+
+    # Run a drainer inside every worker; 0 leaves draining to `python -m app drain`.
+    drain_in_worker: bool = True
+    # Most entries read per stream by one XREADGROUP, written in one round trip.
+    batch_max: int = 500
+    # How long one XREADGROUP blocks waiting for entries (also bounds shutdown latency).
+    block_ms: int = 1000
+    # Pending entries idle this long belong to a dead drainer and are claimed (XAUTOCLAIM).
+    claim_idle_ms: int = 30_000
+    # Ceiling of the exponential back-off while PostgreSQL is unreachable.
+    retry_max_ms: int = 5000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LedgerSettings:
+        """Read LEDGER_* variables; fail loudly on bad values."""
+        env = os.environ if env is None else env
+        return cls(
+            drain_in_worker=_bool(env, "LEDGER_DRAIN_IN_WORKER", True),
+            batch_max=_int(env, "LEDGER_BATCH_MAX", 500, minimum=1),
+            block_ms=_int(env, "LEDGER_BLOCK_MS", 1000, minimum=10),
+            claim_idle_ms=_int(env, "LEDGER_CLAIM_IDLE_MS", 30_000, minimum=100),
+            retry_max_ms=_int(env, "LEDGER_RETRY_MAX_MS", 5000, minimum=10),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a worker needs to know; immutable once the app is built."""
 
@@ -55,6 +83,7 @@ class Settings:
     # Upper bound on grabs settled by one script call; concurrent grabs coalesce up to it.
     grab_batch_max: int = 128
     shutdown_timeout_s: float = 10.0
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +112,7 @@ class Settings:
             pg_pool_max=_int(env, "PG_POOL_MAX", 4, minimum=1),
             grab_batch_max=_int(env, "GRAB_BATCH_MAX", 128, minimum=1),
             shutdown_timeout_s=float(_int(env, "SHUTDOWN_TIMEOUT_S", 10, minimum=1)),
+            ledger=LedgerSettings.from_env(env),
         )
 
     def with_(self, **changes: Any) -> Settings:
