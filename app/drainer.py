@@ -66,6 +66,15 @@ def _decode(raw_id: bytes | str, raw_fields: Mapping[Any, Any], campaign_id: str
     return LedgerEntry(campaign_id, text(raw_id), fields)
 
 
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _group_lost(exc: ResponseError) -> bool:
+    """The stream (hence its group) is gone: NOGROUP, or UNBLOCKED while we were blocked."""
+    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+
+
 class Drainer:
     """One consumer of the ledger streams of every campaign in ``hb:campaigns``."""
 
@@ -102,7 +111,7 @@ class Drainer:
                 await self.step()
                 delay = FIRST_RETRY_S
             except Exception as exc:
-                log.warning("drainer %s: %r; retrying in %.2fs", self.consumer, exc, delay)
+                log.warning("drainer %s: %s; retrying in %.2fs", self.consumer, _err(exc), delay)
                 await self._pause(delay)
                 delay = min(delay * 2, self._settings.retry_max_ms / 1000)
         log.info("drainer %s stopped (%s)", self.consumer, self.written)
@@ -129,7 +138,7 @@ class Drainer:
                 block=self._settings.block_ms,
             )
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not _group_lost(exc):
                 raise
             # A stream was deleted (and its group with it): create the groups again.
             self._streams.clear()
@@ -184,7 +193,7 @@ class Drainer:
                         count=self._settings.batch_max,
                     )
                 except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
+                    if not _group_lost(exc):
                         raise
                     self._streams.clear()
                     return claimed
@@ -231,7 +240,9 @@ class Drainer:
                     self.written += await self._write(entries)
                 except PERMANENT_ERRORS as exc:
                     log.error(
-                        "drainer %s: batch refused (%r); writing one by one", self.consumer, exc
+                        "drainer %s: batch refused (%s); writing one by one",
+                        self.consumer,
+                        _err(exc),
                     )
                     for entry in entries:
                         self.written += await self._write_alone(entry)
@@ -245,9 +256,9 @@ class Drainer:
                     )
                     return False
                 log.warning(
-                    "drainer %s: ledger write failed (%r); retry in %.2fs",
+                    "drainer %s: ledger write failed (%s); retry in %.2fs",
                     self.consumer,
-                    exc,
+                    _err(exc),
                     delay,
                 )
                 await self._pause(delay)

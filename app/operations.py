@@ -178,7 +178,9 @@ async def reconcile(redis: Redis, pg: asyncpg.Pool, campaign_id: str) -> Reconci
     report.rejects = len(rejects)
 
     if not exists:
+        # Everything below would only restate this, player by player.
         mismatches.append("campaign missing from Redis (lost?): run `rebuild`")
+        return report
     if (int(won_count or 0), int(won_fen or 0)) != (
         report.redis_winners.count,
         report.redis_winners.fen,
