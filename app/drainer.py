@@ -96,11 +96,15 @@ class Drainer:
         self._streams: dict[str, str] = {}
         self._refreshed_at = float("-inf")
         self._claimed_at = float("-inf")
+        # The blocking XREADGROUP in progress, if any: stop() cancels it.
+        self._read: asyncio.Future[Any] | None = None
         self.written = Written()
 
     def stop(self) -> None:
-        """Ask the loop to finish its current batch and return."""
+        """Ask the loop to finish its current batch and return (at once if it is idle)."""
         self._stopping.set()
+        if self._read is not None and not self._read.done():
+            self._read.cancel()
 
     async def run(self) -> None:
         """Drain until stopped; Redis or PostgreSQL errors mean back off and retry."""
@@ -129,14 +133,22 @@ class Drainer:
         if now - self._claimed_at >= self._settings.claim_idle_ms / 2000:
             done += await self._claim()
             self._claimed_at = now
-        try:
-            reply = await self._redis.xreadgroup(
+        self._read = asyncio.ensure_future(
+            self._redis.xreadgroup(
                 GROUP,
                 self.consumer,
                 dict.fromkeys(self._streams, ">"),
                 count=self._settings.batch_max,
                 block=self._settings.block_ms,
             )
+        )
+        try:
+            reply = await self._read
+        except asyncio.CancelledError:
+            if not (self._stopping.is_set() and self._read.cancelled()):
+                raise
+            # stop() cut the idle wait short; anything delivered meanwhile stays pending.
+            return done
         except ResponseError as exc:
             if not _group_lost(exc):
                 raise
