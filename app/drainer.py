@@ -133,6 +133,8 @@ class Drainer:
         if now - self._claimed_at >= self._settings.claim_idle_ms / 2000:
             done += await self._claim()
             self._claimed_at = now
+        if self._stopping.is_set():
+            return done
         self._read = asyncio.ensure_future(
             self._redis.xreadgroup(
                 GROUP,
@@ -157,20 +159,13 @@ class Drainer:
             return done
         entries = [
             _decode(raw_id, fields, self._streams[key.decode()])
-            for key, items in self._stream_items(reply)
+            for key, items in reply or []
             for raw_id, fields in items
             if fields is not None
         ]
         if entries:
             await self._process(entries)
         return done + len(entries)
-
-    @staticmethod
-    def _stream_items(reply: Any) -> list[tuple[bytes, list[Any]]]:
-        # RESP2 answers [[key, items], ...]; RESP3 answers {key: [items]}.
-        if isinstance(reply, dict):
-            return [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items()]
-        return [(k, v) for k, v in reply or []]
 
     async def _refresh(self) -> None:
         """Pick up new campaigns: create their consumer group (from the stream's start)."""

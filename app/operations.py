@@ -107,7 +107,6 @@ def _ms(ts: datetime | None) -> int | None:
 
 def campaign_from_row(row: asyncpg.Record) -> Campaign:
     """The campaign definition as PostgreSQL records it."""
-    config = row["config"]
     return Campaign(
         id=row["id"],
         kind=row["kind"],
@@ -118,7 +117,8 @@ def campaign_from_row(row: asyncpg.Record) -> Campaign:
         max_fen=row["max_fen"],
         starts_at_ms=_ms(row["starts_at"]),
         ends_at_ms=_ms(row["ends_at"]),
-        config=orjson.loads(config) if isinstance(config, str) else dict(config),
+        # asyncpg hands jsonb over as text.
+        config=orjson.loads(row["config"]),
     )
 
 

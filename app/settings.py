@@ -44,7 +44,7 @@ class LedgerSettings:
     drain_in_worker: bool = True
     # Most entries read per stream by one XREADGROUP, written in one round trip.
     batch_max: int = 500
-    # How long one XREADGROUP blocks waiting for entries (also bounds shutdown latency).
+    # How long one XREADGROUP blocks waiting for entries.
     block_ms: int = 1000
     # Pending entries idle this long belong to a dead drainer and are claimed (XAUTOCLAIM).
     claim_idle_ms: int = 30_000
