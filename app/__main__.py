@@ -16,15 +16,16 @@ import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app import ledger
+from app import ledger, operations
 from app.campaigns import CampaignService
+from app.drainer import drain_process
 from app.errors import ApiError
 from app.factory import create_app
 from app.fakewechat import FakeWeChat, create_fake_app
 from app.scripts import Scripts
 from app.sessions import SessionStore
-from app.settings import Settings, SettingsError
-from app.supervisor import DEFAULT_DATA_DIR, EMBEDDED_REDIS_URL, serve
+from app.settings import LedgerSettings, Settings, SettingsError
+from app.supervisor import DEFAULT_DATA_DIR, EMBEDDED_PG_PORT, EMBEDDED_REDIS_URL, serve
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -108,6 +109,33 @@ async def _create_campaign(args: argparse.Namespace) -> dict[str, object]:
         return stats
     finally:
         await pg.close()
+
+
+def _store_urls() -> tuple[str, str]:
+    """REDIS_URL and DATABASE_URL, defaulting to the services `./hb serve` embeds."""
+    return (
+        os.environ.get("REDIS_URL") or EMBEDDED_REDIS_URL,
+        os.environ.get("DATABASE_URL")
+        or f"postgresql://postgres@127.0.0.1:{EMBEDDED_PG_PORT}/postgres",
+    )
+
+
+async def _operate(command: str, campaign_id: str) -> int:
+    redis_url, database_url = _store_urls()
+    redis = Redis.from_url(redis_url)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        if command == "reconcile":
+            report = await operations.reconcile(redis, pool, campaign_id)
+            print(report.render())
+            return 0 if report.ok else 1
+        print((await operations.rebuild(redis, pool, campaign_id)).render())
+        return 0
+    except operations.OperationError as exc:
+        print(f"hongbao {command}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await pool.close()
         await redis.aclose()
 
 
@@ -138,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p_create.add_argument("--max-fen", type=int, default=None)
     p_create.add_argument("--starts-at", default=None, help="RFC 3339")
     p_create.add_argument("--ends-at", default=None, help="RFC 3339")
+    sub.add_parser("drain", help="run one ledger drainer process (Redis stream -> PostgreSQL)")
+    p_rec = sub.add_parser("reconcile", help="compare a campaign in Redis and PostgreSQL")
+    p_rec.add_argument("campaign_id")
+    p_reb = sub.add_parser("rebuild", help="restore a campaign lost from Redis, from PostgreSQL")
+    p_reb.add_argument("campaign_id")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -160,6 +193,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
         return 0
+    if args.command == "drain":
+        try:
+            ledger_settings = LedgerSettings.from_env()
+        except SettingsError as exc:
+            print(f"hongbao: {exc}", file=sys.stderr)
+            return 2
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(drain_process(*_store_urls(), ledger_settings))
+        return 0
+    if args.command in ("reconcile", "rebuild"):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(_operate(args.command, args.campaign_id))
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -327,7 +327,9 @@ class CampaignService:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hmget(keys.meta, "won_count", "won_fen")
             pipe.llen(keys.pool)
-            (won_count, won_fen), remaining = await pipe.execute()
+            # Drainers XDEL what they commit: the stream holds exactly the unrecorded entries.
+            pipe.xlen(keys.ledger)
+            (won_count, won_fen), remaining, ledger_lag = await pipe.execute()
         won_n = int(won_count or 0)
         won_f = int(won_fen or 0)
         total = campaign.total_fen or 0
@@ -346,6 +348,7 @@ class CampaignService:
             "remaining_fen": total - won_f,
             "won_count": won_n,
             "won_fen": won_f,
+            "ledger_lag": int(ledger_lag),
         }
 
     async def ensure_open(self, campaign_id: str) -> Campaign:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.csrf import csrf_middleware
+from app.drainer import drainer_ctx
 from app.errors import error_middleware
 from app.handlers import admin, auth, h5, ops, page, wechat
 from app.keys import SETTINGS
@@ -20,6 +21,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.extend([redis_ctx, postgres_ctx, services_ctx])
     app.cleanup_ctx.extend([wechat_ctx, assets_ctx])
+    app.cleanup_ctx.append(drainer_ctx)
     ops.setup(app)
     auth.setup(app)
     h5.setup(app)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
+import asyncpg.pool
 import orjson
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ class DrawRecord:
         )
 
 
-async def insert_draws(conn: asyncpg.Connection, records: Sequence[DrawRecord]) -> int:
+async def insert_draws(conn: Conn, records: Sequence[DrawRecord]) -> int:
     """Write drained draws (idempotent on replay); return how many rows were new."""
     if not records:
         return 0
@@ -187,3 +188,222 @@ async def draw_totals(conn: asyncpg.Connection, campaign_id: str) -> DrawTotals:
             (int(r["day"].strftime("%Y%m%d")), r["openid"]): r["draws"] for r in days
         },
     )
+
+
+# --- The write-behind ledger: stream entries recorded by the drainers -------------------
+
+# One statement, so one round trip and atomic without an explicit transaction. A grant
+# already recorded (the same player, envelope and amount: a redelivery after a drainer
+# died between COMMIT and XACK) is skipped; a grant that contradicts a recorded one is
+# kept in ledger_rejects instead of being dropped.
+WRITE_GRABS = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::bigint[],
+                         $6::timestamptz[])
+        AS b (campaign_id, stream_id, openid, seq, amount_fen, granted_at)
+), inserted AS (
+    INSERT INTO grabs (campaign_id, openid, seq, amount_fen, granted_at, stream_id)
+    SELECT campaign_id, openid, seq, amount_fen, granted_at, stream_id FROM batch
+    ON CONFLICT DO NOTHING
+    RETURNING campaign_id, stream_id
+), rejected AS (
+    INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
+    SELECT b.campaign_id, b.stream_id, 'grab',
+           jsonb_build_object('u', b.openid, 's', b.seq, 'a', b.amount_fen,
+                              't', b.granted_at),
+           'contradicts a recorded grab of the same player or envelope'
+    FROM batch b
+    WHERE NOT EXISTS (SELECT 1 FROM inserted i
+                      WHERE i.campaign_id = b.campaign_id AND i.stream_id = b.stream_id)
+      AND NOT EXISTS (SELECT 1 FROM grabs g
+                      WHERE g.campaign_id = b.campaign_id AND g.openid = b.openid
+                        AND g.seq = b.seq AND g.amount_fen = b.amount_fen)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM rejected) AS rejected
+"""
+
+INSERT_REJECTS = """
+INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
+SELECT campaign_id, stream_id, kind, fields::jsonb, reason
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+    AS r (campaign_id, stream_id, kind, fields, reason)
+ON CONFLICT DO NOTHING
+"""
+
+SELECT_CAMPAIGN = "SELECT * FROM campaigns WHERE id = $1"
+SELECT_ENVELOPES = "SELECT seq, amount_fen FROM envelopes WHERE campaign_id = $1 ORDER BY seq"
+SELECT_UNGRANTED = """
+SELECT e.seq, e.amount_fen FROM envelopes e
+WHERE e.campaign_id = $1
+  AND NOT EXISTS (SELECT 1 FROM grabs g WHERE g.campaign_id = e.campaign_id AND g.seq = e.seq)
+ORDER BY e.seq
+"""
+SELECT_GRABS = "SELECT openid, seq, amount_fen FROM grabs WHERE campaign_id = $1"
+SELECT_GRABS_OF = """
+SELECT openid, seq, amount_fen FROM grabs WHERE campaign_id = $1 AND openid = ANY($2::text[])
+"""
+SELECT_REJECTS = """
+SELECT stream_id, kind, fields::text AS fields, reason FROM ledger_rejects
+WHERE campaign_id = $1 ORDER BY stream_id
+"""
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One entry of a campaign's ledger stream: a settled event to record."""
+
+    campaign_id: str
+    stream_id: str
+    fields: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        """The record kind: field ``k``; entries without it are grabs."""
+        return self.fields.get("k", GRAB)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What recording a batch did: rows inserted and entries kept as rejects."""
+
+    inserted: int = 0
+    rejected: int = 0
+
+    def __add__(self, other: Written) -> Written:
+        return Written(self.inserted + other.inserted, self.rejected + other.rejected)
+
+
+class MalformedEntry(ValueError):
+    """A stream entry lacks a field or has one that does not parse."""
+
+
+GRAB = "grab"
+DRAW = "draw"
+# Records the entries of one kind in ONE statement (atomic on its own) and says what it did.
+KindWriter = Callable[[Conn, list[LedgerEntry]], Awaitable[Written]]
+
+
+def _grab_row(entry: LedgerEntry) -> tuple[str, int, int, datetime]:
+    f = entry.fields
+    try:
+        openid, seq, amount, ms = f["u"], int(f["s"]), int(f["a"]), int(f["t"])
+    except (KeyError, ValueError) as exc:
+        raise MalformedEntry(f"grab entry {entry.stream_id}: {exc!r}") from None
+    if not openid or seq < 0 or amount <= 0:
+        raise MalformedEntry(f"grab entry {entry.stream_id}: out of range")
+    return (
+        openid,
+        seq,
+        amount,
+        datetime.fromtimestamp(ms // 1000, tz=UTC).replace(microsecond=ms % 1000 * 1000),
+    )
+
+
+async def write_grabs(conn: Conn, entries: list[LedgerEntry]) -> Written:
+    """Record grab entries (fields u, s, a, t); malformed ones become rejects."""
+    good: list[tuple[LedgerEntry, tuple[str, int, int, datetime]]] = []
+    bad: list[tuple[LedgerEntry, str]] = []
+    for entry in entries:
+        try:
+            good.append((entry, _grab_row(entry)))
+        except MalformedEntry as exc:
+            bad.append((entry, str(exc)))
+    written = Written()
+    if good:
+        row = await conn.fetchrow(
+            WRITE_GRABS,
+            [e.campaign_id for e, _ in good],
+            [e.stream_id for e, _ in good],
+            [r[0] for _, r in good],
+            [r[1] for _, r in good],
+            [r[2] for _, r in good],
+            [r[3] for _, r in good],
+        )
+        assert row is not None
+        written = Written(int(row["inserted"]), int(row["rejected"]))
+    if bad:
+        written += await insert_rejects(conn, bad)
+    return written
+
+
+async def write_draws(conn: Conn, entries: list[LedgerEntry]) -> Written:
+    """Record lottery draw entries (``k=draw``); malformed ones become rejects."""
+    good: list[DrawRecord] = []
+    bad: list[tuple[LedgerEntry, str]] = []
+    for entry in entries:
+        try:
+            good.append(DrawRecord.from_entry(entry.campaign_id, entry.stream_id, entry.fields))
+        except (KeyError, ValueError) as exc:
+            bad.append((entry, f"draw entry {entry.stream_id}: {exc!r}"))
+    if not bad:
+        return Written(await insert_draws(conn, good))
+    # Two statements: keep them atomic (a savepoint when the caller has a transaction).
+    async with conn.transaction():
+        return Written(await insert_draws(conn, good)) + await insert_rejects(conn, bad)
+
+
+async def insert_rejects(conn: Conn, rejects: list[tuple[LedgerEntry, str]]) -> Written:
+    """Keep entries that cannot be recorded as they are, with the reason."""
+    await conn.execute(
+        INSERT_REJECTS,
+        [e.campaign_id for e, _ in rejects],
+        [e.stream_id for e, _ in rejects],
+        [e.kind for e, _ in rejects],
+        [orjson.dumps(e.fields).decode() for e, _ in rejects],
+        [reason for _, reason in rejects],
+    )
+    return Written(0, len(rejects))
+
+
+async def record(
+    pool: asyncpg.Pool,
+    work: list[tuple[KindWriter, list[LedgerEntry]]],
+    rejects: list[tuple[LedgerEntry, str]],
+) -> Written:
+    """Record a drained batch atomically: one statement, or one transaction for several."""
+    async with pool.acquire() as conn:
+        if len(work) == 1 and not rejects:
+            writer, entries = work[0]
+            return await writer(conn, entries)
+        written = Written()
+        async with conn.transaction():
+            for writer, entries in work:
+                written += await writer(conn, entries)
+            if rejects:
+                written += await insert_rejects(conn, rejects)
+        return written
+
+
+async def fetch_campaign(pool: asyncpg.Pool, campaign_id: str) -> asyncpg.Record | None:
+    """The campaign row, or None."""
+    return await pool.fetchrow(SELECT_CAMPAIGN, campaign_id)
+
+
+async def fetch_envelopes(pool: asyncpg.Pool, campaign_id: str) -> list[tuple[int, int]]:
+    """Every ``(seq, amount_fen)`` of a campaign, by seq."""
+    return [(r["seq"], r["amount_fen"]) for r in await pool.fetch(SELECT_ENVELOPES, campaign_id)]
+
+
+async def fetch_ungranted(pool: asyncpg.Pool, campaign_id: str) -> list[tuple[int, int]]:
+    """The ``(seq, amount_fen)`` of envelopes no recorded grab took, by seq."""
+    return [(r["seq"], r["amount_fen"]) for r in await pool.fetch(SELECT_UNGRANTED, campaign_id)]
+
+
+async def fetch_grabs(
+    pool: asyncpg.Pool, campaign_id: str, openids: list[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """openid -> (seq, amount_fen) of recorded grabs (all, or of ``openids`` only)."""
+    if openids is None:
+        rows = await pool.fetch(SELECT_GRABS, campaign_id)
+    else:
+        rows = await pool.fetch(SELECT_GRABS_OF, campaign_id, openids)
+    return {r["openid"]: (r["seq"], r["amount_fen"]) for r in rows}
+
+
+async def fetch_rejects(pool: asyncpg.Pool, campaign_id: str) -> list[asyncpg.Record]:
+    """Entries of a campaign the drainers kept aside, oldest first."""
+    return await pool.fetch(SELECT_REJECTS, campaign_id)

@@ -57,6 +57,34 @@ def _url(env: Mapping[str, str], name: str, default: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    """The write-behind drainers that copy the ledger streams into PostgreSQL (LEDGER_*)."""
+
+    # Run a drainer inside every worker; 0 leaves draining to `python -m app drain`.
+    drain_in_worker: bool = True
+    # Most entries read per stream by one XREADGROUP, written in one round trip.
+    batch_max: int = 500
+    # How long one XREADGROUP blocks waiting for entries.
+    block_ms: int = 1000
+    # Pending entries idle this long belong to a dead drainer and are claimed (XAUTOCLAIM).
+    claim_idle_ms: int = 30_000
+    # Ceiling of the exponential back-off while PostgreSQL is unreachable.
+    retry_max_ms: int = 5000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LedgerSettings:
+        """Read LEDGER_* variables; fail loudly on bad values."""
+        env = os.environ if env is None else env
+        return cls(
+            drain_in_worker=_bool(env, "LEDGER_DRAIN_IN_WORKER", True),
+            batch_max=_int(env, "LEDGER_BATCH_MAX", 500, minimum=1),
+            block_ms=_int(env, "LEDGER_BLOCK_MS", 1000, minimum=10),
+            claim_idle_ms=_int(env, "LEDGER_CLAIM_IDLE_MS", 30_000, minimum=100),
+            retry_max_ms=_int(env, "LEDGER_RETRY_MAX_MS", 5000, minimum=10),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a worker needs to know; immutable once the app is built."""
 
@@ -84,6 +112,7 @@ class Settings:
     # The origin players reach us at, e.g. https://hb.example.com: WeChat's redirect_uri
     # and the CSRF same-origin check. Empty: the origin of each request (local runs, tests).
     public_base_url: str = ""
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,6 +154,7 @@ class Settings:
             wechat_api_base=_url(env, "WECHAT_API_BASE", WECHAT_API_BASE),
             wechat_scope=wechat_scope,
             public_base_url=_origin(env, "PUBLIC_BASE_URL"),
+            ledger=LedgerSettings.from_env(env),
         )
 
     def with_(self, **changes: Any) -> Settings:

@@ -20,6 +20,8 @@ DEFAULT_DATA_DIR = Path(".data")
 EMBEDDED_REDIS_PORT = 16379
 EMBEDDED_PG_PORT = 15432
 EMBEDDED_REDIS_URL = f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"
+# Redis's own appendfsync values; see the README's durability paragraph.
+APPENDFSYNC_POLICIES = ("always", "everysec", "no")
 
 
 def _admin_token(data_dir: Path) -> str:
@@ -50,10 +52,14 @@ def serve(workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
     try:
         if not env.get("REDIS_URL"):
             redis_port = int(env.get("EMBEDDED_REDIS_PORT", EMBEDDED_REDIS_PORT))
-            redis = EmbeddedRedis(data_dir / "redis", redis_port).start()
+            fsync = env.get("REDIS_APPENDFSYNC") or "everysec"
+            if fsync not in APPENDFSYNC_POLICIES:
+                print(f"REDIS_APPENDFSYNC must be one of {APPENDFSYNC_POLICIES}", file=sys.stderr)
+                return 2
+            redis = EmbeddedRedis(data_dir / "redis", redis_port, fsync).start()
             services.append(redis)
             env["REDIS_URL"] = redis.url
-            print(f"embedded Redis (AOF everysec) at {redis.url}", flush=True)
+            print(f"embedded Redis (AOF appendfsync {fsync}) at {redis.url}", flush=True)
         if not env.get("DATABASE_URL"):
             pg_port = int(env.get("EMBEDDED_PG_PORT", EMBEDDED_PG_PORT))
             pg = EmbeddedPostgres(data_dir / "postgres", pg_port).start()

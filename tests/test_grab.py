@@ -129,12 +129,8 @@ async def test_campaign_recorded_in_postgres(client: TestClient, pg: asyncpg.Con
     campaign = await create_campaign(client, total_fen=12_345, count=67, min_fen=100, max_fen=300)
     row = await pg.fetchrow("SELECT * FROM campaigns WHERE id = $1", campaign["id"])
     assert row is not None
-    assert (row["total_fen"], row["count"], row["min_fen"], row["max_fen"]) == (
-        12_345,
-        67,
-        100,
-        300,
-    )
+    definition = (row["total_fen"], row["count"], row["min_fen"], row["max_fen"])
+    assert definition == (12_345, 67, 100, 300)
     amounts = await pg.fetch(
         "SELECT amount_fen FROM envelopes WHERE campaign_id = $1 ORDER BY seq", campaign["id"]
     )

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from app.keys import SESSIONS
 from app.scripts import CAMPAIGNS_SET, CampaignKeys
 from app.sessions import Session
+from app.settings import LedgerSettings, Settings
 from tests.conftest import ADMIN, create_campaign, gather_limited, login
 
 LOTTERY: dict[str, Any] = {
@@ -40,6 +41,12 @@ LOTTERY: dict[str, Any] = {
     "quota_total": 3,
     "quota_daily": 1,
 }
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """These tests read the ledger stream itself, so no in-worker drainer consumes it."""
+    return settings.with_(ledger=LedgerSettings(drain_in_worker=False))
 
 
 async def create_lottery(client: TestClient, **fields: Any) -> dict[str, Any]:
