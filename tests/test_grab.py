@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 
 import asyncpg
-from aiohttp import CookieJar, ClientSession
+from aiohttp import ClientSession, CookieJar
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
@@ -15,9 +15,7 @@ from tests.conftest import ADMIN, create_campaign, login
 
 
 async def _grab_as(client: TestClient, token: str, cid: str) -> dict[str, object]:
-    resp = await client.post(
-        f"/api/campaigns/{cid}/grab", cookies={"hb_session": token}
-    )
+    resp = await client.post(f"/api/campaigns/{cid}/grab", cookies={"hb_session": token})
     assert resp.status == 200, await resp.text()
     return await resp.json()  # type: ignore[no-any-return]
 
@@ -61,14 +59,14 @@ async def test_one_player_50_concurrent_grabs(client: TestClient, redis: Redis) 
     assert len({r["amount_fen"] for r in results}) == 1
     assert await redis.llen(CampaignKeys.of(cid).pool) == 9
     assert await redis.hlen(CampaignKeys.of(cid).winners) == 1
-    me = await (
-        await client.get(f"/api/campaigns/{cid}/me", cookies={"hb_session": token})
-    ).json()
+    me = await (await client.get(f"/api/campaigns/{cid}/me", cookies={"hb_session": token})).json()
     assert me == {"result": "won", "amount_fen": results[0]["amount_fen"]}
 
 
 async def test_grab_through_two_apps_sharing_redis(
-    aiohttp_client, settings, redis: Redis  # type: ignore[no-untyped-def]
+    aiohttp_client,
+    settings,
+    redis: Redis,  # type: ignore[no-untyped-def]
 ) -> None:
     """Workers are stateless: two app instances settle one campaign without overselling."""
     from app.factory import create_app
@@ -131,7 +129,12 @@ async def test_campaign_recorded_in_postgres(client: TestClient, pg: asyncpg.Con
     campaign = await create_campaign(client, total_fen=12_345, count=67, min_fen=100, max_fen=300)
     row = await pg.fetchrow("SELECT * FROM campaigns WHERE id = $1", campaign["id"])
     assert row is not None
-    assert (row["total_fen"], row["count"], row["min_fen"], row["max_fen"]) == (12_345, 67, 100, 300)
+    assert (row["total_fen"], row["count"], row["min_fen"], row["max_fen"]) == (
+        12_345,
+        67,
+        100,
+        300,
+    )
     amounts = await pg.fetch(
         "SELECT amount_fen FROM envelopes WHERE campaign_id = $1 ORDER BY seq", campaign["id"]
     )
@@ -145,9 +148,7 @@ async def test_logout_ends_session(client: TestClient) -> None:
     token = await login(client, "leaver")
     resp = await client.post("/auth/logout")
     assert resp.status == 200
-    resp = await client.post(
-        f"/api/campaigns/{campaign['id']}/grab", cookies={"hb_session": token}
-    )
+    resp = await client.post(f"/api/campaigns/{campaign['id']}/grab", cookies={"hb_session": token})
     assert resp.status == 401
     assert (await resp.json())["error"] == "unauthenticated"
 
