@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
 from redis.asyncio import Redis
 
+from app.access import ACCESS_LOGGER
 from app.factory import create_app
+from app.lifecycle import run_worker
 from app.sessions import SessionStore
 from app.settings import Settings, SettingsError
 from app.supervisor import DEFAULT_DATA_DIR, EMBEDDED_REDIS_URL, serve
@@ -25,17 +26,17 @@ def _worker(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"hongbao: {exc}", file=sys.stderr)
         return 2
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        reuse_port=True,
-        shutdown_timeout=settings.shutdown_timeout_s,
-        print=None,
-        access_log=None,
-        loop=uvloop.new_event_loop(),
-    )
-    return 0
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run_worker(create_app(settings), settings))
+
+
+def _access_log_to_stdout() -> None:
+    """Access-log records are already one JSON object each: write them bare to stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.addHandler(handler)
+    access.propagate = False
 
 
 async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _access_log_to_stdout()
     if args.command == "serve":
         return serve(args.workers, args.port, args.data_dir)
     if args.command == "worker":

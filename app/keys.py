@@ -7,6 +7,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app.campaigns import CampaignService
+from app.metrics import Metrics
+from app.readiness import Readiness
 from app.scripts import Scripts
 from app.sessions import SessionStore
 from app.settings import Settings
@@ -17,3 +19,7 @@ PG = web.AppKey("pg", asyncpg.Pool)
 SCRIPTS = web.AppKey("scripts", Scripts)
 SESSIONS = web.AppKey("sessions", SessionStore)
 CAMPAIGNS = web.AppKey("campaigns", CampaignService)
+METRICS = web.AppKey("metrics", Metrics)
+READINESS = web.AppKey("readiness", Readiness)
+# The openid of the request's session, once a handler has looked it up (for the access log).
+OPENID = web.RequestKey("openid", str)
