@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p_serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     p_serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p_serve.add_argument(
+        "--no-haproxy", action="store_true", help="workers share the port even if haproxy exists"
+    )
     sub.add_parser("worker", help="run one worker process (settings from the environment)")
     p_mint = sub.add_parser("mint-sessions", help="create N player sessions for load tests")
     p_mint.add_argument("--count", type=int, required=True)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     _access_log_to_stdout()
     if args.command == "serve":
-        return serve(args.workers, args.port, args.data_dir)
+        return serve(args.workers, args.port, args.data_dir, use_haproxy=not args.no_haproxy)
     if args.command == "worker":
         return _worker(args)
     if args.command == "mint-sessions":

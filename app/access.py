@@ -20,6 +20,9 @@ REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID_LEN = 64
 # Route label of requests that matched no route: one value, not one per scanned path.
 UNMATCHED = "unmatched"
+# Health checks and scrapes arrive every few seconds from every balancer and Prometheus;
+# they are counted in the metrics, but logged only when they fail.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 log = logging.getLogger(ACCESS_LOGGER)
 
@@ -59,7 +62,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         app = request.app
         app[METRICS].observe_request(route, request.method, status, elapsed)
         settings = app[SETTINGS]
-        if settings.access_log:
+        if settings.access_log and (status != 200 or route not in QUIET_ROUTES):
             openid = request.get(OPENID)
             line = {
                 "request_id": request_id,

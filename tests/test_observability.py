@@ -124,11 +124,12 @@ async def test_one_json_access_line_per_request_with_hashed_openid(
         )
         assert resp.status == 200
         assert resp.headers["X-Request-ID"] == "req-42"
-        anonymous = await client.get("/healthz")
+        anonymous = await client.get(f"/api/campaigns/{campaign['id']}")
+        assert (await client.get("/healthz")).status == 200
     lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
     assert len(lines) == 2
     assert all("wx-openid-secret" not in line for line in lines)
-    grab, health = (orjson.loads(line) for line in lines)
+    grab, view = (orjson.loads(line) for line in lines)
     assert grab["request_id"] == "req-42"
     assert grab["route"] == GRAB_ROUTE
     assert (grab["method"], grab["status"]) == ("POST", 200)
@@ -137,10 +138,11 @@ async def test_one_json_access_line_per_request_with_hashed_openid(
     assert grab["user"] != hash_openid("wx-openid-secret", "")
     assert isinstance(grab["duration_ms"], float)
     assert grab["duration_ms"] >= 0
-    # Without an incoming id the worker makes one and returns it.
-    assert health["user"] is None
-    assert health["request_id"] == anonymous.headers["X-Request-ID"]
-    assert len(health["request_id"]) == 16
+    # Without an incoming id the worker makes one and returns it; no session, no user.
+    assert view["route"] == "/api/campaigns/{id}"
+    assert view["user"] is None
+    assert view["request_id"] == anonymous.headers["X-Request-ID"]
+    assert len(view["request_id"]) == 16
 
 
 async def test_oversized_request_id_is_replaced(client: TestClient) -> None:
@@ -158,7 +160,7 @@ async def test_access_log_can_be_turned_off(
 
     client = await aiohttp_client(create_app(settings.with_(access_log=False)))
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        assert (await client.get("/healthz")).status == 200
+        assert (await client.get("/api/campaigns/nope")).status == 404
     assert not [r for r in caplog.records if r.name == ACCESS_LOGGER]
 
 
