@@ -31,7 +31,15 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _access_log_to_stdout() -> None:
-    """Access-log records are already one JSON object each: write them bare to stdout."""
+    """Access-log records are already one JSON object each: write them bare to stdout.
+
+    A record is made per request, so skip what no line of ours prints: the caller's
+    frame, thread and process names (the logging HOWTO's "Optimization" switches).
+    """
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger(ACCESS_LOGGER)
