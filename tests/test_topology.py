@@ -142,6 +142,13 @@ class Topology:
                 count += entry["route"] == "/api/campaigns/{id}/grab"
         return count
 
+    def grabs_while_draining(self, name: str) -> int:
+        """Grabs worker ``name`` answered after SIGTERM, before it stopped accepting."""
+        lines = (self.tmp / f"{name}.log").read_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if "draining:" in line)
+        end = next(i for i, line in enumerate(lines) if "stopping:" in line)
+        return sum("/api/campaigns/{id}/grab" in line for line in lines[start:end])
+
     def stop(self) -> None:
         for proc in self.workers.values():
             if proc.poll() is None:
@@ -279,6 +286,8 @@ async def test_sigterm_one_worker_under_load_loses_nothing(
     assert topology.grab_lines("w1") > 0
     assert topology.grab_lines("w2") > 0
     assert topology.grab_lines("w1") + topology.grab_lines("w2") == len(results)
+    # HAProxy kept sending to w1 until its checks saw /readyz fail; w1 served those.
+    assert topology.grabs_while_draining("w1") > 0
     assert "stopped cleanly" in (topology.tmp / "w1.log").read_text()
 
 
