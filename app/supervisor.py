@@ -93,12 +93,16 @@ def serve(
                     subprocess.Popen([sys.executable, "-m", "app", "worker"], env=worker_env)
                 )
             edge = start_edge(data_dir, port, worker_ports)
+            stats = edge.env["HB_STATS_BIND"]
             print(f"HAProxy on :{port} -> workers on {worker_ports}", flush=True)
+            print(
+                f"HAProxy stats: http://{stats}/stats, metrics: http://{stats}/metrics", flush=True
+            )
         else:
             env["PORT"] = str(port)
             for _ in range(workers):
                 procs.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env))
-            print("haproxy not on PATH: workers share the port (SO_REUSEPORT)", flush=True)
+            print("no HAProxy (not on PATH, or --no-haproxy): workers share the port", flush=True)
         print(f"hongbao: {workers} worker(s) on http://127.0.0.1:{port}/", flush=True)
         print(f"admin token in {data_dir / 'admin-token'} (or $ADMIN_TOKEN)", flush=True)
         print("Ctrl-C stops everything started here.", flush=True)

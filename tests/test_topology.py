@@ -371,8 +371,9 @@ def test_serve_puts_haproxy_in_front(tmp_path: Path, redis_url: str, database_ur
     )
     try:
         assert proc.stdout is not None
-        banner = [proc.stdout.readline().decode() for _ in range(2)]
+        banner = [proc.stdout.readline().decode() for _ in range(3)]
         assert banner[0].startswith(f"HAProxy on :{port} -> workers on"), banner
+        assert banner[1].startswith("HAProxy stats: http://127.0.0.1:"), banner
         deadline = time.monotonic() + 60
         while True:
             try:
