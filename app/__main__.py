@@ -17,11 +17,13 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app import ledger, operations
+from app.access import ACCESS_LOGGER
 from app.campaigns import CampaignService
 from app.drainer import drain_process
 from app.errors import ApiError
 from app.factory import create_app
 from app.fakewechat import FakeWeChat, create_fake_app
+from app.lifecycle import run_worker
 from app.scripts import Scripts
 from app.sessions import SessionStore
 from app.settings import LedgerSettings, Settings, SettingsError
@@ -34,17 +36,25 @@ def _worker(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"hongbao: {exc}", file=sys.stderr)
         return 2
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        reuse_port=True,
-        shutdown_timeout=settings.shutdown_timeout_s,
-        print=None,
-        access_log=None,
-        loop=uvloop.new_event_loop(),
-    )
-    return 0
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run_worker(create_app(settings), settings))
+
+
+def _access_log_to_stdout() -> None:
+    """Access-log records are already one JSON object each: write them bare to stdout.
+
+    A record is made per request, so skip what no line of ours prints: the caller's
+    frame, thread and process names (the logging HOWTO's "Optimization" switches).
+    """
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.addHandler(handler)
+    access.propagate = False
 
 
 def _fake_wechat(args: argparse.Namespace) -> int:
@@ -147,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p_serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     p_serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p_serve.add_argument(
+        "--no-haproxy", action="store_true", help="workers share the port even if haproxy exists"
+    )
     sub.add_parser("worker", help="run one worker process (settings from the environment)")
     p_fake = sub.add_parser("fake-wechat", help="run the fake WeChat (WECHAT_APPID/SECRET)")
     p_fake.add_argument("--host", default="127.0.0.1")
@@ -174,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _access_log_to_stdout()
     if args.command == "serve":
-        return serve(args.workers, args.port, args.data_dir)
+        return serve(args.workers, args.port, args.data_dir, use_haproxy=not args.no_haproxy)
     if args.command == "worker":
         return _worker(args)
     if args.command == "fake-wechat":

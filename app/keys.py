@@ -9,6 +9,8 @@ from redis.asyncio import Redis
 from app.assets import Assets
 from app.campaigns import CampaignService
 from app.login import LoginService
+from app.metrics import Metrics
+from app.readiness import Readiness
 from app.scripts import Scripts
 from app.sessions import SessionStore
 from app.settings import Settings
@@ -21,3 +23,7 @@ SESSIONS = web.AppKey("sessions", SessionStore)
 CAMPAIGNS = web.AppKey("campaigns", CampaignService)
 LOGINS = web.AppKey("logins", LoginService)
 ASSETS = web.AppKey("assets", Assets)
+METRICS = web.AppKey("metrics", Metrics)
+READINESS = web.AppKey("readiness", Readiness)
+# The openid of the request's session, once a handler has looked it up (for the access log).
+OPENID = web.RequestKey("openid", str)

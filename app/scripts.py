@@ -174,6 +174,15 @@ class Scripts:
         for script in self._all():
             await redis.script_load(script.script)
 
+    async def ensure_loaded(self, redis: Redis) -> int:
+        """Load any script Redis lost (restart, failover, SCRIPT FLUSH); return how many."""
+        scripts = self._all()
+        present = await redis.script_exists(*(script.sha for script in scripts))
+        missing = [s for s, there in zip(scripts, present, strict=True) if not there]
+        for script in missing:
+            await redis.script_load(script.script)
+        return len(missing)
+
     def _all(self) -> list[AsyncScript]:
         return [self._grab, self._redeem, self._draw]
 

@@ -84,6 +84,19 @@ class LedgerSettings:
         )
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not 0 <= value < 3600:
+        raise SettingsError(f"{name} must be between 0 and 3600, got {value}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a worker needs to know; immutable once the app is built."""
@@ -113,6 +126,12 @@ class Settings:
     # and the CSRF same-origin check. Empty: the origin of each request (local runs, tests).
     public_base_url: str = ""
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    # After SIGTERM a worker answers /readyz with 503 but keeps serving this long, so the
+    # load balancer's health checks take it out of rotation before it stops accepting.
+    drain_delay_s: float = 3.0
+    # Salt of the SHA-256 that stands for the openid in access logs (never the raw openid).
+    log_salt: str = field(default="", repr=False)
+    access_log: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -155,7 +174,19 @@ class Settings:
             wechat_scope=wechat_scope,
             public_base_url=_origin(env, "PUBLIC_BASE_URL"),
             ledger=LedgerSettings.from_env(env),
-        )
+            drain_delay_s=_float(env, "DRAIN_DELAY_S", 3.0),
+            log_salt=env.get("LOG_SALT", ""),
+            access_log=_bool(env, "ACCESS_LOG", True),
+        ).checked()
+
+    def checked(self) -> Settings:
+        """Cross-field rules; raises SettingsError."""
+        if self.drain_delay_s >= self.shutdown_timeout_s:
+            raise SettingsError(
+                f"DRAIN_DELAY_S ({self.drain_delay_s}) must be below "
+                f"SHUTDOWN_TIMEOUT_S ({self.shutdown_timeout_s})"
+            )
+        return self
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and the supervisor use this)."""

@@ -1,6 +1,11 @@
 """The one-command local run: embedded services when none are configured, then workers.
 
-Ctrl-C (or SIGTERM) stops the workers first, then whatever services it started.
+With ``haproxy`` on PATH, each worker listens on its own loopback port and HAProxy
+(haproxy/haproxy.cfg) fronts them on the public port, as in production; without it,
+the workers share the public port with SO_REUSEPORT.
+
+Ctrl-C (or SIGTERM) stops the workers first (each drains), then HAProxy, then whatever
+services it started.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.edge import LOCAL_CONFIG, EdgeProxy, edge_env, haproxy_binary, render_local_config
+from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from app.localrun import demo_page, start_fake_wechat
 
 DEFAULT_DATA_DIR = Path(".data")
@@ -35,12 +41,30 @@ def _admin_token(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def serve(workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def start_edge(data_dir: Path, public_port: int, worker_ports: list[int]) -> EdgeProxy:
+    """Render haproxy.cfg for ``worker_ports`` into ``data_dir`` and start HAProxy."""
+    config = data_dir / "haproxy.cfg"
+    config.write_text(render_local_config(LOCAL_CONFIG.read_text(), worker_ports))
+    env = edge_env(public_port, free_port(), data_dir.resolve() / "haproxy.sock")
+    return EdgeProxy(config, public_port, env).start(data_dir / "haproxy.log")
+
+
+def serve(
+    workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR, use_haproxy: bool = True
+) -> int:
     """Run the service until interrupted; return the exit code."""
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     services: list[EmbeddedRedis | EmbeddedPostgres] = []
     procs: list[subprocess.Popen[bytes]] = []
+    edge: EdgeProxy | None = None
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -75,8 +99,23 @@ def serve(workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
         if fake is not None:
             procs.append(fake)
             print(f"fake WeChat (web authorization) at {env['WECHAT_API_BASE']}", flush=True)
-        for _ in range(workers):
-            procs.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env))
+        if use_haproxy and haproxy_binary():
+            worker_ports = _distinct_free_ports(workers)
+            for worker_port in worker_ports:
+                worker_env = {**env, "HOST": "127.0.0.1", "PORT": str(worker_port)}
+                procs.append(
+                    subprocess.Popen([sys.executable, "-m", "app", "worker"], env=worker_env)
+                )
+            edge = start_edge(data_dir, port, worker_ports)
+            stats = edge.env["HB_STATS_BIND"]
+            print(f"HAProxy on :{port} -> workers on {worker_ports}", flush=True)
+            print(
+                f"HAProxy stats: http://{stats}/stats, metrics: http://{stats}/metrics", flush=True
+            )
+        else:
+            for _ in range(workers):
+                procs.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env))
+            print("no HAProxy (not on PATH, or --no-haproxy): workers share the port", flush=True)
         print(f"hongbao: {workers} worker(s) on http://127.0.0.1:{port}/", flush=True)
         print(f"admin token in {data_dir / 'admin-token'} (or $ADMIN_TOKEN)", flush=True)
         page = demo_page(f"http://127.0.0.1:{port}", env["ADMIN_TOKEN"], data_dir)
@@ -97,6 +136,8 @@ def serve(workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if edge is not None:
+            edge.stop()
         for service in reversed(services):
             service.stop()
         print("hongbao: stopped", flush=True)

@@ -7,7 +7,7 @@ import hmac
 from aiohttp import web
 
 from app.errors import Forbidden, Unauthenticated
-from app.keys import SESSIONS, SETTINGS
+from app.keys import OPENID, SESSIONS, SETTINGS
 from app.sessions import COOKIE_NAME, Session
 
 
@@ -19,6 +19,7 @@ async def current_session(request: web.Request) -> Session:
     session = await request.app[SESSIONS].get(token)
     if session is None:
         raise Unauthenticated("session unknown or expired; log in again")
+    request[OPENID] = session.openid
     return session
 
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from app.errors import json_response
 from app.handlers.deps import current_session, playing_session
-from app.keys import CAMPAIGNS
+from app.keys import CAMPAIGNS, METRICS
 from app.scripts import GrabCode
 
 _RESULTS = {
@@ -29,8 +29,11 @@ async def grab(request: web.Request) -> web.Response:
     session = await playing_session(request)
     outcome = await campaigns.grab(campaign_id, session.openid)
     if outcome.code is GrabCode.SOLD_OUT:
+        request.app[METRICS].count_grab("sold_out")
         return json_response({"result": "sold_out"})
-    return json_response({"result": _RESULTS[outcome.code], "amount_fen": outcome.amount_fen})
+    result = _RESULTS[outcome.code]
+    request.app[METRICS].count_grab(result)
+    return json_response({"result": result, "amount_fen": outcome.amount_fen})
 
 
 async def my_result(request: web.Request) -> web.Response:

@@ -1,0 +1,178 @@
+"""Health, readiness, /metrics and the JSON access log, on an in-process app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from app.access import ACCESS_LOGGER, UNMATCHED
+from app.keys import READINESS, SCRIPTS
+from app.metrics import hash_openid
+from app.settings import Settings, SettingsError
+from tests.conftest import PAGE, create_campaign, login
+
+GRAB_ROUTE = "/api/campaigns/{id}/grab"
+
+
+async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics and parse it: (sample name, sorted labels) -> value."""
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_healthz_and_readyz(client: TestClient) -> None:
+    assert await (await client.get("/healthz")).json() == {"status": "ok"}
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ready"}
+
+
+async def test_readyz_fails_while_draining_but_requests_are_served(client: TestClient) -> None:
+    campaign = await create_campaign(client, total_fen=100, count=1)
+    await login(client, "late")
+    client.app[READINESS].start_draining()
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert await resp.json() == {"status": "draining"}
+    # Draining only takes the worker out of rotation; what still arrives is served.
+    resp = await client.post(f"/api/campaigns/{campaign['id']}/grab")
+    assert resp.status == 200
+    assert (await resp.json())["result"] == "won"
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_readyz_reloads_scripts_redis_lost(client: TestClient, redis: Redis) -> None:
+    scripts = client.app[SCRIPTS]
+    await redis.script_flush()
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    # readyz loaded them again: nothing is missing any more.
+    assert await scripts.ensure_loaded(redis) == 0
+    await redis.script_flush()
+    assert await scripts.ensure_loaded(redis) >= 1
+
+
+async def test_metrics_count_requests_and_grab_outcomes(client: TestClient) -> None:
+    campaign = await create_campaign(client, total_fen=300, count=2)
+    cid = campaign["id"]
+    tokens = await asyncio.gather(*(login(client, f"m{i}") for i in range(3)))
+    client.session.cookie_jar.clear()
+    for token in [*tokens, tokens[0]]:
+        resp = await client.post(f"/api/campaigns/{cid}/grab", cookies={"hb_session": token})
+        assert resp.status == 200
+    assert (await client.post(f"/api/campaigns/{cid}/grab")).status == 401
+    assert (await client.get("/no/such/path/123")).status == 404
+
+    samples = await scrape(client)
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("hongbao_grabs_total", result="won") == 2
+    assert value("hongbao_grabs_total", result="sold_out") == 1
+    assert value("hongbao_grabs_total", result="already_won") == 1
+    ok = {"route": GRAB_ROUTE, "method": "POST"}
+    assert value("hongbao_http_requests_total", **ok, status="200") == 4
+    assert value("hongbao_http_requests_total", **ok, status="401") == 1
+    # Unknown paths share one label value: a scanner cannot blow up the series count.
+    assert value("hongbao_http_requests_total", route=UNMATCHED, method="GET", status="404") == 1
+    assert value("hongbao_http_request_duration_seconds_count", route=GRAB_ROUTE) == 5
+    assert value("hongbao_http_request_duration_seconds_bucket", route=GRAB_ROUTE, le="+Inf") == 5
+    assert ("hongbao_ledger_lag", ()) in samples
+    assert ("hongbao_redis_errors_total", ()) in samples
+    assert not [labels for _, labels in samples if "/no/such" in str(labels)]
+
+
+async def test_each_app_has_its_own_registry(aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    from app.factory import create_app
+
+    a = await aiohttp_client(create_app(settings), headers=PAGE)
+    b = await aiohttp_client(create_app(settings), headers=PAGE)
+    for _ in range(3):
+        await a.get("/healthz")
+    healthz = (("method", "GET"), ("route", "/healthz"), ("status", "200"))
+    assert (await scrape(a))[("hongbao_http_requests_total", healthz)] == 3
+    assert ("hongbao_http_requests_total", healthz) not in await scrape(b)
+
+
+async def test_one_json_access_line_per_request_with_hashed_openid(
+    aiohttp_client,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    from app.factory import create_app
+
+    client = await aiohttp_client(create_app(settings.with_(log_salt="pepper")), headers=PAGE)
+    campaign = await create_campaign(client, total_fen=100, count=1)
+    await login(client, "wx-openid-secret")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        resp = await client.post(
+            f"/api/campaigns/{campaign['id']}/grab", headers={"X-Request-ID": "req-42"}
+        )
+        assert resp.status == 200
+        assert resp.headers["X-Request-ID"] == "req-42"
+        anonymous = await client.get(f"/api/campaigns/{campaign['id']}")
+        assert (await client.get("/healthz")).status == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert len(lines) == 2
+    assert all("wx-openid-secret" not in line for line in lines)
+    grab, view = (orjson.loads(line) for line in lines)
+    assert grab["request_id"] == "req-42"
+    assert grab["route"] == GRAB_ROUTE
+    assert (grab["method"], grab["status"]) == ("POST", 200)
+    assert grab["user"] == hash_openid("wx-openid-secret", "pepper")
+    assert len(grab["user"]) == 16
+    assert grab["user"] != hash_openid("wx-openid-secret", "")
+    assert isinstance(grab["duration_ms"], float)
+    assert grab["duration_ms"] >= 0
+    # Without an incoming id the worker makes one and returns it; no session, no user.
+    assert view["route"] == "/api/campaigns/{id}"
+    assert view["user"] is None
+    assert view["request_id"] == anonymous.headers["X-Request-ID"]
+    assert len(view["request_id"]) == 16
+
+
+async def test_oversized_request_id_is_replaced(client: TestClient) -> None:
+    resp = await client.get("/healthz", headers={"X-Request-ID": "x" * 65})
+    assert resp.headers["X-Request-ID"] != "x" * 65
+    assert len(resp.headers["X-Request-ID"]) == 16
+
+
+async def test_access_log_can_be_turned_off(
+    aiohttp_client,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    from app.factory import create_app
+
+    client = await aiohttp_client(create_app(settings.with_(access_log=False)), headers=PAGE)
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        assert (await client.get("/api/campaigns/nope")).status == 404
+    assert not [r for r in caplog.records if r.name == ACCESS_LOGGER]
+
+
+def test_drain_delay_must_fit_in_shutdown_timeout() -> None:
+    env = {
+        "REDIS_URL": "redis://x",
+        "DATABASE_URL": "postgresql://x",
+        "ADMIN_TOKEN": "a" * 16,
+        "SHUTDOWN_TIMEOUT_S": "5",
+    }
+    assert Settings.from_env({**env, "DRAIN_DELAY_S": "2.5"}).drain_delay_s == 2.5
+    with pytest.raises(SettingsError, match="DRAIN_DELAY_S"):
+        Settings.from_env({**env, "DRAIN_DELAY_S": "5"})
+    with pytest.raises(SettingsError, match="DRAIN_DELAY_S"):
+        Settings.from_env({**env, "DRAIN_DELAY_S": "soon"})
