@@ -188,6 +188,7 @@ class CampaignService:
         self._scripts = scripts
         self._grab_batch_max = grab_batch_max
         self._cache: dict[str, Campaign] = {}
+        self._fetching: dict[str, asyncio.Future[Campaign]] = {}
         self._grabs: dict[str, Batcher[str, tuple[GrabStatus, GrabOutcome]]] = {}
         self._lookups: dict[str, Batcher[str, GrabOutcome]] = {}
         self._sold_out_until: dict[str, float] = {}
@@ -277,6 +278,17 @@ class CampaignService:
             return cached
         if not (0 < len(campaign_id) <= 64) or "}" in campaign_id or "{" in campaign_id:
             raise NotFound("no such campaign")
+        # Single flight: at an opening burst a cold worker reads the definition once,
+        # however many requests are waiting for it.
+        fetching = self._fetching.get(campaign_id)
+        if fetching is None:
+            fetching = asyncio.ensure_future(self._fetch(campaign_id))
+            self._fetching[campaign_id] = fetching
+            fetching.add_done_callback(lambda _: self._fetching.pop(campaign_id, None))
+        # shield: a waiter that goes away must not cancel the others' fetch.
+        return await asyncio.shield(fetching)
+
+    async def _fetch(self, campaign_id: str) -> Campaign:
         meta = cast(
             dict[bytes, bytes], await self._redis.hgetall(CampaignKeys.of(campaign_id).meta)
         )

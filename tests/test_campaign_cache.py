@@ -1,0 +1,57 @@
+"""A cold worker reads a campaign's definition once, however many requests wait for it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from app.campaigns import Campaign, CampaignService
+from app.embedded import EmbeddedRedis, free_port
+from app.errors import NotFound
+from app.scripts import CampaignKeys, Scripts
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[Redis]:
+    """A Redis of this test's own, so its command counters see nobody else."""
+    server = EmbeddedRedis(tmp_path / "redis", free_port()).start()
+    client = Redis.from_url(server.url)
+    yield client
+    await client.aclose()
+    server.stop()
+
+
+async def _hgetall_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+async def test_cold_burst_reads_definition_once(
+    private_redis: Redis, database_url: str, clean: None
+) -> None:
+    campaign = Campaign("c0ld", "red_packet", "冷启动", 100, 1, 1, None, None, None)
+    await private_redis.hset(CampaignKeys.of("c0ld").meta, mapping=campaign.to_meta())
+    pg = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        service = CampaignService(private_redis, pg, Scripts(private_redis), grab_batch_max=16)
+        before = await _hgetall_calls(private_redis)
+        got = await asyncio.gather(*(service.get("c0ld") for _ in range(500)))
+        assert {c.name for c in got} == {"冷启动"}
+        assert await _hgetall_calls(private_redis) - before == 1
+
+        # An unknown id fails every waiter with 404, and is not cached as a miss.
+        results = await asyncio.gather(
+            *(service.get("nope") for _ in range(50)), return_exceptions=True
+        )
+        assert all(isinstance(r, NotFound) for r in results)
+        assert await _hgetall_calls(private_redis) - before == 2
+        with pytest.raises(NotFound):
+            await service.get("nope")
+        assert await _hgetall_calls(private_redis) - before == 3
+    finally:
+        await pg.close()
