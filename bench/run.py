@@ -79,6 +79,7 @@ SOLD = "sold out"
 ENDED = "ended (409)"
 EARLY = "not started (409)"
 ALWAYS = "grab (won), appendfsync always"
+DRAW = "lottery draw"
 
 
 def median_rps(pairs: list[tuple[Result, Result]]) -> float:
@@ -185,6 +186,29 @@ async def create(http: aiohttp.ClientSession, base: str, **fields: object) -> st
         return str(data["id"])
 
 
+async def create_lottery(http: aiohttp.ClientSession, base: str) -> str:
+    """A lottery every bench player may draw from once, with ample stock."""
+    body = {
+        "kind": "lottery",
+        "name": "bench 财神",
+        "tiers": [
+            {"name": "8.88元", "stock": 1_000_000, "weight": 10, "value_fen": 888},
+            {"name": "福袋", "stock": 1_000_000, "weight": 30, "value_fen": None},
+        ],
+        "no_prize_weight": 60,
+        "quota_total": 1,
+    }
+    async with http.post(
+        f"{base}/api/admin/campaigns",
+        json=body,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as resp:
+        data = await resp.json()
+        if resp.status != 201:
+            raise RuntimeError(f"create failed: {data}")
+        return str(data["id"])
+
+
 async def script_calls(redis: Redis) -> int:
     """EVALSHA + EVAL calls so far."""
     stats = await redis.info("commandstats")
@@ -211,13 +235,17 @@ async def bench(args: argparse.Namespace) -> str:
                 PUBLIC_BASE_URL=f"http://127.0.0.1:{app_port}",
             )
             for port in app_ports:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "app", "worker"],
-                        cwd=ROOT,
-                        env={**env, "PORT": str(port)},
+                # Access logs go to a file, as a log collector would take them.
+                with open(work / f"worker-{port}.log", "wb") as log:
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "app", "worker"],
+                            cwd=ROOT,
+                            env={**env, "PORT": str(port)},
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        )
                     )
-                )
             for port in floor_ports:
                 procs.append(
                     subprocess.Popen(
@@ -275,6 +303,8 @@ async def bench(args: argparse.Namespace) -> str:
                     starts_at="2001-01-01T00:00:00Z",
                     ends_at="2001-01-02T00:00:00Z",
                 )
+                # One lottery per round: quota_total 1, so every draw of a run is a first one.
+                lottery_ids = [await create_lottery(http, base) for _ in rounds]
                 early_id = await create(
                     http, base, total_fen=100, count=1, starts_at="2999-01-01T00:00:00Z"
                 )
@@ -308,6 +338,8 @@ async def bench(args: argparse.Namespace) -> str:
                 for name, cid in ((SOLD, sold_id), (ENDED, ended_id), (EARLY, early_id)):
                     url = f"{base}/api/campaigns/{cid}/grab"
                     pairs_by_path.setdefault(name, []).append(paired(name, url))
+                url = f"{base}/api/campaigns/{lottery_ids[r]}/draw"
+                pairs_by_path.setdefault(DRAW, []).append(paired(DRAW, url))
                 await redis.config_set("appendfsync", "always")
                 pair = paired(ALWAYS, f"{base}/api/campaigns/{always_ids[r]}/grab")
                 await redis.config_set("appendfsync", "everysec")
