@@ -17,7 +17,6 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app import ledger, operations
-from app.access import ACCESS_LOGGER
 from app.campaigns import CampaignService
 from app.drainer import drain_process
 from app.errors import ApiError
@@ -38,23 +37,6 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(run_worker(create_app(settings), settings))
-
-
-def _access_log_to_stdout() -> None:
-    """Access-log records are already one JSON object each: write them bare to stdout.
-
-    A record is made per request, so skip what no line of ours prints: the caller's
-    frame, thread and process names (the logging HOWTO's "Optimization" switches).
-    """
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access = logging.getLogger(ACCESS_LOGGER)
-    access.addHandler(handler)
-    access.propagate = False
 
 
 def _fake_wechat(args: argparse.Namespace) -> int:
@@ -187,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    _access_log_to_stdout()
     if args.command == "serve":
         return serve(args.workers, args.port, args.data_dir, use_haproxy=not args.no_haproxy)
     if args.command == "worker":

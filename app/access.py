@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from app.keys import METRICS, OPENID, SETTINGS
+from app.keys import ACCESS_LOG, METRICS, OPENID, SETTINGS
 from app.metrics import hash_openid
 
-ACCESS_LOGGER = "hongbao.access"
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client-chosen request id longer than this is replaced (it ends up in every log line).
 MAX_REQUEST_ID_LEN = 64
@@ -23,8 +20,6 @@ UNMATCHED = "unmatched"
 # Health checks and scrapes arrive every few seconds from every balancer and Prometheus;
 # they are counted in the metrics, but logged only when they fail.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
-
-log = logging.getLogger(ACCESS_LOGGER)
 
 
 def route_template(request: web.Request) -> str:
@@ -72,7 +67,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
                 "duration_ms": round(elapsed * 1000, 3),
                 "user": None if openid is None else hash_openid(openid, settings.log_salt),
             }
-            log.info(orjson.dumps(line).decode())
+            app[ACCESS_LOG].emit(line)
 
 
 @web.middleware

@@ -5,15 +5,20 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.access import observe_middleware, redis_errors_middleware
+from app.accesslog import AccessLog
 from app.csrf import csrf_middleware
 from app.drainer import drainer_ctx
 from app.errors import error_middleware
 from app.handlers import admin, auth, h5, ops, page, wechat
-from app.keys import METRICS, READINESS, SETTINGS
+from app.keys import ACCESS_LOG, METRICS, READINESS, SETTINGS
 from app.metrics import Metrics
 from app.readiness import Readiness
 from app.resources import assets_ctx, postgres_ctx, redis_ctx, services_ctx, wechat_ctx
 from app.settings import Settings
+
+
+async def _flush_access_log(app: web.Application) -> None:
+    app[ACCESS_LOG].flush()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -29,11 +34,13 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[ACCESS_LOG] = AccessLog()
     app[READINESS] = Readiness()
     # Cleanup runs in reverse: the drainer stops before the batchers it records drain.
     app.cleanup_ctx.extend(
         [redis_ctx, postgres_ctx, services_ctx, wechat_ctx, assets_ctx, drainer_ctx]
     )
+    app.on_cleanup.append(_flush_access_log)
     ops.setup(app)
     auth.setup(app)
     h5.setup(app)

@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
+from app.accesslog import AccessLog
 from app.assets import Assets
 from app.campaigns import CampaignService
 from app.login import LoginService
@@ -24,6 +25,7 @@ CAMPAIGNS = web.AppKey("campaigns", CampaignService)
 LOGINS = web.AppKey("logins", LoginService)
 ASSETS = web.AppKey("assets", Assets)
 METRICS = web.AppKey("metrics", Metrics)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 READINESS = web.AppKey("readiness", Readiness)
 # The openid of the request's session, once a handler has looked it up (for the access log).
 OPENID = web.RequestKey("openid", str)

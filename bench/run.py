@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -22,10 +23,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import psutil
 from redis.asyncio import Redis
 
 from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
@@ -72,6 +74,8 @@ class Result:
     p99_ms: float
     errors: int
     requests: int
+    # CPU seconds per component during the run (the load generator included).
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 GRAB = "grab (won)"
@@ -102,6 +106,16 @@ def summary(name: str, runs: list[Result], floors: list[Result] | None) -> str:
     )
 
 
+CPU_COLUMNS = ("app", "floor", "HAProxy", "Redis", "PostgreSQL", "wrk")
+
+
+def cpu_row(name: str, runs: list[Result]) -> str:
+    """Mean CPU µs per request of each component over ``runs``."""
+    requests = sum(r.requests for r in runs) or 1
+    per = [sum(r.cpu_s.get(c, 0.0) for r in runs) * 1e6 / requests for c in CPU_COLUMNS]
+    return f"| {name} | " + " | ".join(f"{v:.0f}" for v in per) + f" | {sum(per):.0f} |"
+
+
 @contextmanager
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Processes started inside are terminated on exit."""
@@ -117,6 +131,24 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by ``pids`` and all their children."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in tree:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
 
 
 async def wait_ready(url: str, timeout: float = 60) -> None:
@@ -136,6 +168,7 @@ async def wait_ready(url: str, timeout: float = 60) -> None:
 
 def wrk(name: str, url: str, sessions: Path, seconds: int, connections: int, origin: str) -> Result:
     """Run wrk against ``url`` and parse the BENCH line of players.lua."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         [
             "wrk",
@@ -156,6 +189,8 @@ def wrk(name: str, url: str, sessions: Path, seconds: int, connections: int, ori
         capture_output=True,
         text=True,
     ).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     line = next(li for li in out.splitlines() if li.startswith("BENCH "))
     data = json.loads(line[len("BENCH ") :])
     errors = sum(
@@ -169,6 +204,7 @@ def wrk(name: str, url: str, sessions: Path, seconds: int, connections: int, ori
         p99_ms=data["p99_us"] / 1000,
         errors=errors,
         requests=data["requests"],
+        cpu_s={"wrk": wrk_cpu},
     )
 
 
@@ -317,9 +353,21 @@ async def bench(args: argparse.Namespace) -> str:
 
             floor_url = f"http://127.0.0.1:{floor_port}/api/campaigns/x/grab"
 
+            components = {
+                "app": [p.pid for p in procs[: len(app_ports)]],
+                "floor": [p.pid for p in procs[len(app_ports) : len(app_ports) * 2]],
+                "HAProxy": [procs[-1].pid],
+                "Redis": [redis_srv.proc.pid] if redis_srv.proc else [],
+                "PostgreSQL": [pg_srv.proc.pid] if pg_srv.proc else [],
+            }
+
             def run(name: str, url: str) -> Result:
                 print(f"  {name} ...", file=sys.stderr, flush=True)
-                return wrk(name, url, sessions, args.seconds, args.connections, base)
+                before = {c: tree_cpu_s(pids) for c, pids in components.items()}
+                result = wrk(name, url, sessions, args.seconds, args.connections, base)
+                for c, pids in components.items():
+                    result.cpu_s[c] = tree_cpu_s(pids) - before[c]
+                return result
 
             def paired(name: str, url: str) -> tuple[Result, Result]:
                 """The path and, right before it, the floor: the machine is shared."""
@@ -369,6 +417,13 @@ async def bench(args: argparse.Namespace) -> str:
         "script calls per grab",
         "durability: appendfsync always / everysec = "
         f"{median_rps(pairs_by_path[ALWAYS]) / median_rps(pairs_by_path[GRAB]):.2f}",
+        "",
+        "CPU per request in µs, by component (all rounds; the machine's CPU is the sum):",
+        "",
+        "| path | " + " | ".join(CPU_COLUMNS) + " | total |",
+        "|---|" + "---:|" * (len(CPU_COLUMNS) + 1),
+        cpu_row("floor (minimal aiohttp handler)", floors),
+        *(cpu_row(name, [p for _, p in pairs]) for name, pairs in pairs_by_path.items()),
     ]
     return "\n".join(lines)
 

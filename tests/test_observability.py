@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import io
 
 import orjson
 import pytest
@@ -11,8 +11,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from app.access import ACCESS_LOGGER, UNMATCHED
-from app.keys import READINESS, SCRIPTS
+from app.access import UNMATCHED
+from app.accesslog import AccessLog
+from app.keys import ACCESS_LOG, READINESS, SCRIPTS
 from app.metrics import hash_openid
 from app.settings import Settings, SettingsError
 from tests.conftest import PAGE, create_campaign, login
@@ -108,25 +109,30 @@ async def test_each_app_has_its_own_registry(aiohttp_client, settings: Settings)
 
 
 async def test_one_json_access_line_per_request_with_hashed_openid(
-    aiohttp_client,
+    aiohttp_client,  # type: ignore[no-untyped-def]
     settings: Settings,
-    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
 ) -> None:
     from app.factory import create_app
 
-    client = await aiohttp_client(create_app(settings.with_(log_salt="pepper")), headers=PAGE)
+    app = create_app(settings.with_(log_salt="pepper"))
+    out = io.BytesIO()
+    app[ACCESS_LOG] = AccessLog(out)
+    client = await aiohttp_client(app, headers=PAGE)
     campaign = await create_campaign(client, total_fen=100, count=1)
     await login(client, "wx-openid-secret")
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        resp = await client.post(
-            f"/api/campaigns/{campaign['id']}/grab", headers={"X-Request-ID": "req-42"}
-        )
-        assert resp.status == 200
-        assert resp.headers["X-Request-ID"] == "req-42"
-        anonymous = await client.get(f"/api/campaigns/{campaign['id']}")
-        assert (await client.get("/healthz")).status == 200
-    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
+    app[ACCESS_LOG].flush()
+    out.seek(0)
+    out.truncate()
+    resp = await client.post(
+        f"/api/campaigns/{campaign['id']}/grab", headers={"X-Request-ID": "req-42"}
+    )
+    assert resp.status == 200
+    assert resp.headers["X-Request-ID"] == "req-42"
+    anonymous = await client.get(f"/api/campaigns/{campaign['id']}")
+    assert (await client.get("/healthz")).status == 200
+    await asyncio.sleep(0)  # the queued lines are written at the next loop turn
+    app[ACCESS_LOG].flush()
+    lines = out.getvalue().decode().splitlines()
     assert len(lines) == 2
     assert all("wx-openid-secret" not in line for line in lines)
     grab, view = (orjson.loads(line) for line in lines)
@@ -152,16 +158,44 @@ async def test_oversized_request_id_is_replaced(client: TestClient) -> None:
 
 
 async def test_access_log_can_be_turned_off(
-    aiohttp_client,
+    aiohttp_client,  # type: ignore[no-untyped-def]
     settings: Settings,
-    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
 ) -> None:
     from app.factory import create_app
 
-    client = await aiohttp_client(create_app(settings.with_(access_log=False)), headers=PAGE)
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        assert (await client.get("/api/campaigns/nope")).status == 404
-    assert not [r for r in caplog.records if r.name == ACCESS_LOGGER]
+    app = create_app(settings.with_(access_log=False))
+    out = io.BytesIO()
+    app[ACCESS_LOG] = AccessLog(out)
+    client = await aiohttp_client(app, headers=PAGE)
+    assert (await client.get("/api/campaigns/nope")).status == 404
+    app[ACCESS_LOG].flush()
+    assert out.getvalue() == b""
+
+
+async def test_access_lines_of_a_burst_are_written_together(
+    aiohttp_client,  # type: ignore[no-untyped-def]
+    settings: Settings,
+) -> None:
+    """Many requests in one loop turn make one write, and none is lost at shutdown."""
+    from app.factory import create_app
+
+    class CountingBuffer(io.BytesIO):
+        writes = 0
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            CountingBuffer.writes += 1
+            return super().write(data)
+
+    app = create_app(settings)
+    out = CountingBuffer()
+    app[ACCESS_LOG] = AccessLog(out)
+    client = await aiohttp_client(app, headers=PAGE)
+    await asyncio.gather(*(client.get("/api/campaigns/nope") for _ in range(200)))
+    await client.close()  # app cleanup flushes what is still queued
+    lines = out.getvalue().decode().splitlines()
+    assert len(lines) == 200
+    assert all(orjson.loads(line)["status"] == 404 for line in lines)
+    assert CountingBuffer.writes < 200
 
 
 def test_drain_delay_must_fit_in_shutdown_timeout() -> None:
