@@ -239,6 +239,10 @@ async def test_reconcile_lottery_counts_undrained_draws_as_lag(
     assert "in flight (stream only)           20" in out
     assert "result: OK" in out
 
+    code, out = await run_cli(settings, "rebuild", cid)
+    assert code == 2
+    assert "only red packets" in out
+
     # A draw Redis counts whose stream entry is gone (lost) is a mismatch.
     await redis.xtrim(CampaignKeys.of(cid).ledger, maxlen=19, approximate=False)
     code, out = await run_cli(settings, "reconcile", cid)
