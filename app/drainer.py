@@ -34,11 +34,12 @@ from typing import Any, cast
 import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from app import ledger
-from app.keys import PG, REDIS, SETTINGS
+from app.keys import METRICS, PG, REDIS, SETTINGS
 from app.ledger import DRAW, GRAB, KindWriter, LedgerEntry, Written
+from app.metrics import Metrics
 from app.scripts import CAMPAIGNS_SET, CampaignKeys
 from app.settings import LedgerSettings
 
@@ -53,6 +54,8 @@ REFRESH_S = 2.0
 # Errors that no retry can fix: the batch is written entry by entry to isolate the culprit.
 PERMANENT_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 FIRST_RETRY_S = 0.05
+# How often each worker samples the ledger lag for its /metrics gauge.
+LAG_SAMPLE_S = 1.0
 
 
 def consumer_name() -> str:
@@ -87,8 +90,10 @@ class Drainer:
         settings: LedgerSettings,
         consumer: str,
         writers: Mapping[str, KindWriter] = WRITERS,
+        metrics: Metrics | None = None,
     ) -> None:
         self._redis = redis
+        self._metrics = metrics
         self._pg = pg
         self._settings = settings
         self.consumer = consumer
@@ -117,6 +122,8 @@ class Drainer:
                 await self.step()
                 delay = FIRST_RETRY_S
             except Exception as exc:
+                if isinstance(exc, RedisError) and self._metrics is not None:
+                    self._metrics.count_redis_error()
                 log.warning("drainer %s: %s; retrying in %.2fs", self.consumer, _err(exc), delay)
                 await self._pause(delay)
                 delay = min(delay * 2, self._settings.retry_max_ms / 1000)
@@ -299,15 +306,51 @@ class Drainer:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
 
+async def ledger_lag(redis: Redis) -> int:
+    """Entries in every campaign's ledger stream: settled, not yet in PostgreSQL."""
+    members = cast(set[bytes], await redis.smembers(CAMPAIGNS_SET))
+    if not members:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for cid in members:
+            pipe.xlen(CampaignKeys.of(cid.decode()).ledger)
+        return sum(int(n) for n in await pipe.execute())
+
+
+async def watch_lag(redis: Redis, metrics: Metrics, interval_s: float = LAG_SAMPLE_S) -> None:
+    """Keep the ledger-lag gauge current (until cancelled); count the Redis errors met.
+
+    Sampled apart from the drain loop, so the gauge keeps rising while PostgreSQL is down
+    and a drainer is stuck retrying one batch.
+    """
+    while True:
+        try:
+            metrics.set_ledger_lag(await ledger_lag(redis))
+        except RedisError as exc:
+            metrics.count_redis_error()
+            log.warning("ledger lag not sampled: %s", _err(exc))
+        await asyncio.sleep(interval_s)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def drainer_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Run a drainer in this worker (unless LEDGER_DRAIN_IN_WORKER=0); stop it at shutdown."""
+    """Sample the ledger lag, and run a drainer (unless LEDGER_DRAIN_IN_WORKER=0), in this
+    worker; stop both at shutdown."""
     settings = app[SETTINGS]
+    watcher = asyncio.create_task(watch_lag(app[REDIS], app[METRICS]), name="ledger-lag")
     if not settings.ledger.drain_in_worker:
         yield
+        await _cancel(watcher)
         return
-    drainer = Drainer(app[REDIS], app[PG], settings.ledger, consumer_name())
+    drainer = Drainer(app[REDIS], app[PG], settings.ledger, consumer_name(), metrics=app[METRICS])
     task = asyncio.create_task(drainer.run(), name="ledger-drainer")
     yield
+    await _cancel(watcher)
     drainer.stop()
     try:
         await asyncio.wait_for(task, settings.shutdown_timeout_s)

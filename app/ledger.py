@@ -42,18 +42,18 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::
 ON CONFLICT (campaign_id, openid, draw_no) DO NOTHING
 """
 
-DRAW_PRIZES_PER_TIER = """
-SELECT tier, count(*) AS won FROM draws
-WHERE campaign_id = $1 AND tier IS NOT NULL GROUP BY tier
+SELECT_DRAWS = """
+SELECT openid, draw_no, tier, value_fen, to_char(day, 'YYYYMMDD')::integer AS day, stream_id
+FROM draws WHERE campaign_id = $1
 """
 
-DRAWS_PER_PLAYER = """
-SELECT openid, count(*) AS draws, max(draw_no) AS last_draw_no FROM draws
-WHERE campaign_id = $1 GROUP BY openid
-"""
-
-DRAWS_PER_PLAYER_DAY = """
-SELECT openid, day, count(*) AS draws FROM draws WHERE campaign_id = $1 GROUP BY openid, day
+SELECT_DRAWS_OF = """
+SELECT d.openid, d.draw_no, d.tier, d.value_fen, to_char(d.day, 'YYYYMMDD')::integer AS day,
+       d.stream_id
+FROM draws d
+JOIN unnest($2::text[], $3::integer[]) AS w (openid, draw_no)
+  ON d.openid = w.openid AND d.draw_no = w.draw_no
+WHERE d.campaign_id = $1
 """
 
 
@@ -166,28 +166,31 @@ async def insert_draws(conn: Conn, records: Sequence[DrawRecord]) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class DrawTotals:
-    """What the ledger holds of one lottery, for reconciliation against Redis."""
+class SettledDraw:
+    """One lottery draw as the ledger (a ``draws`` row or a stream entry) holds it."""
 
-    prizes_per_tier: dict[int, int]
-    # openid -> (rows, highest draw number): equal when no draw is missing.
-    draws_per_player: dict[str, tuple[int, int]]
-    draws_per_player_day: dict[tuple[int, str], int]
+    tier: int | None
+    value_fen: int
+    day: int  # YYYYMMDD, Asia/Shanghai
+    stream_id: str
 
 
-async def draw_totals(conn: asyncpg.Connection, campaign_id: str) -> DrawTotals:
-    """Prizes per tier, draws per player and per (day YYYYMMDD, player), in one snapshot."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        tiers = await conn.fetch(DRAW_PRIZES_PER_TIER, campaign_id)
-        players = await conn.fetch(DRAWS_PER_PLAYER, campaign_id)
-        days = await conn.fetch(DRAWS_PER_PLAYER_DAY, campaign_id)
-    return DrawTotals(
-        prizes_per_tier={r["tier"]: r["won"] for r in tiers},
-        draws_per_player={r["openid"]: (r["draws"], r["last_draw_no"]) for r in players},
-        draws_per_player_day={
-            (int(r["day"].strftime("%Y%m%d")), r["openid"]): r["draws"] for r in days
-        },
-    )
+async def fetch_draws(
+    pool: asyncpg.Pool, campaign_id: str, wanted: Sequence[tuple[str, int]] | None = None
+) -> dict[tuple[str, int], SettledDraw]:
+    """(openid, draw_no) -> the recorded draw: all of a campaign's, or only ``wanted``."""
+    if wanted is None:
+        rows = await pool.fetch(SELECT_DRAWS, campaign_id)
+    else:
+        rows = await pool.fetch(
+            SELECT_DRAWS_OF, campaign_id, [u for u, _ in wanted], [n for _, n in wanted]
+        )
+    return {
+        (r["openid"], r["draw_no"]): SettledDraw(
+            r["tier"], r["value_fen"], r["day"], r["stream_id"]
+        )
+        for r in rows
+    }
 
 
 # --- The write-behind ledger: stream entries recorded by the drainers -------------------

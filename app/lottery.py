@@ -15,12 +15,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo
 
-import asyncpg
 import orjson
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-from app import ledger
 from app.batching import Batcher
 from app.errors import Ended, Invalid, NotFound, NotStarted, QuotaExhausted, WrongKind
 from app.scripts import (
@@ -448,7 +446,9 @@ class LotteryService:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(keys.tiers)
             pipe.hgetall(keys.days)
-            tiers_raw, days_raw = await pipe.execute()
+            # Drainers XDEL what they commit: the stream holds exactly the unrecorded draws.
+            pipe.xlen(keys.ledger)
+            tiers_raw, days_raw, ledger_lag = await pipe.execute()
         counters = _ints({k: v for k, v in tiers_raw.items() if k.startswith(b"won:")})
         days = _ints(days_raw)
         tiers = []
@@ -475,71 +475,10 @@ class LotteryService:
             "prizes_won": sum(t["won"] for t in tiers),
             "draws_per_day": per_day,
             "prizes_per_day": {d: days.get(f"won:{d}", 0) for d in per_day},
+            "ledger_lag": int(ledger_lag),
         }
 
     async def drain(self) -> None:
         """Finish draws in flight (graceful shutdown)."""
         for batcher in list(self._batchers.values()):
             await batcher.drain()
-
-
-@dataclass(frozen=True, slots=True)
-class LotteryReconciliation:
-    """Differences between Redis (the settlement) and the PostgreSQL ledger of one lottery."""
-
-    campaign_id: str
-    mismatches: list[str]
-
-    @property
-    def ok(self) -> bool:
-        """True when the ledger holds exactly what Redis settled."""
-        return not self.mismatches
-
-
-async def reconcile_lottery(
-    redis: Redis, conn: asyncpg.Connection, campaign_id: str
-) -> LotteryReconciliation:
-    """Compare prizes per tier and draws per player (in total and per day) with the ledger.
-
-    Meaningful once the ledger stream is drained; a draw still in the stream shows up here.
-    """
-    keys = CampaignKeys.of(campaign_id)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(keys.tiers)
-        pipe.hgetall(keys.draws)
-        pipe.hgetall(keys.days)
-        tiers_raw, draws_raw, days_raw = await pipe.execute()
-    days = sorted(int(d) for d in days_raw if not d.startswith(b"won:"))
-    async with redis.pipeline(transaction=True) as pipe:
-        for day in days:
-            pipe.hgetall(daily_key(campaign_id, day))
-        daily_raw = await pipe.execute()
-    totals = await ledger.draw_totals(conn, campaign_id)
-
-    mismatches: list[str] = []
-    won = {int(k.split(b":")[1]): int(v) for k, v in tiers_raw.items() if k.startswith(b"won:")}
-    for tier in sorted(won.keys() | totals.prizes_per_tier.keys()):
-        in_redis, in_pg = won.get(tier, 0), totals.prizes_per_tier.get(tier, 0)
-        if in_redis != in_pg:
-            mismatches.append(f"tier {tier}: {in_redis} won in Redis, {in_pg} in the ledger")
-    draws = {k.decode(): int(v) for k, v in draws_raw.items()}
-    for openid in sorted(draws.keys() | totals.draws_per_player.keys()):
-        rows, last = totals.draws_per_player.get(openid, (0, 0))
-        if draws.get(openid, 0) != rows or rows != last:
-            mismatches.append(
-                f"player {openid}: {draws.get(openid, 0)} draws in Redis, "
-                f"{rows} rows numbered up to {last} in the ledger"
-            )
-    per_day = {
-        (day, k.decode()): int(v)
-        for day, raw in zip(days, daily_raw, strict=True)
-        for k, v in raw.items()
-    }
-    for day, openid in sorted(per_day.keys() | totals.draws_per_player_day.keys()):
-        in_redis = per_day.get((day, openid), 0)
-        in_pg = totals.draws_per_player_day.get((day, openid), 0)
-        if in_redis != in_pg:
-            mismatches.append(
-                f"player {openid} on {day}: {in_redis} draws in Redis, {in_pg} in the ledger"
-            )
-    return LotteryReconciliation(campaign_id, mismatches)

@@ -48,13 +48,14 @@ class Metrics:
         )
         self._draws = Counter(
             "hongbao_draws",
-            "Lottery draw outcomes (a tier name, or no_prize).",
+            "Lottery draw outcomes (prize, no_prize, quota_exhausted).",
             ["result"],
             registry=self.registry,
         )
         self._ledger_lag = Gauge(
             "hongbao_ledger_lag",
-            "Settled ledger entries in Redis streams not yet written to PostgreSQL.",
+            "Settled ledger entries in Redis streams not yet written to PostgreSQL, all "
+            "campaigns (every worker samples the same total: take max, not sum).",
             registry=self.registry,
         )
         self._redis_errors = Counter(
@@ -66,6 +67,7 @@ class Metrics:
         self._request_children: dict[tuple[str, str, int], Inc] = {}
         self._latency_children: dict[str, Observe] = {}
         self._grab_children: dict[str, Inc] = {}
+        self._draw_children: dict[str, Inc] = {}
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and record its latency."""
@@ -91,7 +93,11 @@ class Metrics:
 
     def count_draw(self, result: str) -> None:
         """Count one lottery draw outcome."""
-        self._draws.labels(result).inc()
+        inc = self._draw_children.get(result)
+        if inc is None:
+            inc = self._draws.labels(result).inc
+            self._draw_children[result] = inc
+        inc()
 
     def set_ledger_lag(self, entries: int) -> None:
         """Report how many settled entries still wait to be written to PostgreSQL."""

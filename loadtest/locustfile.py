@@ -20,6 +20,9 @@ When the run stops, the checker compares what players were told with the
 operator's view: nobody won twice, every already_won repeats the player's own
 amount, the won amounts add up to won_fen, won_fen + remaining_fen == total_fen,
 and (with HB_RECONCILE=1) PostgreSQL matches Redis once the ledger lag is zero.
+With HB_LOTTERY: no tier won more than its stock or its released stock, the draws
+and prizes players heard are the service's counts (per tier), and each player's
+prizes as told are the prizes /me shows them (up to HB_CHECK_PLAYERS players, 1000).
 Any mismatch sets the exit code to 1.
 """
 
@@ -31,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +45,7 @@ from locust.env import Environment
 
 ADMIN_TOKEN = os.environ.get("HB_ADMIN_TOKEN", "")
 SESSIONS_FILE = os.environ.get("HB_SESSIONS")
+CHECK_PLAYERS = int(os.environ.get("HB_CHECK_PLAYERS", "1000"))
 
 
 class Book:
@@ -49,6 +54,10 @@ class Book:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.won: dict[str, int] = {}
+        # Lottery: openid -> session token, draws heard, prizes heard as {(draw_no, tier)}
+        self.tokens: dict[str, str] = {}
+        self.draws: dict[str, int] = {}
+        self.prizes: dict[str, set[tuple[int, int]]] = {}
         self.problems: list[str] = []
         self.campaign = os.environ.get("HB_CAMPAIGN", "")
         self.lottery = os.environ.get("HB_LOTTERY", "")
@@ -67,6 +76,13 @@ class Book:
                     self.problems.append(
                         f"{openid} won {known} but already_won says {body['amount_fen']}"
                     )
+
+    def record_draw(self, openid: str, body: dict[str, Any]) -> None:
+        with self.lock:
+            self.draws[openid] = self.draws.get(openid, 0) + 1
+            if body.get("result") == "prize":
+                told = self.prizes.setdefault(openid, set())
+                told.add((int(body["draw_no"]), int(body["prize"]["tier"])))
 
     def next_session(self) -> tuple[str, str] | None:
         with self.lock:
@@ -113,14 +129,60 @@ def _start(environment: Environment, **_: Any) -> None:
         BOOK.sessions = iter(pairs)  # type: ignore[arg-type]
 
 
-@events.quitting.add_listener
-def _check(environment: Environment, **_: Any) -> None:
-    host = environment.host
-    stats = _admin(host, "GET", f"/api/admin/campaigns/{BOOK.campaign}")
+def _drained_stats(host: str, campaign: str) -> Any:
+    """The campaign's operator stats once its ledger lag is zero (or after 60 s)."""
+    stats = _admin(host, "GET", f"/api/admin/campaigns/{campaign}")
     deadline = time.monotonic() + 60
     while stats.get("ledger_lag", 0) and time.monotonic() < deadline:
         time.sleep(0.5)
-        stats = _admin(host, "GET", f"/api/admin/campaigns/{BOOK.campaign}")
+        stats = _admin(host, "GET", f"/api/admin/campaigns/{campaign}")
+    return stats
+
+
+def _reconcile(campaign: str) -> list[str]:
+    rc = subprocess.run([sys.executable, "-m", "app", "reconcile", campaign], check=False)
+    return [] if rc.returncode == 0 else [f"reconcile {campaign} exited {rc.returncode}"]
+
+
+def _lottery_problems(host: str, exact: bool) -> list[str]:
+    """Lottery invariants; ``exact`` when no request failed (every answer was heard)."""
+    stats = _drained_stats(host, BOOK.lottery)
+    problems = []
+    heard = Counter(tier for told in BOOK.prizes.values() for _, tier in told)
+    for tier in stats["tiers"]:
+        i, won = tier["tier"], tier["won"]
+        if won > tier["stock"] or won > tier["released"]:
+            problems.append(
+                f"tier {i}: {won} won, stock {tier['stock']}, released {tier['released']}"
+            )
+        if won < heard[i] or (exact and won != heard[i]):
+            problems.append(f"tier {i}: players heard {heard[i]} prizes, service says {won}")
+    draws = sum(BOOK.draws.values())
+    if stats["draws"] < draws or (exact and stats["draws"] != draws):
+        problems.append(f"players heard {draws} draws, service says {stats['draws']}")
+    for openid in sorted(BOOK.draws)[:CHECK_PLAYERS]:
+        resp = requests.get(
+            f"{host}/api/campaigns/{BOOK.lottery}/me",
+            headers={"Cookie": f"hb_session={BOOK.tokens[openid]}"},
+            timeout=30,
+        )
+        me = resp.json()
+        shown = {(p["draw_no"], p["tier"]) for p in me.get("prizes", [])}
+        told = BOOK.prizes.get(openid, set())
+        if not told <= shown or (exact and shown != told):
+            problems.append(f"{openid}: heard prizes {sorted(told)}, /me shows {sorted(shown)}")
+    print(
+        f"lottery: {draws} draws / {sum(heard.values())} prizes heard by players; service "
+        f"draws={stats['draws']} prizes_won={stats['prizes_won']} "
+        f"won per tier={[t['won'] for t in stats['tiers']]}"
+    )
+    return problems
+
+
+@events.quitting.add_listener
+def _check(environment: Environment, **_: Any) -> None:
+    host = environment.host
+    stats = _drained_stats(host, BOOK.campaign)
     problems = list(BOOK.problems)
     told = sum(BOOK.won.values())
     # Players whose response was lost (timeouts) may have won without our knowing,
@@ -138,12 +200,12 @@ def _check(environment: Environment, **_: Any) -> None:
         )
     if stats["won_fen"] + stats["remaining_fen"] != stats["total_fen"]:
         problems.append(f"won_fen + remaining_fen != total_fen: {stats}")
+    if BOOK.lottery:
+        problems += _lottery_problems(host, exact=failures == 0)
     if os.environ.get("HB_RECONCILE") == "1":
-        rc = subprocess.run(
-            [sys.executable, "-m", "app", "reconcile", BOOK.campaign], check=False
-        ).returncode
-        if rc != 0:
-            problems.append(f"reconcile exited {rc}")
+        problems += _reconcile(BOOK.campaign)
+        if BOOK.lottery:
+            problems += _reconcile(BOOK.lottery)
     print(
         f"invariants: {len(BOOK.won)} wins / {told} fen heard by players; service "
         f"won_count={stats['won_count']} won_fen={stats['won_fen']} "
@@ -167,10 +229,15 @@ class Player(FastHttpUser):
         pair = BOOK.next_session()
         if pair is None:
             self.openid = f"locust-{uuid.uuid4().hex[:16]}"
-            self.client.post("/auth/dev-login", json={"openid": self.openid}, headers=self.headers)
+            resp = self.client.post(
+                "/auth/dev-login", json={"openid": self.openid}, headers=self.headers
+            )
+            token = resp.headers.get("Set-Cookie", "").partition("hb_session=")[2].split(";")[0]
         else:
             self.openid, token = pair
             self.headers["Cookie"] = f"hb_session={token}"
+        with BOOK.lock:
+            BOOK.tokens[self.openid] = token
         self.grabbed = False
 
     @task(2)
@@ -216,3 +283,7 @@ class Player(FastHttpUser):
         ) as resp:
             if resp.status_code == 429:
                 resp.success()  # quota_exhausted is a correct answer
+            elif resp.status_code != 200:
+                resp.failure(f"draw answered {resp.status_code}: {resp.text}")
+            else:
+                BOOK.record_draw(self.openid, orjson.loads(resp.content))

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from redis.asyncio import Redis
@@ -113,6 +114,10 @@ async def _ready(service: Service) -> None:
 
 async def _create_campaign(service: Service, **fields: object) -> str:
     body = {"kind": "red_packet", "name": "新春红包", "total_fen": 8_888, "count": 8} | fields
+    return await _create(service, body)
+
+
+async def _create(service: Service, body: dict[str, object]) -> str:
     async with (
         aiohttp.ClientSession() as http,
         http.post(f"{service.base}/api/admin/campaigns", json=body, headers=ADMIN) as resp,
@@ -232,3 +237,113 @@ async def test_countdown_refusal_snapshot_in_chromium(service: Service, browser:
     await expect(page.locator("#toast")).to_contain_text("使用完整服务")
     await expect(page.locator("#amount")).to_be_hidden()
     await page.screenshot(path=ARTIFACTS / "h5-6-snapshot-user.png")
+
+
+async def _log_in(page: Page, base: str, cid: str, openid: str) -> None:
+    """Through the fake WeChat's consent page, as a player would."""
+    await page.locator("#action").click()
+    await page.wait_for_url("**/connect/oauth2/authorize**")
+    await page.fill("#openid", openid)
+    await page.get_by_role("button", name="同意").click()
+    await page.wait_for_url(f"{base}/c/{cid}")
+
+
+async def test_lottery_draw_prize_then_quota_in_chromium(
+    service: Service, browser: Browser, redis_url: str, database_url: str
+) -> None:
+    await _ready(service)
+    # One prize, the only outcome with weight: the first draw wins it; one draw per player.
+    cid = await _create(
+        service,
+        {
+            "kind": "lottery",
+            "name": "财神到",
+            "tiers": [{"name": "金元宝", "stock": 1, "weight": 1, "value_fen": 88_800}],
+            "no_prize_weight": 0,
+            "quota_total": 1,
+        },
+    )
+    page = await _phone(browser)
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    await page.goto(f"{service.base}/c/{cid}")
+    await expect(page.locator("#name")).to_have_text("财神到")
+    action = page.locator("#action")
+    await expect(action).to_have_text("微信登录 去抽奖")
+    await _log_in(page, service.base, cid, "e2e-lucky")
+    await expect(action).to_have_text("抽")
+    await expect(page.locator("#status")).to_have_text("还可以抽 1 次")
+    await page.screenshot(path=ARTIFACTS / "h5-7-lottery-ready.png")
+
+    await action.click()
+    await expect(page.locator("#result-title")).to_have_text("恭喜抽中 金元宝")
+    await expect(page.locator("#amount")).to_have_text("888.00")
+    await expect(page.locator("#result-note")).to_have_text("你的抽奖次数已用完，感谢参与")
+    await expect(action).to_be_hidden()
+    await settled(page)
+    await page.screenshot(path=ARTIFACTS / "h5-8-lottery-prize.png")
+
+    await page.reload()
+    await expect(page.locator("#result-title")).to_have_text("你已抽中 金元宝")
+    await expect(page.locator("#amount")).to_have_text("888.00")
+    await expect(page.locator("#result-note")).to_have_text("你的抽奖次数已用完，感谢参与")
+    await expect(action).to_be_hidden()
+    await settled(page)
+    await page.screenshot(path=ARTIFACTS / "h5-9-lottery-quota-used.png")
+
+    # With two draws, the prize leaves the button for the second, which finds nothing left.
+    twice = await _create(
+        service,
+        {
+            "kind": "lottery",
+            "name": "好运来",
+            "tiers": [{"name": "福袋", "stock": 1, "weight": 1, "value_fen": None}],
+            "no_prize_weight": 0,
+            "quota_total": 2,
+        },
+    )
+    await page.goto(f"{service.base}/c/{twice}")
+    await expect(page.locator("#status")).to_have_text("还可以抽 2 次")
+    await action.click()
+    await expect(page.locator("#result-title")).to_have_text("恭喜抽中 福袋")
+    await expect(page.locator("#result-amount")).to_be_hidden()
+    await expect(page.locator("#status")).to_have_text("还可以抽 1 次")
+    await expect(action).to_be_enabled()
+    await settled(page)
+    await page.screenshot(path=ARTIFACTS / "h5-10-lottery-again.png")
+    await action.click()
+    await expect(page.locator("#result-title")).to_have_text("谢谢参与")
+    await expect(page.locator("#result-note")).to_have_text("你的抽奖次数已用完，感谢参与")
+    await expect(action).to_be_hidden()
+    await settled(page)
+    await page.screenshot(path=ARTIFACTS / "h5-11-lottery-no-prize.png")
+
+    # The service says the same: one more draw is refused, and the prize was counted once.
+    status = await page.evaluate(
+        """async (path) => {
+            const r = await fetch(path, {method: 'POST', headers: {'X-Requested-With': 'hongbao'}});
+            return [r.status, (await r.json()).error];
+        }""",
+        f"/api/campaigns/{cid}/draw",
+    )
+    assert status == [429, "quota_exhausted"]
+    keys = CampaignKeys.of(cid)
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.hget(keys.tiers, "won:0") == b"1"
+        assert await redis.hgetall(keys.draws) == {b"e2e-lucky": b"1"}
+        assert await redis.hgetall(keys.wins) == {b"e2e-lucky": b"1:0,"}
+        deadline = asyncio.get_running_loop().time() + 30
+        while await redis.xlen(keys.ledger):
+            assert asyncio.get_running_loop().time() < deadline, "the draw was not drained"
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT openid, draw_no, tier, value_fen FROM draws WHERE campaign_id = $1", cid
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("e2e-lucky", 1, 0, 88_800)]

@@ -17,10 +17,10 @@ import asyncpg
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from app import ledger
+from app import ledger, operations
 from app.campaigns import CampaignService
 from app.errors import QuotaExhausted
-from app.lottery import RANDOM_BITS, reconcile_lottery, shanghai_day
+from app.lottery import RANDOM_BITS, shanghai_day
 from app.scripts import CampaignKeys, DrawCode, DrawStatus, Scripts, daily_key
 
 
@@ -367,8 +367,11 @@ async def test_draws_reach_the_ledger_and_reconcile(
     await asyncio.gather(*(attempt(service, cid, p) for p in players for _ in range(3)))
 
     assert await _drain_into_ledger(redis, pool, cid) == 160
+    # In flight, every draw is "lag"; once recorded (and deleted, as drainers do), none is.
+    assert (await operations.reconcile(redis, pool, cid)).mismatches == []
+    await redis.delete(CampaignKeys.of(cid).ledger)
+    assert (await operations.reconcile(redis, pool, cid)).mismatches == []
     async with pool.acquire() as conn:
-        assert (await reconcile_lottery(redis, conn, cid)).mismatches == []
         rows = await conn.fetch("SELECT * FROM draws WHERE campaign_id = $1", cid)
         gold = [r for r in rows if r["tier"] == 0]
         assert len(gold) == 3
@@ -388,14 +391,21 @@ async def test_draws_reach_the_ledger_and_reconcile(
             victim["draw_no"],
         )
         await redis.hincrby(CampaignKeys.of(cid).tiers, "won:1", 1)
-        report = await reconcile_lottery(redis, conn, cid)
+    report = await operations.reconcile(redis, pool, cid)
     assert not report.ok
-    assert len(report.mismatches) == 4, report.mismatches
-    assert report.mismatches[0] == "tier 0: 3 won in Redis, 2 in the ledger"
-    assert report.mismatches[1].startswith("tier 1: ")
-    assert report.mismatches[2].startswith(f"player {victim['openid']}: 4 draws in Redis, 3 rows")
-    day = victim["day"].strftime("%Y%m%d")
-    assert report.mismatches[3].startswith(f"player {victim['openid']} on {day}: ")
+    user, day = victim["openid"], victim["day"].strftime("%Y%m%d")
+    assert report.mismatches[:3] == [
+        f"player {user}: draw(s) {victim['draw_no']} of 4 settled in Redis, "
+        "not in PostgreSQL nor in flight",
+        "tier 0: 3 won in Redis, 2 in the ledger",
+        report.mismatches[2],
+    ]
+    assert report.mismatches[2].startswith("tier 1: ")
+    rest = "\n".join(report.mismatches[3:])
+    assert f"player {user} on {day}: " in rest
+    assert f"day {day}: " in rest
+    assert f"player {user}: prizes (draw:tier)" in rest
+    assert len(report.mismatches) == 7, report.mismatches
 
 
 def test_draw_record_from_a_stream_entry() -> None:

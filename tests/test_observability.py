@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 
+import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
@@ -13,10 +14,14 @@ from redis.asyncio import Redis
 
 from app.access import UNMATCHED
 from app.accesslog import AccessLog
-from app.keys import ACCESS_LOG, READINESS, SCRIPTS
-from app.metrics import hash_openid
+from app.drainer import Drainer, ledger_lag, watch_lag
+from app.embedded import free_port
+from app.factory import create_app
+from app.keys import ACCESS_LOG, PG, READINESS, REDIS, SCRIPTS
+from app.metrics import Metrics, hash_openid
 from app.settings import Settings, SettingsError
-from tests.conftest import PAGE, create_campaign, login
+from tests.conftest import ADMIN, PAGE, create_campaign, login
+from tests.test_ledger import FAST, MANUAL
 
 GRAB_ROUTE = "/api/campaigns/{id}/grab"
 
@@ -97,7 +102,6 @@ async def test_metrics_count_requests_and_grab_outcomes(client: TestClient) -> N
 
 
 async def test_each_app_has_its_own_registry(aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    from app.factory import create_app
 
     a = await aiohttp_client(create_app(settings), headers=PAGE)
     b = await aiohttp_client(create_app(settings), headers=PAGE)
@@ -112,7 +116,6 @@ async def test_one_json_access_line_per_request_with_hashed_openid(
     aiohttp_client,  # type: ignore[no-untyped-def]
     settings: Settings,
 ) -> None:
-    from app.factory import create_app
 
     app = create_app(settings.with_(log_salt="pepper"))
     out = io.BytesIO()
@@ -161,7 +164,6 @@ async def test_access_log_can_be_turned_off(
     aiohttp_client,  # type: ignore[no-untyped-def]
     settings: Settings,
 ) -> None:
-    from app.factory import create_app
 
     app = create_app(settings.with_(access_log=False))
     out = io.BytesIO()
@@ -177,7 +179,6 @@ async def test_access_lines_of_a_burst_are_written_together(
     settings: Settings,
 ) -> None:
     """Many requests in one loop turn make one write, and none is lost at shutdown."""
-    from app.factory import create_app
 
     class CountingBuffer(io.BytesIO):
         writes = 0
@@ -210,3 +211,92 @@ def test_drain_delay_must_fit_in_shutdown_timeout() -> None:
         Settings.from_env({**env, "DRAIN_DELAY_S": "5"})
     with pytest.raises(SettingsError, match="DRAIN_DELAY_S"):
         Settings.from_env({**env, "DRAIN_DELAY_S": "soon"})
+
+
+SURE_PRIZE: dict[str, object] = {
+    "kind": "lottery",
+    "name": "必中",
+    "tiers": [{"name": "金元宝", "stock": 1, "weight": 1, "value_fen": 88_800}],
+    "no_prize_weight": 0,
+    "quota_total": 2,
+}
+
+
+async def _sure_prize(client: TestClient) -> str:
+    resp = await client.post("/api/admin/campaigns", json=SURE_PRIZE, headers=ADMIN)
+    assert resp.status == 201, await resp.text()
+    return str((await resp.json())["id"])
+
+
+async def test_metrics_count_draw_outcomes(client: TestClient) -> None:
+    cid = await _sure_prize(client)
+    first, second = await asyncio.gather(login(client, "dr1"), login(client, "dr2"))
+    client.session.cookie_jar.clear()
+    answers = []
+    for token in (first, first, first, second):
+        resp = await client.post(f"/api/campaigns/{cid}/draw", cookies={"hb_session": token})
+        answers.append((resp.status, (await resp.json()).get("result")))
+    # The one prize first, then the stock is out (nothing else to win), then the quota.
+    assert answers == [(200, "prize"), (200, "no_prize"), (429, None), (200, "no_prize")]
+
+    samples = await scrape(client)
+    draws = {k[1][0][1]: v for k, v in samples.items() if k[0] == "hongbao_draws_total"}
+    assert draws == {"prize": 1, "no_prize": 2, "quota_exhausted": 1}
+
+
+async def _gauge_reaches(client: TestClient, value: float, within_s: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while (await scrape(client))[("hongbao_ledger_lag", ())] != value:
+        assert asyncio.get_running_loop().time() < deadline, f"ledger lag never {value}"
+        await asyncio.sleep(0.1)
+
+
+async def test_ledger_lag_gauge_follows_the_streams(
+    aiohttp_client,
+    settings: Settings,
+    redis: Redis,  # type: ignore[no-untyped-def]
+) -> None:
+    app = create_app(settings.with_(ledger=MANUAL))
+    client = await aiohttp_client(app, headers=PAGE)
+    cid = await _sure_prize(client)
+    campaign = await create_campaign(client, total_fen=1_000, count=10)
+    tokens = await asyncio.gather(*(login(client, f"lag{i}") for i in range(4)))
+    client.session.cookie_jar.clear()
+    for token in tokens:
+        for path in (f"/api/campaigns/{cid}/draw", f"/api/campaigns/{campaign['id']}/grab"):
+            resp = await client.post(path, cookies={"hb_session": token})
+            assert resp.status == 200
+    # 4 draws + 4 grabs settled, none drained: the gauge sums both campaigns' streams.
+    await _gauge_reaches(client, 8)
+
+    drainer = Drainer(app[REDIS], app[PG], MANUAL, "metrics-test")
+    while await ledger_lag(app[REDIS]):
+        await drainer.step()
+    await _gauge_reaches(client, 0)
+    assert ("hongbao_redis_errors_total", ()) in await scrape(client)
+
+
+async def test_background_tasks_count_redis_errors(settings: Settings) -> None:
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+    seen_by_drainer, seen_by_watcher = Metrics(), Metrics()
+    drainer = Drainer(dead, pool, FAST, "errors-test", metrics=seen_by_drainer)
+    tasks = [
+        asyncio.create_task(drainer.run()),
+        asyncio.create_task(watch_lag(dead, seen_by_watcher, 0.05)),
+    ]
+
+    def errors(metrics: Metrics) -> float:
+        return metrics.registry.get_sample_value("hongbao_redis_errors_total") or 0
+
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while errors(seen_by_drainer) < 2 or errors(seen_by_watcher) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "Redis errors not counted"
+            await asyncio.sleep(0.05)
+    finally:
+        drainer.stop()
+        tasks[1].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pool.close()
+        await dead.aclose()

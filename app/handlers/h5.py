@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.errors import json_response
+from app.errors import QuotaExhausted, json_response
 from app.handlers.deps import current_session, playing_session
 from app.keys import CAMPAIGNS, METRICS
 from app.scripts import GrabCode
@@ -49,8 +49,15 @@ async def draw(request: web.Request) -> web.Response:
     # As for grabs, 404 / 409 need no session.
     await campaigns.ensure_open(campaign_id)
     session = await playing_session(request)
-    outcome = await campaigns.draw(campaign_id, session.openid)
-    return json_response(outcome.to_json())
+    metrics = request.app[METRICS]
+    try:
+        outcome = await campaigns.draw(campaign_id, session.openid)
+    except QuotaExhausted:
+        metrics.count_draw(QuotaExhausted.code)
+        raise
+    body = outcome.to_json()
+    metrics.count_draw(body["result"])
+    return json_response(body)
 
 
 def setup(app: web.Application) -> None:

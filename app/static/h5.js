@@ -1,4 +1,4 @@
-// The player page: one campaign, rendered by its kind (red_packet today, lottery later).
+// The player page: one campaign, rendered by its kind (red_packet or lottery).
 // Money arrives as integer fen and is formatted with integer arithmetic only.
 (function () {
   'use strict';
@@ -11,7 +11,7 @@
     resultTitle: $('result-title'), resultAmount: $('result-amount'), amount: $('amount'),
     resultNote: $('result-note'), foot: $('foot'), toast: $('toast'), account: $('account')
   };
-  var page = { id: null, campaign: null, mode: null, loggedIn: false, offsetMs: 0, timer: 0, busy: false };
+  var page = { id: null, campaign: null, mode: null, me: null, loggedIn: false, offsetMs: 0, timer: 0, busy: false };
 
   function yuan(fen) {
     var f = Math.max(0, Math.trunc(Number(fen) || 0));
@@ -35,7 +35,7 @@
     var code = res.data && res.data.error;
     if (res.status === 0) return '网络不给力，请检查网络后重试';
     if (res.status === 429) {
-      if (code === 'quota_exhausted') return '今天的次数已用完，明天再来吧';
+      if (code === 'quota_exhausted') return QUOTA_TEXT[res.data.scope] || QUOTA_TEXT.daily;
       var wait = parseInt(res.headers.get('Retry-After') || '', 10);
       return '参与的人太多了，请' + (wait > 0 ? ' ' + wait + ' 秒后' : '稍后') + '再试';
     }
@@ -46,6 +46,27 @@
     if (code === 'not_found') return '活动不存在或已下线';
     if (res.status >= 500) return '服务繁忙，请稍后再试';
     return (res.data && res.data.message) || '出错了，请稍后再试';
+  }
+
+  var QUOTA_TEXT = { total: '你的抽奖次数已用完，感谢参与', daily: '今天的次数已用完，明天再来吧' };
+
+  // A lottery player's draws left, from /me's counts (kept current after each draw).
+  function drawsLeft(me) {
+    var total = me.quota_total === null ? Infinity : me.quota_total - me.draws;
+    var today = me.quota_daily === null ? Infinity : me.quota_daily - me.draws_today;
+    if (total <= 0) return { n: 0, note: QUOTA_TEXT.total };
+    if (today <= 0) return { n: 0, note: QUOTA_TEXT.daily };
+    var n = Math.min(total, today);
+    return { n: n, note: '还可以抽 ' + n + ' 次' + (today < total ? '（今天）' : '') };
+  }
+
+  // Lottery outcomes end in the opened card once no draw is left; until then the button
+  // stays, and the status line above says how many draws are left.
+  function drawOutcome(outcome) {
+    var left = drawsLeft(page.me);
+    outcome.again = left.n > 0;
+    outcome.note = outcome.again ? '' : left.note;
+    return outcome;
   }
 
   // Each campaign kind says how its button reads and what its answers mean.
@@ -62,22 +83,29 @@
         if (data.result === 'sold_out') return { title: '手慢了，红包派完了', note: '下次早点来' };
         return null;
       },
-      soldOut: { title: '手慢了，红包派完了', note: '下次早点来' }
+      soldOut: { title: '手慢了，红包派完了', note: '下次早点来' },
+      status: function (c) { return '剩余 ' + c.remaining_count + ' 个'; }
     },
     lottery: {
-      action: 'draw', button: '抽', loginButton: '微信登录 去抽奖', brand: '好运连连，抽奖赢好礼',
-      rules: '每日次数有限 · 奖品先到先得',
-      fromMe: function () { return null; },
-      fromAction: function (data) {
-        if (data.result === 'prize') {
-          var prize = data.prize || {};
-          var fen = prize.amount_fen !== undefined ? prize.amount_fen : prize.value_fen;
-          return { title: '恭喜抽中 ' + (prize.name || '奖品'), fen: fen, note: '可再次抽奖，祝你好运', again: true };
-        }
-        if (data.result === 'no_prize') return { title: '差一点就中了', note: '再试一次吧', again: true };
-        return null;
+      action: 'draw', button: '抽', label: '抽奖', loginButton: '微信登录 去抽奖', brand: '好运连连，抽奖赢好礼',
+      rules: '次数有限 · 奖品先到先得',
+      fromMe: function (me) {
+        var prizes = me.prizes || [];
+        var last = prizes[prizes.length - 1];
+        if (drawsLeft(me).n > 0) return null;
+        if (!last) return drawOutcome({ title: '没有抽中奖品' });
+        return drawOutcome({ title: '你已抽中 ' + last.name, fen: last.value_fen });
       },
-      soldOut: { title: '奖品已抽完', note: '感谢参与' }
+      fromAction: function (data) {
+        if (data.result !== 'prize' && data.result !== 'no_prize') return null;
+        page.me.draws += 1;
+        page.me.draws_today += 1;
+        if (data.result === 'no_prize') return drawOutcome({ title: data.name || '谢谢参与' });
+        var prize = data.prize || {};
+        return drawOutcome({ title: '恭喜抽中 ' + (prize.name || '奖品'), fen: prize.value_fen });
+      },
+      soldOut: { title: '奖品已抽完', note: '感谢参与' },
+      status: function () { return page.me ? drawsLeft(page.me).note : '进行中'; }
     }
   };
 
@@ -105,7 +133,10 @@
     ui.resultNote.textContent = outcome.note || '';
     if (outcome.again) {
       setButton(page.mode.button, true, false);
+      setStatus(page.mode.status(page.campaign));
+      ui.stage.setAttribute('data-again', '');
     } else {
+      ui.stage.removeAttribute('data-again');
       ui.stage.setAttribute('data-opened', '');
     }
     ui.stage.setAttribute('data-state', outcome.fen ? 'won' : 'done');
@@ -152,6 +183,7 @@
     ui.name.textContent = c.name;
     document.title = c.name;
     ui.stage.querySelector('.packet__brand').textContent = mode.brand;
+    ui.action.setAttribute('aria-label', mode.label || '开红包');
     ui.foot.textContent = mode.rules;
     ui.stage.setAttribute('data-state', c.state);
     renderAccount();
@@ -167,7 +199,7 @@
       tick();
       page.timer = setInterval(tick, 1000);
     } else if (c.state === 'open') {
-      setStatus(c.remaining_count !== undefined ? '剩余 ' + c.remaining_count + ' 个' : '进行中');
+      setStatus(mode.status(c));
       if (page.loggedIn) setButton(mode.button, true, false);
       else setButton(mode.loginButton, true, true);
     } else if (c.state === 'sold_out') {
@@ -209,9 +241,10 @@
       return;
     }
     toast(errorText(res));
-    var retry = res.status === 429 || res.status === 0 || res.status >= 500;
+    var code = res.data && res.data.error;
+    var retry = (res.status === 429 && code !== 'quota_exhausted') || res.status === 0 || res.status >= 500;
     ui.action.disabled = !retry;
-    if (res.data && (res.data.error === 'ended' || res.data.error === 'not_found')) ui.action.hidden = true;
+    if (code === 'ended' || code === 'not_found') ui.action.hidden = true;
   }
 
   async function load() {
@@ -229,7 +262,8 @@
     page.mode = MODES[res.data.kind] || MODES.red_packet;
     var me = await api('GET', '/api/campaigns/' + encodeURIComponent(page.id) + '/me');
     page.loggedIn = me.status === 200;
-    render(me.status === 200 ? me.data : null);
+    page.me = page.loggedIn ? me.data : null;
+    render(page.me);
   }
 
   function start() {
