@@ -67,9 +67,9 @@ async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
 
 
 async def _create_campaign(args: argparse.Namespace) -> dict[str, object]:
-    settings = Settings.from_env()
-    redis = Redis.from_url(settings.redis_url)
-    pg = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    redis_url, database_url = _store_urls()
+    redis = Redis.from_url(redis_url)
+    pg = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
         await ledger.migrate(pg)
         service = CampaignService(redis, pg, Scripts(redis), grab_batch_max=1)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "create-campaign":
         try:
             stats = asyncio.run(_create_campaign(args))
-        except (SettingsError, ApiError) as exc:
+        except ApiError as exc:
             print(f"hongbao: {exc}", file=sys.stderr)
             return 2
         print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())

@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 
 import aiohttp
+import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 from app.embedded import free_port
+from app.scripts import CampaignKeys
 from tests.conftest import PAGE, create_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,3 +152,74 @@ async def test_mint_sessions_cli(client: TestClient, redis_url: str, tmp_path: P
     won = [r["amount_fen"] for r in results if r["result"] == "won"]
     assert len(won) == 20
     assert sum(won) == 2_000
+
+
+async def test_create_campaign_cli_shows_progress_and_loads_exactly(
+    redis_url: str, database_url: str, clean: None
+) -> None:
+    env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "create-campaign",
+            "--name",
+            "大红包",
+            "--total-fen",
+            "1234567",
+            "--count",
+            "250000",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "250,000/250,000 (100%" in proc.stderr
+    stats = orjson.loads(proc.stdout)
+    assert (stats["count"], stats["remaining_count"], stats["remaining_fen"]) == (
+        250_000,
+        250_000,
+        1_234_567,
+    )
+    redis = Redis.from_url(redis_url)
+    try:
+        pool = await redis.lrange(CampaignKeys.of(stats["id"]).pool, 0, -1)
+    finally:
+        await redis.aclose()
+    assert len(pool) == 250_000
+    assert sum(int(e.split(b":")[1]) for e in pool) == 1_234_567
+    assert len({e.split(b":")[0] for e in pool}) == 250_000
+    conn = await asyncpg.connect(database_url)
+    try:
+        total = await conn.fetchval(
+            "SELECT sum(amount_fen) FROM envelopes WHERE campaign_id = $1", stats["id"]
+        )
+    finally:
+        await conn.close()
+    assert total == 1_234_567
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "create-campaign",
+            "--name",
+            "x",
+            "--total-fen",
+            "5",
+            "--count",
+            "10",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "total_fen" in bad.stderr
