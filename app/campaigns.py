@@ -298,28 +298,30 @@ class CampaignService:
         self._cache[campaign_id] = campaign
         return campaign
 
+    @staticmethod
+    def _summary(campaign: Campaign, state: str) -> dict[str, Any]:
+        """The fields every view of a campaign starts with."""
+        return {
+            "id": campaign.id,
+            "kind": campaign.kind,
+            "name": campaign.name,
+            "state": state,
+            "starts_at": iso(campaign.starts_at_ms),
+            "ends_at": iso(campaign.ends_at_ms),
+        }
+
     async def public_view(self, campaign_id: str) -> dict[str, Any]:
         """What a player sees of a campaign."""
         campaign = await self.get(campaign_id)
         if campaign.kind == "lottery":
             return {
-                "id": campaign.id,
-                "kind": campaign.kind,
-                "name": campaign.name,
-                "state": campaign.state(self._clock()),
-                "starts_at": iso(campaign.starts_at_ms),
-                "ends_at": iso(campaign.ends_at_ms),
+                **self._summary(campaign, campaign.state(self._clock())),
                 **self._lottery.public_fields(campaign),
             }
         remaining = int(await self._redis.llen(CampaignKeys.of(campaign_id).pool))
         return {
-            "id": campaign.id,
-            "kind": campaign.kind,
-            "name": campaign.name,
-            "state": campaign.state(now_ms(), remaining),
+            **self._summary(campaign, campaign.state(self._clock(), remaining)),
             "remaining_count": remaining,
-            "starts_at": iso(campaign.starts_at_ms),
-            "ends_at": iso(campaign.ends_at_ms),
         }
 
     async def stats(self, campaign_id: str) -> dict[str, Any]:
@@ -327,12 +329,7 @@ class CampaignService:
         campaign = await self.get(campaign_id)
         if campaign.kind == "lottery":
             return {
-                "id": campaign.id,
-                "kind": campaign.kind,
-                "name": campaign.name,
-                "state": campaign.state(self._clock()),
-                "starts_at": iso(campaign.starts_at_ms),
-                "ends_at": iso(campaign.ends_at_ms),
+                **self._summary(campaign, campaign.state(self._clock())),
                 **await self._lottery.stats(campaign),
             }
         keys = CampaignKeys.of(campaign_id)
@@ -346,16 +343,11 @@ class CampaignService:
         won_f = int(won_fen or 0)
         total = campaign.total_fen or 0
         return {
-            "id": campaign.id,
-            "kind": campaign.kind,
-            "name": campaign.name,
-            "state": campaign.state(now_ms(), int(remaining)),
+            **self._summary(campaign, campaign.state(self._clock(), int(remaining))),
             "total_fen": total,
             "count": campaign.count,
             "min_fen": campaign.min_fen,
             "max_fen": campaign.max_fen,
-            "starts_at": iso(campaign.starts_at_ms),
-            "ends_at": iso(campaign.ends_at_ms),
             "remaining_count": int(remaining),
             "remaining_fen": total - won_f,
             "won_count": won_n,
@@ -370,7 +362,7 @@ class CampaignService:
         campaigns are answered before any session lookup.
         """
         campaign = await self.get(campaign_id)
-        now = now_ms()
+        now = self._clock()
         if now < campaign.opens_ms:
             raise NotStarted("the campaign has not started yet")
         if now >= campaign.closes_ms:
@@ -410,7 +402,7 @@ class CampaignService:
     async def _settle(
         self, campaign_id: str, users: list[str]
     ) -> list[tuple[GrabStatus, GrabOutcome]]:
-        result = await self._scripts.grab_envelope(campaign_id, users, now_ms())
+        result = await self._scripts.grab_envelope(campaign_id, users, self._clock())
         if result.status is not GrabStatus.SETTLED:
             none = GrabOutcome(GrabCode.SOLD_OUT, 0)
             return [(result.status, none)] * len(users)
