@@ -144,15 +144,7 @@ class Drainer:
             self._claimed_at = now
         if self._stopping.is_set():
             return done
-        self._read = asyncio.ensure_future(
-            self._redis.xreadgroup(
-                GROUP,
-                self.consumer,
-                dict.fromkeys(self._streams, ">"),
-                count=self._settings.batch_max,
-                block=self._settings.block_ms,
-            )
-        )
+        self._read = asyncio.ensure_future(self._read_new())
         try:
             reply = await self._read
         except asyncio.CancelledError:
@@ -175,6 +167,24 @@ class Drainer:
         if entries:
             await self._process(entries)
         return done + len(entries)
+
+    async def _read_new(self) -> Any:
+        """XREADGROUP new entries of every stream, blocking up to block_ms.
+
+        The command is built here, inside the read task, not by its creator: redis-py's
+        ``xreadgroup`` returns a wrapper coroutine over the ``execute_command`` coroutine it
+        has already created, so a read task cancelled by stop() before its first step
+        would close the wrapper and leave the inner coroutine never awaited (a
+        RuntimeWarning at garbage collection). Built here, a task cancelled that early
+        has created nothing, and one that has started cancels the command it awaits.
+        """
+        return await self._redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self._settings.batch_max,
+            block=self._settings.block_ms,
+        )
 
     async def _refresh(self) -> None:
         """Pick up new campaigns: create their consumer group (from the stream's start)."""

@@ -34,12 +34,40 @@ INSERT INTO campaigns (id, kind, name, total_fen, count, min_fen, max_fen,
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
 
-# Draws arrive at least once from the ledger stream; the primary key makes a replay a no-op.
-INSERT_DRAWS = """
-INSERT INTO draws (campaign_id, openid, draw_no, tier, value_fen, day, drawn_at, stream_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::bigint[],
-                     $6::date[], $7::timestamptz[], $8::text[])
-ON CONFLICT (campaign_id, openid, draw_no) DO NOTHING
+# Draws arrive at least once from the ledger stream. One statement, as WRITE_GRABS: a draw
+# already recorded exactly (a redelivery after a drainer died between COMMIT and XACK) is
+# skipped; one that contradicts the recorded draw of that number (possible only after
+# Redis lost acknowledged writes) is kept in ledger_rejects instead of being dropped.
+WRITE_DRAWS = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::bigint[],
+                         $6::date[], $7::timestamptz[], $8::text[])
+        AS b (campaign_id, openid, draw_no, tier, value_fen, day, drawn_at, stream_id)
+), inserted AS (
+    INSERT INTO draws (campaign_id, openid, draw_no, tier, value_fen, day, drawn_at, stream_id)
+    SELECT * FROM batch
+    ON CONFLICT (campaign_id, openid, draw_no) DO NOTHING
+    RETURNING *
+), rejected AS (
+    INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
+    SELECT b.campaign_id, b.stream_id, 'draw',
+           jsonb_build_object('u', b.openid, 'n', b.draw_no, 'p', coalesce(b.tier, -1),
+                              'a', b.value_fen, 't', b.drawn_at,
+                              'd', to_char(b.day, 'YYYYMMDD')),
+           'contradicts the recorded draw of the same player and number'
+    FROM batch b
+    WHERE NOT EXISTS (SELECT 1 FROM inserted i
+                      WHERE i.campaign_id = b.campaign_id AND i.stream_id = b.stream_id)
+      -- the statement's snapshot does not show its own inserts: look in both
+      AND NOT EXISTS (SELECT 1 FROM (SELECT * FROM draws UNION ALL SELECT * FROM inserted) d
+                      WHERE d.campaign_id = b.campaign_id AND d.openid = b.openid
+                        AND d.draw_no = b.draw_no AND d.tier IS NOT DISTINCT FROM b.tier
+                        AND d.value_fen = b.value_fen AND d.day = b.day
+                        AND d.drawn_at = b.drawn_at)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM rejected) AS rejected
 """
 
 SELECT_DRAWS = """
@@ -147,12 +175,13 @@ class DrawRecord:
         )
 
 
-async def insert_draws(conn: Conn, records: Sequence[DrawRecord]) -> int:
-    """Write drained draws (idempotent on replay); return how many rows were new."""
+async def insert_draws(conn: Conn, records: Sequence[DrawRecord]) -> Written:
+    """Write drained draws in one statement: new ones inserted, exact replays skipped,
+    contradictions of a recorded draw kept as rejects."""
     if not records:
-        return 0
-    status = await conn.execute(
-        INSERT_DRAWS,
+        return Written()
+    row = await conn.fetchrow(
+        WRITE_DRAWS,
         [r.campaign_id for r in records],
         [r.openid for r in records],
         [r.draw_no for r in records],
@@ -162,7 +191,8 @@ async def insert_draws(conn: Conn, records: Sequence[DrawRecord]) -> int:
         [r.drawn_at for r in records],
         [r.stream_id for r in records],
     )
-    return int(status.rsplit(" ", 1)[1])
+    assert row is not None
+    return Written(int(row["inserted"]), int(row["rejected"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,10 +373,10 @@ async def write_draws(conn: Conn, entries: list[LedgerEntry]) -> Written:
         except (KeyError, ValueError) as exc:
             bad.append((entry, f"draw entry {entry.stream_id}: {exc!r}"))
     if not bad:
-        return Written(await insert_draws(conn, good))
+        return await insert_draws(conn, good)
     # Two statements: keep them atomic (a savepoint when the caller has a transaction).
     async with conn.transaction():
-        return Written(await insert_draws(conn, good)) + await insert_rejects(conn, bad)
+        return await insert_draws(conn, good) + await insert_rejects(conn, bad)
 
 
 async def insert_rejects(conn: Conn, rejects: list[tuple[LedgerEntry, str]]) -> Written:

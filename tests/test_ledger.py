@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import warnings
 from typing import Any
 
 import asyncpg
@@ -15,7 +17,7 @@ from app.drainer import GROUP, Drainer
 from app.factory import create_app
 from app.keys import PG, REDIS
 from app.ledger import LedgerEntry, Written
-from app.scripts import CampaignKeys
+from app.scripts import CAMPAIGNS_SET, CampaignKeys
 from app.settings import LedgerSettings, Settings
 from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
 
@@ -167,3 +169,35 @@ async def test_unknown_kind_is_kept_not_lost(
     assert row is not None
     assert row["kind"] == "mystery"
     assert "mystery" in row["reason"]
+
+
+class StopAtRead(Redis):
+    """A real client that has the drainer stopped right after it issues XREADGROUP: in the
+    same loop turn, before the read task's first step (where a worker's shutdown can land)."""
+
+    drainer: Drainer | None = None
+
+    def xreadgroup(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.drainer is not None
+        asyncio.get_running_loop().call_soon(self.drainer.stop)
+        return super().xreadgroup(*args, **kwargs)
+
+
+async def test_stop_before_the_read_starts_leaves_no_command_unawaited(
+    redis_url: str, settings: Settings
+) -> None:
+    client = StopAtRead.from_url(redis_url)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+    try:
+        await client.sadd(CAMPAIGNS_SET, "stopped")
+        drainer = client.drainer = Drainer(client, pool, FAST, "stop-test")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert await drainer.step() == 0
+            client.drainer = None
+            del drainer
+            gc.collect()
+        assert [str(w.message) for w in seen] == []
+    finally:
+        await pool.close()
+        await client.aclose()

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -339,11 +340,12 @@ async def _drain_into_ledger(redis: Redis, pool: asyncpg.Pool, cid: str) -> int:
         for sid, f in entries
     ]
     async with pool.acquire() as conn:
-        written = 0
+        written = ledger.Written()
         for start in range(0, len(records), 64):
             written += await ledger.insert_draws(conn, records[start : start + 64])
-        assert await ledger.insert_draws(conn, records) == 0
-    return written
+        assert await ledger.insert_draws(conn, records) == ledger.Written(0, 0)
+    assert written.rejected == 0
+    return written.inserted
 
 
 async def test_draws_reach_the_ledger_and_reconcile(
@@ -406,6 +408,53 @@ async def test_draws_reach_the_ledger_and_reconcile(
     assert f"day {day}: " in rest
     assert f"player {user}: prizes (draw:tier)" in rest
     assert len(report.mismatches) == 7, report.mismatches
+
+
+async def test_draw_redelivery_is_a_no_op_and_contradictions_are_kept(
+    service: CampaignService, stores: Any
+) -> None:
+    _, pool = stores
+    cid = await make(service, tiers=[{"name": "金", "stock": 5, "weight": 1, "value_fen": 500}])
+
+    def entry(stream_id: str, user: str, n: int, tier: int, fen: int) -> ledger.LedgerEntry:
+        fields = {"k": "draw", "u": user, "n": str(n), "p": str(tier), "a": str(fen)}
+        return ledger.LedgerEntry(cid, stream_id, {**fields, "t": "1802275200123", "d": "20270210"})
+
+    first = [entry("1-0", "ann", 1, 0, 500), entry("1-1", "ann", 2, -1, 0)]
+    async with pool.acquire() as conn:
+        assert await ledger.write_draws(conn, first) == ledger.Written(2, 0)
+        # The same entries again (a drainer died between COMMIT and XACK): nothing changes.
+        assert await ledger.write_draws(conn, first) == ledger.Written(0, 0)
+        # After Redis lost ann's draws, her numbers come again with other outcomes; in the
+        # same batch bob's draw 1 twice, the second telling another story.
+        clash = [
+            entry("2-0", "ann", 1, -1, 0),
+            entry("2-1", "ann", 2, 0, 500),
+            entry("2-2", "bob", 1, 0, 500),
+            entry("2-3", "bob", 1, -1, 0),
+        ]
+        assert await ledger.write_draws(conn, clash) == ledger.Written(1, 3)
+        # A replay of the whole lot adds nothing: rejects are kept once.
+        assert await ledger.write_draws(conn, first + clash) == ledger.Written(0, 0)
+        rows = await conn.fetch(
+            "SELECT openid, draw_no, tier, value_fen, stream_id FROM draws"
+            " WHERE campaign_id = $1 ORDER BY 1, 2",
+            cid,
+        )
+        rejects = await ledger.fetch_rejects(pool, cid)
+    assert [tuple(r) for r in rows] == [
+        ("ann", 1, 0, 500, "1-0"),
+        ("ann", 2, None, 0, "1-1"),
+        ("bob", 1, 0, 500, "2-2"),
+    ]
+    assert [(r["stream_id"], r["kind"]) for r in rejects] == [
+        ("2-0", "draw"),
+        ("2-1", "draw"),
+        ("2-3", "draw"),
+    ]
+    assert all("contradicts" in r["reason"] for r in rejects)
+    kept = orjson.loads(rejects[0]["fields"])
+    assert (kept["u"], kept["n"], kept["p"], kept["a"], kept["d"]) == ("ann", 1, -1, 0, "20270210")
 
 
 def test_draw_record_from_a_stream_entry() -> None:
