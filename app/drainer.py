@@ -327,22 +327,35 @@ async def ledger_lag(redis: Redis) -> int:
         return sum(int(n) for n in await pipe.execute())
 
 
-async def watch_lag(redis: Redis, metrics: Metrics, interval_s: float = LAG_SAMPLE_S) -> None:
-    """Keep the ledger-lag gauge current (until cancelled); count the Redis errors met.
+async def watch_lag(
+    redis: Redis, metrics: Metrics, stop: asyncio.Event, interval_s: float = LAG_SAMPLE_S
+) -> None:
+    """Keep the ledger-lag gauge current until ``stop`` is set; count the Redis errors met.
 
     Sampled apart from the drain loop, so the gauge keeps rising while PostgreSQL is down
     and a drainer is stuck retrying one batch.
     """
-    while True:
+    while not stop.is_set():
         try:
             metrics.set_ledger_lag(await ledger_lag(redis))
         except RedisError as exc:
             metrics.count_redis_error()
             log.warning("ledger lag not sampled: %s", _err(exc))
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def stop_loop(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    """End a background loop that checks ``stop``: set it, cancel the task to cut short
+    what it awaits, and wait for it.
+
+    The event, not the cancellation, is what guarantees the end. On Python 3.11 a
+    cancellation can be lost inside any redis-py command: it sends through
+    ``asyncio.wait_for``, which (before 3.12) returns the result instead of raising
+    CancelledError when the send completes in the same loop turn as the cancel. A loop
+    stopped by cancellation alone then runs on, and shutdown waits for it forever.
+    """
+    stop.set()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -352,15 +365,18 @@ async def drainer_ctx(app: web.Application) -> AsyncIterator[None]:
     """Sample the ledger lag, and run a drainer (unless LEDGER_DRAIN_IN_WORKER=0), in this
     worker; stop both at shutdown."""
     settings = app[SETTINGS]
-    watcher = asyncio.create_task(watch_lag(app[REDIS], app[METRICS]), name="ledger-lag")
+    stop_sampling = asyncio.Event()
+    watcher = asyncio.create_task(
+        watch_lag(app[REDIS], app[METRICS], stop_sampling), name="ledger-lag"
+    )
     if not settings.ledger.drain_in_worker:
         yield
-        await _cancel(watcher)
+        await stop_loop(watcher, stop_sampling)
         return
     drainer = Drainer(app[REDIS], app[PG], settings.ledger, consumer_name(), metrics=app[METRICS])
     task = asyncio.create_task(drainer.run(), name="ledger-drainer")
     yield
-    await _cancel(watcher)
+    await stop_loop(watcher, stop_sampling)
     drainer.stop()
     try:
         await asyncio.wait_for(task, settings.shutdown_timeout_s)
