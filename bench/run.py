@@ -209,7 +209,7 @@ def wrk(name: str, url: str, sessions: Path, seconds: int, connections: int, ori
 
 
 async def create(http: aiohttp.ClientSession, base: str, **fields: object) -> str:
-    """Create a red packet through the admin API; return its id."""
+    """Create a campaign (a red packet unless ``kind`` says otherwise); return its id."""
     body = {"kind": "red_packet", "name": "bench", **fields}
     async with http.post(
         f"{base}/api/admin/campaigns",
@@ -224,25 +224,18 @@ async def create(http: aiohttp.ClientSession, base: str, **fields: object) -> st
 
 async def create_lottery(http: aiohttp.ClientSession, base: str) -> str:
     """A lottery every bench player may draw from once, with ample stock."""
-    body = {
-        "kind": "lottery",
-        "name": "bench 财神",
-        "tiers": [
+    return await create(
+        http,
+        base,
+        kind="lottery",
+        name="bench 财神",
+        tiers=[
             {"name": "8.88元", "stock": 1_000_000, "weight": 10, "value_fen": 888},
             {"name": "福袋", "stock": 1_000_000, "weight": 30, "value_fen": None},
         ],
-        "no_prize_weight": 60,
-        "quota_total": 1,
-    }
-    async with http.post(
-        f"{base}/api/admin/campaigns",
-        json=body,
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as resp:
-        data = await resp.json()
-        if resp.status != 201:
-            raise RuntimeError(f"create failed: {data}")
-        return str(data["id"])
+        no_prize_weight=60,
+        quota_total=1,
+    )
 
 
 async def script_calls(redis: Redis) -> int:
