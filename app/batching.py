@@ -8,6 +8,7 @@ leaves on the next loop iteration), and a busy one sends fewer, larger batches.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -76,3 +77,27 @@ class Batcher(Generic[T, R]):
                 await asyncio.wait(set(self._in_flight))
             else:
                 await asyncio.sleep(0)
+
+
+class KeyedBatchers(Generic[T, R]):
+    """One Batcher per key (a campaign id), made on first use; ``flush`` gets the key."""
+
+    def __init__(
+        self, flush: Callable[[str, list[T]], Awaitable[list[R]]], *, max_size: int
+    ) -> None:
+        self._flush = flush
+        self._max_size = max_size
+        self._batchers: dict[str, Batcher[T, R]] = {}
+
+    async def submit(self, key: str, item: T) -> R:
+        """Queue ``item`` in the batch of ``key`` and wait for its result."""
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = Batcher(functools.partial(self._flush, key), max_size=self._max_size)
+            self._batchers[key] = batcher
+        return await batcher.submit(item)
+
+    async def drain(self) -> None:
+        """Wait until no key has anything queued or in flight."""
+        for batcher in list(self._batchers.values()):
+            await batcher.drain()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -17,7 +16,7 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from app import ledger
-from app.batching import Batcher
+from app.batching import KeyedBatchers
 from app.errors import Ended, Invalid, NotFound, NotStarted, WrongKind
 from app.lottery import DrawOutcome, LotteryService, parse_lottery
 from app.scripts import (
@@ -35,7 +34,6 @@ FAR_FUTURE_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 MAX_NAME_LEN = 100
 LOAD_CHUNK = 10_000
 SOLD_OUT_RECHECK_S = 1.0
-R = TypeVar("R")
 Progress = Callable[[int, int], None]
 
 
@@ -189,8 +187,12 @@ class CampaignService:
         self._grab_batch_max = grab_batch_max
         self._cache: dict[str, Campaign] = {}
         self._fetching: dict[str, asyncio.Future[Campaign]] = {}
-        self._grabs: dict[str, Batcher[str, tuple[GrabStatus, GrabOutcome]]] = {}
-        self._lookups: dict[str, Batcher[str, GrabOutcome]] = {}
+        self._grabs: KeyedBatchers[str, tuple[GrabStatus, GrabOutcome]] = KeyedBatchers(
+            self._settle, max_size=grab_batch_max
+        )
+        self._lookups: KeyedBatchers[str, GrabOutcome] = KeyedBatchers(
+            self._lookup, max_size=grab_batch_max
+        )
         self._sold_out_until: dict[str, float] = {}
 
     async def create(self, data: Mapping[str, Any], progress: Progress | None = None) -> Campaign:
@@ -377,8 +379,8 @@ class CampaignService:
         if self._sold_out_until.get(campaign_id, 0.0) > time.monotonic():
             # Known sold out: only winners' retries need an answer from Redis, and a
             # coalesced HMGET gives it without running the script.
-            return await self._batcher(self._lookups, campaign_id, self._lookup).submit(openid)
-        status, outcome = await self._batcher(self._grabs, campaign_id, self._settle).submit(openid)
+            return await self._lookups.submit(campaign_id, openid)
+        status, outcome = await self._grabs.submit(campaign_id, openid)
         if status is GrabStatus.NOT_FOUND:
             raise NotFound("no such campaign")
         if status is GrabStatus.NOT_STARTED:
@@ -386,18 +388,6 @@ class CampaignService:
         if status is GrabStatus.ENDED:
             raise Ended("the campaign has ended")
         return outcome
-
-    def _batcher(
-        self,
-        batchers: dict[str, Batcher[str, R]],
-        campaign_id: str,
-        flush: Callable[[str, list[str]], Awaitable[list[R]]],
-    ) -> Batcher[str, R]:
-        batcher = batchers.get(campaign_id)
-        if batcher is None:
-            batcher = Batcher(functools.partial(flush, campaign_id), max_size=self._grab_batch_max)
-            batchers[campaign_id] = batcher
-        return batcher
 
     async def _settle(
         self, campaign_id: str, users: list[str]
@@ -426,7 +416,7 @@ class CampaignService:
 
     async def draw(self, campaign_id: str, openid: str) -> DrawOutcome:
         """Settle one lottery draw; raises NotFound / NotStarted / Ended / WrongKind / quota."""
-        return await self._lottery.draw(await self.get(campaign_id), openid)
+        return await self._lottery.draw(await self.ensure_open(campaign_id), openid)
 
     async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
         """What ``openid`` has won in a campaign, as the player sees it."""
@@ -448,8 +438,6 @@ class CampaignService:
 
     async def drain(self) -> None:
         """Finish grabs in flight (graceful shutdown)."""
-        for grabs in list(self._grabs.values()):
-            await grabs.drain()
-        for lookups in list(self._lookups.values()):
-            await lookups.drain()
+        await self._grabs.drain()
+        await self._lookups.drain()
         await self._lottery.drain()

@@ -19,7 +19,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-from app.batching import Batcher
+from app.batching import KeyedBatchers
 from app.errors import Ended, Invalid, NotFound, NotStarted, QuotaExhausted, WrongKind
 from app.scripts import (
     CAMPAIGNS_SET,
@@ -339,9 +339,10 @@ class LotteryService:
         self._scripts = scripts
         # Unix milliseconds; tests substitute a clock to cross day and slot boundaries.
         self._clock = clock
-        self._batch_max = batch_max
         self._configs: dict[str, LotteryConfig] = {}
-        self._batchers: dict[str, Batcher[str, tuple[DrawStatus, DrawResult]]] = {}
+        self._draws: KeyedBatchers[str, tuple[DrawStatus, DrawResult]] = KeyedBatchers(
+            self._settle, max_size=batch_max
+        )
 
     def config(self, campaign: Campaign) -> LotteryConfig:
         """The parsed lottery definition of ``campaign`` (cached; definitions never change)."""
@@ -364,20 +365,12 @@ class LotteryService:
             await pipe.execute()
 
     async def draw(self, campaign: Campaign, openid: str) -> DrawOutcome:
-        """Settle one draw of ``openid``; raises on quota, window or kind."""
+        """Settle one draw of ``openid`` (the caller checked the window); raises on quota or kind.
+
+        The script re-checks the window atomically.
+        """
         config = self.config(campaign)
-        now = self._clock()
-        if now < campaign.opens_ms:
-            raise NotStarted("the campaign has not started yet")
-        if now >= campaign.closes_ms:
-            raise Ended("the campaign has ended")
-        batcher = self._batchers.get(campaign.id)
-        if batcher is None:
-            batcher = Batcher(
-                lambda users: self._settle(campaign.id, users), max_size=self._batch_max
-            )
-            self._batchers[campaign.id] = batcher
-        status, result = await batcher.submit(openid)
+        status, result = await self._draws.submit(campaign.id, openid)
         if status is DrawStatus.NOT_FOUND:
             raise NotFound("no such campaign")
         if status is DrawStatus.NOT_STARTED:
@@ -480,5 +473,4 @@ class LotteryService:
 
     async def drain(self) -> None:
         """Finish draws in flight (graceful shutdown)."""
-        for batcher in list(self._batchers.values()):
-            await batcher.drain()
+        await self._draws.drain()
