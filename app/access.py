@@ -1,16 +1,33 @@
-"""The observe middleware: request metrics, one JSON access-log line, X-Request-ID."""
+"""The one middleware every request passes through.
+
+It does, in a single frame (each aiohttp middleware costs a coroutine and a wrapper on
+every request, and the closed-window paths are mostly this fixed cost):
+
+- the X-Request-ID: HAProxy's, else one made here, echoed on the response;
+- the CSRF same-origin check for unsafe player requests (app.csrf);
+- errors as JSON: ApiError, aiohttp's HTTP errors, stores that are down (503, with
+  failed Redis calls counted) and crashes (500);
+- request metrics and one JSON access-log line, with the status the client gets.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import time
 
+import asyncpg
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
+from app.csrf import csrf_refused
+from app.errors import ApiError, http_error_response, json_response
 from app.keys import ACCESS_LOG, METRICS, OPENID, SETTINGS
 from app.metrics import hash_openid
+
+log = logging.getLogger("hongbao.errors")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client-chosen request id longer than this is replaced (it ends up in every log line).
@@ -21,6 +38,9 @@ UNMATCHED = "unmatched"
 # they are counted in the metrics, but logged only when they fail.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
+_UNAVAILABLE = {"error": "unavailable", "message": "service temporarily unavailable"}
+_CSRF = {"error": "csrf", "message": "cross-site request refused; use the campaign page"}
+
 
 def route_template(request: web.Request) -> str:
     """The matched route's template (``/api/campaigns/{id}/grab``), never the raw path."""
@@ -28,53 +48,81 @@ def route_template(request: web.Request) -> str:
     return UNMATCHED if resource is None else resource.canonical
 
 
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request, log it as one JSON line, echo its X-Request-ID.
+class RequestIds:
+    """Request ids for requests that arrive without one: a random per-process prefix and
+    a counter, unique across workers without a system call per request."""
 
-    Sits outside the error middleware, so it sees the status the client gets. The
-    request id comes from the load balancer (HAProxy sets it when absent), else is made
-    here. The openid is logged only as a salted hash.
-    """
-    start = time.perf_counter()
-    request_id = request.headers.get(REQUEST_ID_HEADER)
-    if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
-        request_id = os.urandom(8).hex()
-    status = 500
+    def __init__(self) -> None:
+        self._prefix = os.urandom(5).hex()
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):06x}"
+
+
+async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's response, or the JSON error it ends in."""
     try:
-        response = await handler(request)
-        status = response.status
-        if not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = request_id
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        exc.headers[REQUEST_ID_HEADER] = request_id
-        raise
-    finally:
-        elapsed = time.perf_counter() - start
-        route = route_template(request)
-        app = request.app
-        app[METRICS].observe_request(route, request.method, status, elapsed)
-        settings = app[SETTINGS]
-        if settings.access_log and (status != 200 or route not in QUIET_ROUTES):
-            openid = request.get(OPENID)
-            line = {
-                "request_id": request_id,
-                "route": route,
-                "method": request.method,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 3),
-                "user": None if openid is None else hash_openid(openid, settings.log_salt),
-            }
-            app[ACCESS_LOG].emit(line)
-
-
-@web.middleware
-async def redis_errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count failed Redis calls; the error middleware outside renders them as 503."""
-    try:
+        if csrf_refused(request):
+            return json_response(_CSRF, status=403)
         return await handler(request)
-    except RedisError:
+    except ApiError as exc:
+        return json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_error_response(exc)
+    except RedisError as exc:
         request.app[METRICS].count_redis_error()
-        raise
+        log.warning("redis unavailable on %s %s: %r", request.method, request.path, exc)
+        return json_response(_UNAVAILABLE, status=503)
+    except (asyncpg.PostgresConnectionError, OSError) as exc:
+        # A store is down or overloaded: the client may retry; nothing was settled twice
+        # because every settlement is one atomic script call.
+        log.warning("store unavailable on %s %s: %r", request.method, request.path, exc)
+        return json_response(_UNAVAILABLE, status=503)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response({"error": "internal", "message": "internal error"}, status=500)
+
+
+def edge_middleware(request_ids: RequestIds) -> Middleware:
+    """The middleware; ``request_ids`` names requests that arrive without an id."""
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
+            request_id = request_ids()
+        status = 500
+        try:
+            response = await _respond(request, handler)
+            status = response.status
+            if not response.prepared:
+                response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+        except web.HTTPException as exc:  # a redirect
+            status = exc.status
+            exc.headers[REQUEST_ID_HEADER] = request_id
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            route = route_template(request)
+            app = request.app
+            app[METRICS].observe_request(route, request.method, status, elapsed)
+            settings = app[SETTINGS]
+            if settings.access_log and (status != 200 or route not in QUIET_ROUTES):
+                openid = request.get(OPENID)
+                app[ACCESS_LOG].emit(
+                    {
+                        "request_id": request_id,
+                        "route": route,
+                        "method": request.method,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "user": None if openid is None else hash_openid(openid, settings.log_salt),
+                    }
+                )
+
+    return edge

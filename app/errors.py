@@ -1,17 +1,11 @@
-"""API errors and the one middleware that renders every error as JSON."""
+"""API errors, rendered as JSON by the edge middleware (app.access)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
-from redis.exceptions import RedisError
-
-log = logging.getLogger("hongbao.errors")
 
 
 class ApiError(Exception):
@@ -101,29 +95,11 @@ _HTTP_CODES = {
 }
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn ApiError, aiohttp's HTTP errors and crashes into JSON error bodies."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return json_response(exc.body(), status=exc.status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        response = json_response({"error": code, "message": exc.reason}, status=exc.status)
-        for name in ("Allow", "Retry-After"):
-            if name in exc.headers:
-                response.headers[name] = exc.headers[name]
-        return response
-    except (RedisError, asyncpg.PostgresConnectionError, OSError) as exc:
-        # A store is down or overloaded: the client may retry; nothing was settled twice
-        # because every settlement is one atomic script call.
-        log.warning("store unavailable on %s %s: %r", request.method, request.path, exc)
-        return json_response(
-            {"error": "unavailable", "message": "service temporarily unavailable"}, status=503
-        )
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return json_response({"error": "internal", "message": "internal error"}, status=500)
+def http_error_response(exc: web.HTTPException) -> web.Response:
+    """aiohttp's HTTP error (404, 405, 413 ...) as a JSON error body."""
+    code = _HTTP_CODES.get(exc.status, "http_error")
+    response = json_response({"error": code, "message": exc.reason}, status=exc.status)
+    for name in ("Allow", "Retry-After"):
+        if name in exc.headers:
+            response.headers[name] = exc.headers[name]
+    return response

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.access import observe_middleware, redis_errors_middleware
+from app.access import RequestIds, edge_middleware
 from app.accesslog import AccessLog
-from app.csrf import csrf_middleware
 from app.drainer import drainer_ctx
-from app.errors import error_middleware
 from app.handlers import admin, auth, h5, ops, page, wechat
 from app.keys import ACCESS_LOG, METRICS, READINESS, SETTINGS
 from app.metrics import Metrics
@@ -24,12 +22,7 @@ async def _flush_access_log(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """Build the aiohttp application for ``settings``."""
     app = web.Application(
-        middlewares=[
-            observe_middleware,
-            error_middleware,
-            redis_errors_middleware,
-            csrf_middleware,
-        ],
+        middlewares=[edge_middleware(RequestIds())],
         client_max_size=settings.client_max_size,
     )
     app[SETTINGS] = settings

@@ -84,6 +84,7 @@ ENDED = "ended (409)"
 EARLY = "not started (409)"
 ALWAYS = "grab (won), appendfsync always"
 DRAW = "lottery draw"
+PATHS = ("grab", "sold-out", "ended", "not-started", "draw", "always")
 
 
 def median_rps(pairs: list[tuple[Result, Result]]) -> float:
@@ -369,22 +370,31 @@ async def bench(args: argparse.Namespace) -> str:
             run("warm-up", floor_url)
             pairs_by_path: dict[str, list[tuple[Result, Result]]] = {}
             grab_calls = grab_requests = won = 0
+            paths = set(args.paths)
             for r in rounds:
-                before = await script_calls(redis)
-                pair = paired(GRAB, f"{base}/api/campaigns/{grab_ids[r]}/grab")
-                grab_calls += await script_calls(redis) - before
-                grab_requests += pair[1].requests
-                won += int(await redis.hget(f"hb:{{{grab_ids[r]}}}:meta", "won_count") or 0)
-                pairs_by_path.setdefault(GRAB, []).append(pair)
-                for name, cid in ((SOLD, sold_id), (ENDED, ended_id), (EARLY, early_id)):
-                    url = f"{base}/api/campaigns/{cid}/grab"
-                    pairs_by_path.setdefault(name, []).append(paired(name, url))
-                url = f"{base}/api/campaigns/{lottery_ids[r]}/draw"
-                pairs_by_path.setdefault(DRAW, []).append(paired(DRAW, url))
-                await redis.config_set("appendfsync", "always")
-                pair = paired(ALWAYS, f"{base}/api/campaigns/{always_ids[r]}/grab")
-                await redis.config_set("appendfsync", "everysec")
-                pairs_by_path.setdefault(ALWAYS, []).append(pair)
+                if "grab" in paths:
+                    before = await script_calls(redis)
+                    pair = paired(GRAB, f"{base}/api/campaigns/{grab_ids[r]}/grab")
+                    grab_calls += await script_calls(redis) - before
+                    grab_requests += pair[1].requests
+                    won += int(await redis.hget(f"hb:{{{grab_ids[r]}}}:meta", "won_count") or 0)
+                    pairs_by_path.setdefault(GRAB, []).append(pair)
+                for path, name, cid in (
+                    ("sold-out", SOLD, sold_id),
+                    ("ended", ENDED, ended_id),
+                    ("not-started", EARLY, early_id),
+                ):
+                    if path in paths:
+                        url = f"{base}/api/campaigns/{cid}/grab"
+                        pairs_by_path.setdefault(name, []).append(paired(name, url))
+                if "draw" in paths:
+                    url = f"{base}/api/campaigns/{lottery_ids[r]}/draw"
+                    pairs_by_path.setdefault(DRAW, []).append(paired(DRAW, url))
+                if "always" in paths:
+                    await redis.config_set("appendfsync", "always")
+                    pair = paired(ALWAYS, f"{base}/api/campaigns/{always_ids[r]}/grab")
+                    await redis.config_set("appendfsync", "everysec")
+                    pairs_by_path.setdefault(ALWAYS, []).append(pair)
     finally:
         await redis.aclose()
         pg_srv.stop()
@@ -405,11 +415,17 @@ async def bench(args: argparse.Namespace) -> str:
             for name, pairs in pairs_by_path.items()
         ),
         "",
-        f"grab runs: {grab_requests:,} requests, {won:,} envelopes won, "
-        f"{grab_calls:,} script calls: {grab_calls / max(grab_requests, 1):.3f} "
-        "script calls per grab",
-        "durability: appendfsync always / everysec = "
-        f"{median_rps(pairs_by_path[ALWAYS]) / median_rps(pairs_by_path[GRAB]):.2f}",
+    ]
+    if GRAB in pairs_by_path:
+        lines.append(
+            f"grab runs: {grab_requests:,} requests, {won:,} envelopes won, "
+            f"{grab_calls:,} script calls: {grab_calls / max(grab_requests, 1):.3f} "
+            "script calls per grab"
+        )
+    if GRAB in pairs_by_path and ALWAYS in pairs_by_path:
+        ratio = median_rps(pairs_by_path[ALWAYS]) / median_rps(pairs_by_path[GRAB])
+        lines.append(f"durability: appendfsync always / everysec = {ratio:.2f}")
+    lines += [
         "",
         "CPU per request in µs, by component (all rounds; the machine's CPU is the sum):",
         "",
@@ -429,7 +445,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--players", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--paths",
+        type=lambda v: v.split(","),
+        default=list(PATHS),
+        help=f"comma-separated subset of {','.join(PATHS)}",
+    )
     args = parser.parse_args()
+    unknown = set(args.paths) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
     if shutil.which("wrk") is None or shutil.which("haproxy") is None:
         sys.exit("bench needs wrk and haproxy: apt-get install -y wrk haproxy")
     print(asyncio.run(bench(args)))
