@@ -18,6 +18,7 @@ from redis.typing import EncodableT, FieldT
 from app import ledger
 from app.batching import KeyedBatchers
 from app.errors import Ended, Invalid, NotFound, NotStarted, WrongKind
+from app.events import Events
 from app.lottery import DrawOutcome, LotteryService, parse_lottery
 from app.scripts import (
     CAMPAIGNS_SET,
@@ -26,6 +27,7 @@ from app.scripts import (
     GrabStatus,
     Scripts,
 )
+from app.soldout import SoldOut
 from app.split import MAX_COUNT, MAX_TOTAL_FEN, split_envelopes
 from app.validation import get_int, get_optional_int, get_str, get_time_ms, reject_unknown
 
@@ -33,7 +35,6 @@ from app.validation import get_int, get_optional_int, get_str, get_time_ms, reje
 FAR_FUTURE_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 MAX_NAME_LEN = 100
 LOAD_CHUNK = 10_000
-SOLD_OUT_RECHECK_S = 1.0
 Progress = Callable[[int, int], None]
 
 
@@ -167,6 +168,9 @@ class GrabOutcome:
     amount_fen: int
 
 
+SOLD_OUT = GrabOutcome(GrabCode.SOLD_OUT, 0)
+
+
 class CampaignService:
     """Campaign definitions (cached per worker; they never change) and grabs."""
 
@@ -177,6 +181,7 @@ class CampaignService:
         scripts: Scripts,
         *,
         grab_batch_max: int,
+        events: Events | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._clock = clock
@@ -193,7 +198,7 @@ class CampaignService:
         self._lookups: KeyedBatchers[str, GrabOutcome] = KeyedBatchers(
             self._lookup, max_size=grab_batch_max
         )
-        self._sold_out_until: dict[str, float] = {}
+        self._sold_out = None if events is None else SoldOut(redis, events)
 
     async def create(self, data: Mapping[str, Any], progress: Progress | None = None) -> Campaign:
         """Validate, split, record in PostgreSQL, then load into Redis and open."""
@@ -237,16 +242,6 @@ class CampaignService:
         await ledger.insert_campaign(self._pg, campaign, None)
         await self._lottery.load(campaign, campaign.to_meta())
         return campaign
-
-    async def load(
-        self,
-        campaign: Campaign,
-        envelopes: list[tuple[int, int]],
-        progress: Progress | None = None,
-    ) -> None:
-        """Replace the pool with ``(seq, amount)`` envelopes, then open the campaign."""
-        await self._push_pool(campaign, envelopes, progress)
-        await self._open(campaign)
 
     async def _push_pool(
         self, campaign: Campaign, envelopes: list[tuple[int, int]], progress: Progress | None
@@ -376,9 +371,12 @@ class CampaignService:
         campaign = await self.ensure_open(campaign_id)
         if campaign.kind != "red_packet":
             raise WrongKind("this campaign is a lottery; draw instead")
-        if self._sold_out_until.get(campaign_id, 0.0) > time.monotonic():
-            # Known sold out: only winners' retries need an answer from Redis, and a
-            # coalesced HMGET gives it without running the script.
+        sold_out = self._sold_out
+        if sold_out is not None and sold_out.knows(campaign_id):
+            # Known sold out: a player not among the winners is answered from memory;
+            # a winner's retry is looked up (a coalesced HMGET, not the script).
+            if sold_out.surely_lost(campaign_id, openid):
+                return SOLD_OUT
             return await self._lookups.submit(campaign_id, openid)
         status, outcome = await self._grabs.submit(campaign_id, openid)
         if status is GrabStatus.NOT_FOUND:
@@ -394,12 +392,9 @@ class CampaignService:
     ) -> list[tuple[GrabStatus, GrabOutcome]]:
         result = await self._scripts.grab_envelope(campaign_id, users, self._clock())
         if result.status is not GrabStatus.SETTLED:
-            none = GrabOutcome(GrabCode.SOLD_OUT, 0)
-            return [(result.status, none)] * len(users)
-        if result.remaining_count == 0:
-            # Sold out is final unless an operator rebuilds the campaign, so a worker
-            # re-asks the script at most once per SOLD_OUT_RECHECK_S.
-            self._sold_out_until[campaign_id] = time.monotonic() + SOLD_OUT_RECHECK_S
+            return [(result.status, SOLD_OUT)] * len(users)
+        if result.remaining_count == 0 and self._sold_out is not None:
+            self._sold_out.announce(campaign_id)
         return [(result.status, GrabOutcome(code, amount)) for code, amount in result.outcomes]
 
     async def _lookup(self, campaign_id: str, users: list[str]) -> list[GrabOutcome]:
@@ -408,7 +403,7 @@ class CampaignService:
             await self._redis.hmget(CampaignKeys.of(campaign_id).winners, users),
         )
         return [
-            GrabOutcome(GrabCode.SOLD_OUT, 0)
+            SOLD_OUT
             if value is None
             else GrabOutcome(GrabCode.ALREADY_WON, int(value.rsplit(b":", 1)[1]))
             for value in raw
@@ -441,3 +436,5 @@ class CampaignService:
         await self._grabs.drain()
         await self._lookups.drain()
         await self._lottery.drain()
+        if self._sold_out is not None:
+            await self._sold_out.close()

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from app.accesslog import AccessLog
 from app.assets import Assets
 from app.campaigns import CampaignService
+from app.events import Events
 from app.login import LoginService
 from app.metrics import Metrics
 from app.readiness import Readiness
@@ -20,6 +21,7 @@ SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
 PG = web.AppKey("pg", asyncpg.Pool)
 SCRIPTS = web.AppKey("scripts", Scripts)
+EVENTS = web.AppKey("events", Events)
 SESSIONS = web.AppKey("sessions", SessionStore)
 CAMPAIGNS = web.AppKey("campaigns", CampaignService)
 LOGINS = web.AppKey("logins", LoginService)

@@ -96,6 +96,12 @@ class Metrics:
             "campaigns (every worker samples the same total: take max, not sum).",
             registry=self.registry,
         )
+        self._events_live = Gauge(
+            "hongbao_events_live",
+            "1 while the worker's event listener is subscribed and resynced (its memory of "
+            "revoked sessions and sold-out campaigns is trusted), else 0.",
+            registry=self.registry,
+        )
         self._redis_errors = Counter(
             "hongbao_redis_errors",
             "Redis calls that failed (connection, timeout or server error).",
@@ -123,6 +129,10 @@ class Metrics:
     def set_ledger_lag(self, entries: int) -> None:
         """Report how many settled entries still wait to be written to PostgreSQL."""
         self._ledger_lag.set(entries)
+
+    def set_events_live(self, live: bool) -> None:
+        """Report whether the event listener is live."""
+        self._events_live.set(1 if live else 0)
 
     def count_redis_error(self) -> None:
         """Count one failed Redis call."""

@@ -36,6 +36,7 @@ from redis.asyncio import Redis
 
 from app import ledger
 from app.campaigns import Campaign
+from app.events import publish
 from app.ledger import SettledDraw
 from app.lottery import LotteryConfig
 from app.scripts import CAMPAIGNS_SET, CampaignKeys, daily_key
@@ -677,4 +678,6 @@ async def rebuild(redis: Redis, pg: asyncpg.Pool, campaign_id: str) -> RebuildRe
         pipe.hset(keys.meta, mapping=meta)
         pipe.sadd(CAMPAIGNS_SET, campaign_id)
         await pipe.execute()
+    # Workers that knew the campaign sold out must ask its script again.
+    await publish(redis, "reset", campaign_id)
     return RebuildResult(campaign_id, won, left, rejects)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,20 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from app import ledger
 from app.assets import Assets
 from app.campaigns import CampaignService
-from app.keys import ASSETS, CAMPAIGNS, LOGINS, PG, REDIS, SCRIPTS, SESSIONS, SETTINGS
+from app.drainer import stop_loop
+from app.events import Events
+from app.keys import (
+    ASSETS,
+    CAMPAIGNS,
+    EVENTS,
+    LOGINS,
+    METRICS,
+    PG,
+    REDIS,
+    SCRIPTS,
+    SESSIONS,
+    SETTINGS,
+)
 from app.login import LoginService
 from app.scripts import Scripts
 from app.sessions import SessionStore
@@ -55,13 +69,22 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     """Domain services over Redis and PostgreSQL; in-flight batches finish on shutdown."""
     settings = app[SETTINGS]
-    sessions = SessionStore(app[REDIS], settings.session_ttl_s)
+    events = Events(app[REDIS], app[METRICS])
+    sessions = SessionStore(app[REDIS], settings.session_ttl_s, events=events)
     campaigns = CampaignService(
-        app[REDIS], app[PG], app[SCRIPTS], grab_batch_max=settings.grab_batch_max
+        app[REDIS],
+        app[PG],
+        app[SCRIPTS],
+        grab_batch_max=settings.grab_batch_max,
+        events=events,
     )
+    app[EVENTS] = events
     app[SESSIONS] = sessions
     app[CAMPAIGNS] = campaigns
+    stop = asyncio.Event()
+    listener = asyncio.create_task(events.run(stop), name="events")
     yield
+    await stop_loop(listener, stop)
     await campaigns.drain()
     await sessions.drain()
 

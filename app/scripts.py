@@ -68,9 +68,15 @@ def daily_key(campaign_id: str, day: int) -> str:
     return f"hb:{{{campaign_id}}}:daily:{day}"
 
 
-def session_key(token: str) -> str:
-    """Redis key of a session token."""
-    return f"hb:sess:{token}"
+def session_key(sid: str) -> str:
+    """Redis key of a session (``sid``: the session id its token names)."""
+    return f"hb:sess:{sid}"
+
+
+# The key that signs session tokens (app.sessions), shared by every worker.
+SESSION_SIGNING_KEY = "hb:session-key"
+# Sessions ended before their expiry: sid -> expiry (unix s), pruned as they expire.
+REVOKED_SET = "hb:revoked"
 
 
 def login_key(state: str) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -141,3 +142,26 @@ def gather_limited(coros: list, limit: int = 200):  # type: ignore[no-untyped-de
             return await coro
 
     return asyncio.gather(*(one(c) for c in coros))
+
+
+async def command_calls(redis: Redis, *commands: str) -> int:
+    """How many times the server has run ``commands`` (INFO commandstats), all clients."""
+    stats = await redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)
+
+
+# Every command a grab may send to Redis, for tests that a path sends none.
+GRAB_COMMANDS = ("evalsha", "eval", "hmget", "hget", "mget", "get", "hgetall", "hscan")
+
+
+async def until_answered_locally(answer: Callable[[], Awaitable[object]], redis: Redis) -> None:
+    """Repeat ``answer()`` until one call sends no grab command to Redis (bounded: 5 s);
+    a worker learns a campaign is sold out asynchronously."""
+    deadline = time.monotonic() + 5
+    while True:
+        before = await command_calls(redis, *GRAB_COMMANDS)
+        await answer()
+        if await command_calls(redis, *GRAB_COMMANDS) == before:
+            return
+        assert time.monotonic() < deadline, "the worker kept asking Redis"
+        await asyncio.sleep(0.02)

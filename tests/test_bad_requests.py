@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app.scripts import CampaignKeys
-from app.sessions import new_token
+from app.sessions import Session, issue
 from tests.conftest import ADMIN, create_campaign, login
 
 VALID = {"kind": "red_packet", "name": "红包", "total_fen": 1000, "count": 10}
@@ -150,8 +150,28 @@ async def test_admin_token_required(
 
 @pytest.mark.parametrize(
     "cookie",
-    [None, "", "garbage", "x" * 43, new_token(), "a" * 5000, "{tag}" + "a" * 38],
-    ids=["none", "empty", "short", "unknown-shape", "forged", "huge", "braces"],
+    [
+        None,
+        "",
+        "garbage",
+        "x" * 43,
+        issue(b"not the key".ljust(32), Session("victim"), 2**40)[1],
+        "a" * 5000,
+        "{tag}" + "a" * 38,
+        "a.b.c.d.e",
+        "\u00e9" * 30,
+    ],
+    ids=[
+        "none",
+        "empty",
+        "short",
+        "unknown-shape",
+        "forged",
+        "huge",
+        "braces",
+        "dotted",
+        "non-ascii",
+    ],
 )
 async def test_grab_without_valid_session(
     client: TestClient, redis: Redis, pg: asyncpg.Connection, cookie: str | None

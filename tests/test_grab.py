@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from app.events import publish
 from app.scripts import CampaignKeys
-from tests.conftest import ADMIN, PAGE, create_campaign, login
+from tests.conftest import ADMIN, PAGE, create_campaign, login, until_answered_locally
 
 
 async def _grab_as(client: TestClient, token: str, cid: str) -> dict[str, object]:
@@ -156,7 +158,11 @@ async def test_session_cookie_attributes(client: TestClient, settings) -> None: 
     assert "SameSite=Lax" in header
     assert "Max-Age=604800" in header
     token = resp.cookies["hb_session"].value
-    assert len(token) == 43  # 256 bits, URL-safe base64
+    sid, expires, snapshot, openid, mac = token.split(".")
+    assert len(sid) == 22  # 128 random bits, URL-safe base64
+    assert len(mac) == 22  # 128 bits of HMAC-SHA256
+    assert (snapshot, openid) == ("0", "Y29va2llLWNoZWNr")  # base64url("cookie-check")
+    assert abs(int(expires) - time.time() - 604800) <= 5
 
 
 async def test_secure_cookie_unless_configured(aiohttp_client, settings) -> None:  # type: ignore[no-untyped-def]
@@ -195,14 +201,20 @@ async def test_sold_out_path_still_answers_winners(client: TestClient, redis: Re
     assert await redis.xlen(CampaignKeys.of(cid).ledger) == 3
 
 
-async def test_sold_out_knowledge_expires_after_refill(client: TestClient, redis: Redis) -> None:
-    """A rebuilt pool is seen again within the recheck interval: sold out is not forever."""
+async def test_sold_out_knowledge_ends_with_a_reset(client: TestClient, redis: Redis) -> None:
+    """A refilled pool (rebuild publishes "reset") is grabbed again: sold out is not forever."""
     campaign = await create_campaign(client, total_fen=100, count=1)
     cid = str(campaign["id"])
     a, b = await login(client, "ra"), await login(client, "rb")
     client.session.cookie_jar.clear()
     assert (await _grab_as(client, a, cid))["result"] == "won"
     assert (await _grab_as(client, b, cid))["result"] == "sold_out"
+    await until_answered_locally(lambda: _grab_as(client, b, cid), redis)
     await redis.rpush(CampaignKeys.of(cid).pool, "1:50")
-    await asyncio.sleep(1.2)
-    assert await _grab_as(client, b, cid) == {"result": "won", "amount_fen": 50}
+    assert (await _grab_as(client, b, cid))["result"] == "sold_out"
+    await publish(redis, "reset", cid)
+    deadline = time.monotonic() + 5
+    while (answer := await _grab_as(client, b, cid))["result"] == "sold_out":
+        assert time.monotonic() < deadline, "the reset never reached the worker"
+        await asyncio.sleep(0.02)
+    assert answer == {"result": "won", "amount_fen": 50}

@@ -21,6 +21,7 @@ from app.factory import create_app
 from app.fakewechat import FakeWeChat, create_fake_app
 from app.login import safe_next
 from app.scripts import CampaignKeys, login_key, session_key
+from app.sessions import sid_of
 from app.settings import Settings
 from tests.conftest import PAGE, create_campaign
 
@@ -158,7 +159,7 @@ async def test_login_creates_session_keyed_by_openid(
     assert resp.headers["Location"] == f"/c/{cid}"
     token = session_cookie(resp)
     assert token is not None
-    stored = orjson.loads(await redis.get(session_key(token)))
+    stored = orjson.loads(await redis.get(session_key(sid_of(token))))
     assert stored == {"openid": "alice", "unionid": "U-alice", "snapshot": False}
 
     grab = await (await client.post(f"/api/campaigns/{cid}/grab")).json()
@@ -271,7 +272,7 @@ async def test_code_used_by_another_browser_40163(world: WeChatWorld, redis: Red
     assert "40163" in page
     assert session_cookie(stolen) is None
     assert world.fake.exchanges == 2
-    assert await redis.get(session_key(alice_token)) is not None
+    assert await redis.get(session_key(sid_of(alice_token))) is not None
 
 
 async def test_refusal_goes_back_to_the_page(world: WeChatWorld, redis: Redis) -> None:
@@ -303,7 +304,7 @@ async def test_snapshot_user_may_look_not_grab(world: WeChatWorld, redis: Redis)
     resp, _ = await login_through_wechat(world, client, f"/c/{cid}", fake_snapshot="1")
     token = session_cookie(resp)
     assert token is not None
-    assert orjson.loads(await redis.get(session_key(token)))["snapshot"] is True
+    assert orjson.loads(await redis.get(session_key(sid_of(token))))["snapshot"] is True
     assert (await client.get(f"/api/campaigns/{cid}")).status == 200
     assert await (await client.get(f"/api/campaigns/{cid}/me")).json() == {"result": "none"}
     grab = await client.post(f"/api/campaigns/{cid}/grab")
