@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from app.csrf import csrf_refused
 from app.errors import ApiError, http_error_response, json_response
 from app.keys import ACCESS_LOG, METRICS, OPENID, SETTINGS
-from app.metrics import hash_openid
+from app.metrics import Pseudonyms
 
 log = logging.getLogger("hongbao.errors")
 
@@ -86,8 +86,9 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
         return json_response({"error": "internal", "message": "internal error"}, status=500)
 
 
-def edge_middleware(request_ids: RequestIds) -> Middleware:
-    """The middleware; ``request_ids`` names requests that arrive without an id."""
+def edge_middleware(request_ids: RequestIds, pseudonyms: Pseudonyms) -> Middleware:
+    """The middleware; ``request_ids`` names requests that arrive without an id,
+    ``pseudonyms`` stands in for openids in the access log."""
 
     @web.middleware
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -121,7 +122,7 @@ def edge_middleware(request_ids: RequestIds) -> Middleware:
                         "method": request.method,
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 3),
-                        "user": None if openid is None else hash_openid(openid, settings.log_salt),
+                        "user": None if openid is None else pseudonyms(openid),
                     }
                 )
 

@@ -9,7 +9,7 @@ from app.accesslog import AccessLog
 from app.drainer import drainer_ctx
 from app.handlers import admin, auth, h5, ops, page, wechat
 from app.keys import ACCESS_LOG, METRICS, READINESS, SETTINGS
-from app.metrics import Metrics
+from app.metrics import Metrics, Pseudonyms
 from app.readiness import Readiness
 from app.resources import assets_ctx, postgres_ctx, redis_ctx, services_ctx, wechat_ctx
 from app.settings import Settings
@@ -22,7 +22,7 @@ async def _flush_access_log(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """Build the aiohttp application for ``settings``."""
     app = web.Application(
-        middlewares=[edge_middleware(RequestIds())],
+        middlewares=[edge_middleware(RequestIds(), Pseudonyms(settings.log_salt))],
         client_max_size=settings.client_max_size,
     )
     app[SETTINGS] = settings

@@ -13,6 +13,7 @@ The shutdown sequence, all within ``SHUTDOWN_TIMEOUT_S`` of the signal:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -42,6 +43,7 @@ async def run_worker(app: web.Application, settings: Settings) -> int:
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
         await site.start()
+        gc.freeze()
         log.info("worker ready on %s:%s", settings.host, settings.port)
         await stop.wait()
     except BaseException:

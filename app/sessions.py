@@ -3,9 +3,10 @@
 A session is created in Redis (``hb:sess:<sid>``, with the TTL of the session) and the
 player gets a token that names it and signs what the hot path needs::
 
-    <sid>.<expires, unix s>.<snapshot 0|1>.<openid, base64url>.<HMAC-SHA256, 128 bits>
+    <sid>.<expires, unix s>.<snapshot 0|1>.<openid, base64url>.<MAC, 128 bits>
 
-so any worker can tell who a request belongs to without a Redis call. The signing key
+so any worker can tell who a request belongs to without a Redis call. The MAC is keyed
+BLAKE2b (a MAC by design, and a few times cheaper per token than HMAC-SHA256). The key
 is shared through Redis (``hb:session-key``, made by the first worker that needs it),
 so it has the trust boundary of the sessions themselves. Logout deletes the session,
 records the sid in ``hb:revoked`` until the token would have expired, and publishes
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -51,11 +52,10 @@ def _unb64(text: str) -> bytes:
 
 
 def _mac(key: bytes, body: str) -> str:
-    return _b64(hmac.digest(key, body.encode(), "sha256")[:16])
+    return _b64(hashlib.blake2b(body.encode(), key=key, digest_size=16).digest())
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+class Session(NamedTuple):
     """Who a request belongs to."""
 
     openid: str
@@ -81,8 +81,7 @@ class Session:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Claims:
+class Claims(NamedTuple):
     """What a token with a good signature says."""
 
     sid: str

@@ -179,3 +179,24 @@ async def test_winners_index_is_exact_for_winners(redis: Redis) -> None:
     assert len(index) == len(winners)
     assert all(w in index for w in winners)
     assert not any(f"l{i:05d}" in index for i in range(25_000))
+
+
+async def test_session_cookie_found_among_others(client: TestClient, redis: Redis) -> None:
+    cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
+    token = await login(client, "crowded")
+    client.session.cookie_jar.clear()
+    url = f"/api/campaigns/{cid}/me"
+    for header, status in [
+        (f"a=1; hb_session={token}; b=2", 200),
+        (f"hb_session={token};x=y", 200),
+        (f"  hb_session={token}", 200),
+        (f"hb_session={token}; hb_session=stale", 200),
+        (f'hb_session="{token}"', 401),
+        (f"xhb_session={token}", 401),
+        ("hb_session", 401),
+        ("hb_session=", 401),
+        (";;;", 401),
+    ]:
+        resp = await client.get(url, headers={"Cookie": header})
+        assert resp.status == status, header
+    assert await redis.hlen(CampaignKeys.of(cid).winners) == 0

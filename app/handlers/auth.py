@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.errors import Invalid, json_response
-from app.handlers.deps import set_session_cookie
+from app.handlers.deps import session_token, set_session_cookie
 from app.keys import SESSIONS, SETTINGS
 from app.sessions import COOKIE_NAME, Session
 from app.validation import get_str, read_json_object, reject_unknown
@@ -28,7 +28,7 @@ async def dev_login(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     """POST /auth/logout: delete the session and the cookie."""
-    token = request.cookies.get(COOKIE_NAME)
+    token = session_token(request)
     if token is not None:
         await request.app[SESSIONS].delete(token)
     response = json_response({"result": "logged_out"})
