@@ -119,8 +119,11 @@ class Drainer:
         log.info("drainer %s started", self.consumer)
         while not self._stopping.is_set():
             try:
-                await self.step()
+                done = await self.step()
                 delay = FIRST_RETRY_S
+                if 0 < done < self._settings.batch_max and self._settings.linger_ms:
+                    # Let the next batch fill up (see LedgerSettings.linger_ms).
+                    await self._pause(self._settings.linger_ms / 1000)
             except Exception as exc:
                 if isinstance(exc, RedisError) and self._metrics is not None:
                     self._metrics.count_redis_error()
