@@ -22,10 +22,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
+from app.accesslog import AccessLog
 from app.csrf import csrf_refused
 from app.errors import ApiError, http_error_response, json_response
-from app.keys import ACCESS_LOG, METRICS, OPENID, SETTINGS
-from app.metrics import Pseudonyms
+from app.keys import OPENID
+from app.metrics import Metrics, Pseudonyms
+from app.settings import Settings
 
 log = logging.getLogger("hongbao.errors")
 
@@ -60,7 +62,7 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):06x}"
 
 
-async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _respond(request: web.Request, handler: Handler, metrics: Metrics) -> web.StreamResponse:
     """The handler's response, or the JSON error it ends in."""
     try:
         if csrf_refused(request):
@@ -73,7 +75,7 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         return http_error_response(exc)
     except RedisError as exc:
-        request.app[METRICS].count_redis_error()
+        metrics.count_redis_error()
         log.warning("redis unavailable on %s %s: %r", request.method, request.path, exc)
         return json_response(_UNAVAILABLE, status=503)
     except (asyncpg.PostgresConnectionError, OSError) as exc:
@@ -86,9 +88,11 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
         return json_response({"error": "internal", "message": "internal error"}, status=500)
 
 
-def edge_middleware(request_ids: RequestIds, pseudonyms: Pseudonyms) -> Middleware:
-    """The middleware; ``request_ids`` names requests that arrive without an id,
-    ``pseudonyms`` stands in for openids in the access log."""
+def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog) -> Middleware:
+    """The middleware, closed over what it records to (no app lookups per request)."""
+    request_ids = RequestIds()
+    pseudonyms = Pseudonyms(settings.log_salt)
+    log_requests = settings.access_log
 
     @web.middleware
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -98,7 +102,7 @@ def edge_middleware(request_ids: RequestIds, pseudonyms: Pseudonyms) -> Middlewa
             request_id = request_ids()
         status = 500
         try:
-            response = await _respond(request, handler)
+            response = await _respond(request, handler, metrics)
             status = response.status
             if not response.prepared:
                 response.headers[REQUEST_ID_HEADER] = request_id
@@ -110,12 +114,10 @@ def edge_middleware(request_ids: RequestIds, pseudonyms: Pseudonyms) -> Middlewa
         finally:
             elapsed = time.perf_counter() - start
             route = route_template(request)
-            app = request.app
-            app[METRICS].observe_request(route, request.method, status, elapsed)
-            settings = app[SETTINGS]
-            if settings.access_log and (status != 200 or route not in QUIET_ROUTES):
+            metrics.observe_request(route, request.method, status, elapsed)
+            if log_requests and (status != 200 or route not in QUIET_ROUTES):
                 openid = request.get(OPENID)
-                app[ACCESS_LOG].emit(
+                access_log.emit(
                     {
                         "request_id": request_id,
                         "route": route,

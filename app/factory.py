@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.access import RequestIds, edge_middleware
+from app.access import edge_middleware
 from app.accesslog import AccessLog
 from app.drainer import drainer_ctx
 from app.handlers import admin, auth, h5, ops, page, wechat
 from app.keys import ACCESS_LOG, METRICS, READINESS, SETTINGS
-from app.metrics import Metrics, Pseudonyms
+from app.metrics import Metrics
 from app.readiness import Readiness
 from app.resources import assets_ctx, postgres_ctx, redis_ctx, services_ctx, wechat_ctx
 from app.settings import Settings
@@ -19,15 +19,18 @@ async def _flush_access_log(app: web.Application) -> None:
     app[ACCESS_LOG].flush()
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the aiohttp application for ``settings``."""
+def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.Application:
+    """Build the aiohttp application for ``settings`` (access lines to ``access_log``,
+    default stdout)."""
+    metrics = Metrics()
+    access_log = AccessLog() if access_log is None else access_log
     app = web.Application(
-        middlewares=[edge_middleware(RequestIds(), Pseudonyms(settings.log_salt))],
+        middlewares=[edge_middleware(settings, metrics, access_log)],
         client_max_size=settings.client_max_size,
     )
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
-    app[ACCESS_LOG] = AccessLog()
+    app[METRICS] = metrics
+    app[ACCESS_LOG] = access_log
     app[READINESS] = Readiness()
     # Cleanup runs in reverse: the drainer stops before the batchers it records drain.
     app.cleanup_ctx.extend(

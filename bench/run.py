@@ -43,15 +43,19 @@ global
 defaults
     mode http
     option http-keep-alive
+    # As in haproxy/haproxy.cfg: every request reaches a worker with an X-Request-ID.
+    unique-id-format %[uuid()]
     timeout connect 2s
     timeout client 30s
     timeout server 30s
     timeout queue 5s
 frontend app
     bind 127.0.0.1:{app_port}
+    http-request set-header X-Request-ID %[unique-id] unless {{ req.hdr(X-Request-ID) -m found }}
     default_backend workers
 frontend floor
     bind 127.0.0.1:{floor_port}
+    http-request set-header X-Request-ID %[unique-id] unless {{ req.hdr(X-Request-ID) -m found }}
     default_backend floors
 backend workers
     balance leastconn

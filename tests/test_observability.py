@@ -119,9 +119,8 @@ async def test_one_json_access_line_per_request_with_hashed_openid(
     settings: Settings,
 ) -> None:
 
-    app = create_app(settings.with_(log_salt="pepper"))
     out = io.BytesIO()
-    app[ACCESS_LOG] = AccessLog(out)
+    app = create_app(settings.with_(log_salt="pepper"), AccessLog(out))
     client = await aiohttp_client(app, headers=PAGE)
     campaign = await create_campaign(client, total_fen=100, count=1)
     await login(client, "wx-openid-secret")
@@ -166,9 +165,8 @@ async def test_access_log_can_be_turned_off(
     settings: Settings,
 ) -> None:
 
-    app = create_app(settings.with_(access_log=False))
     out = io.BytesIO()
-    app[ACCESS_LOG] = AccessLog(out)
+    app = create_app(settings.with_(access_log=False), AccessLog(out))
     client = await aiohttp_client(app, headers=PAGE)
     assert (await client.get("/api/campaigns/nope")).status == 404
     app[ACCESS_LOG].flush()
@@ -188,9 +186,8 @@ async def test_access_lines_of_a_burst_are_written_together(
             CountingBuffer.writes += 1
             return super().write(data)
 
-    app = create_app(settings)
     out = CountingBuffer()
-    app[ACCESS_LOG] = AccessLog(out)
+    app = create_app(settings, AccessLog(out))
     client = await aiohttp_client(app, headers=PAGE)
     await asyncio.gather(*(client.get("/api/campaigns/nope") for _ in range(200)))
     await client.close()  # app cleanup flushes what is still queued
