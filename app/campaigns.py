@@ -358,7 +358,7 @@ class CampaignService:
         Needs no Redis once the definition is cached, so ended and not-started
         campaigns are answered before any session lookup.
         """
-        campaign = await self.get(campaign_id)
+        campaign = self._cache.get(campaign_id) or await self.get(campaign_id)
         now = self._clock()
         if now < campaign.opens_ms:
             raise NotStarted("the campaign has not started yet")
@@ -366,11 +366,12 @@ class CampaignService:
             raise Ended("the campaign has ended")
         return campaign
 
-    async def grab(self, campaign_id: str, openid: str) -> GrabOutcome:
-        """Settle one player's grab; raises NotFound / NotStarted / Ended / WrongKind."""
-        campaign = await self.ensure_open(campaign_id)
+    async def grab(self, campaign: Campaign, openid: str) -> GrabOutcome:
+        """Settle one player's grab in an open campaign (see ensure_open); raises
+        WrongKind, or NotFound / NotStarted / Ended if Redis disagrees with the cache."""
         if campaign.kind != "red_packet":
             raise WrongKind("this campaign is a lottery; draw instead")
+        campaign_id = campaign.id
         sold_out = self._sold_out
         if sold_out is not None and sold_out.knows(campaign_id):
             # Known sold out: a player not among the winners is answered from memory;
@@ -409,9 +410,10 @@ class CampaignService:
             for value in raw
         ]
 
-    async def draw(self, campaign_id: str, openid: str) -> DrawOutcome:
-        """Settle one lottery draw; raises NotFound / NotStarted / Ended / WrongKind / quota."""
-        return await self._lottery.draw(await self.ensure_open(campaign_id), openid)
+    async def draw(self, campaign: Campaign, openid: str) -> DrawOutcome:
+        """Settle one lottery draw in an open campaign (see ensure_open); raises
+        WrongKind or QuotaExhausted, or NotFound / NotStarted / Ended from the script."""
+        return await self._lottery.draw(campaign, openid)
 
     async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
         """What ``openid`` has won in a campaign, as the player sees it."""

@@ -167,7 +167,8 @@ class SessionStore:
     async def verify(self, token: str) -> Claims | None:
         """The claims of ``token`` if we signed it and it has not expired (no Redis call
         once the key is known)."""
-        claims = read(await self._signing_key(), token)
+        key = self._key if self._key is not None else await self._load_key()
+        claims = read(key, token)
         if claims is None and time.monotonic() - self._key_read_at >= KEY_RELOAD_S:
             # Redis may have lost the key and another worker made a new one.
             claims = read(await self._load_key(), token)

@@ -25,9 +25,9 @@ async def grab(request: web.Request) -> web.Response:
     """POST /api/campaigns/{id}/grab: one envelope per player, settled in Redis."""
     campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
     # 404 / 409 need no session: answered from the cached definition, before Redis.
-    await campaigns.ensure_open(campaign_id)
+    campaign = await campaigns.ensure_open(campaign_id)
     session = await playing_session(request)
-    outcome = await campaigns.grab(campaign_id, session.openid)
+    outcome = await campaigns.grab(campaign, session.openid)
     if outcome.code is GrabCode.SOLD_OUT:
         request.app[METRICS].count_grab("sold_out")
         return json_response({"result": "sold_out"})
@@ -47,11 +47,11 @@ async def draw(request: web.Request) -> web.Response:
     """POST /api/campaigns/{id}/draw: one lottery draw, settled in Redis."""
     campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
     # As for grabs, 404 / 409 need no session.
-    await campaigns.ensure_open(campaign_id)
+    campaign = await campaigns.ensure_open(campaign_id)
     session = await playing_session(request)
     metrics = request.app[METRICS]
     try:
-        outcome = await campaigns.draw(campaign_id, session.openid)
+        outcome = await campaigns.draw(campaign, session.openid)
     except QuotaExhausted:
         metrics.count_draw(QuotaExhausted.code)
         raise
