@@ -81,7 +81,7 @@ async def make(service: CampaignService, **fields: Any) -> str:
 async def attempt(service: CampaignService, cid: str, openid: str) -> str:
     """One draw: "prize", "no_prize", or the quota scope that refused it."""
     try:
-        outcome = await service.draw(cid, openid)
+        outcome = await service.draw(await service.ensure_open(cid), openid)
     except QuotaExhausted as exc:
         return str(exc.extra["scope"])
     return "prize" if outcome.result.code is DrawCode.PRIZE else "no_prize"
@@ -283,8 +283,9 @@ async def test_service_draws_differ_per_call(service: CampaignService) -> None:
             {"name": "乙", "stock": 1000, "weight": 1, "value_fen": 200},
         ],
     )
-    outcomes = [await service.draw(cid, "same-player") for _ in range(40)]
-    outcomes += await asyncio.gather(*(service.draw(cid, "same-player") for _ in range(40)))
+    campaign = await service.ensure_open(cid)
+    outcomes = [await service.draw(campaign, "same-player") for _ in range(40)]
+    outcomes += await asyncio.gather(*(service.draw(campaign, "same-player") for _ in range(40)))
     tiers = Counter(o.result.tier for o in outcomes)
     # Both tiers have odds 1/2; forty of one kind in a row has odds 2^-79 per batch.
     assert tiers.keys() == {0, 1}
