@@ -48,7 +48,8 @@ def same_origin(request: web.Request) -> bool:
     ours = _origin_of(public_origin(request))
     origin = request.headers.get("Origin")
     if origin is not None:
-        return _origin_of(origin) == ours
+        # A browser sends exactly scheme://host[:port], which is what ours is.
+        return origin == ours or _origin_of(origin) == ours
     if request.headers.get(PAGE_HEADER) == PAGE_HEADER_VALUE:
         return True
     referer = request.headers.get("Referer")

@@ -15,6 +15,7 @@ Redis, as they would without this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -30,6 +31,7 @@ CHANNEL = "hb:events"
 # the listener pings, so a connection that died without a word is noticed.
 PING_EVERY_S = 5.0
 RETRY_S = 0.5
+RETRY_MAX_S = 8.0
 
 Handler = Callable[[str], None]
 Resync = Callable[[], Awaitable[None]]
@@ -49,6 +51,8 @@ class Events:
         self._handlers: dict[str, Handler] = {}
         self._resyncs: list[Resync] = []
         self._live = False
+        # Whether the last subscription got as far as a resync (resets the back-off).
+        self._resynced = False
 
     @property
     def live(self) -> bool:
@@ -79,21 +83,29 @@ class Events:
         if handler is None:
             log.warning("unknown event %r", message)
             return
-        handler(argument)
+        try:
+            handler(argument)
+        except ValueError:
+            log.warning("malformed event %r", message)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Listen until ``stop`` is set; reconnect and resync after any failure."""
+        delay = RETRY_S
         while not stop.is_set():
             try:
                 await self._listen(stop)
             except (RedisError, OSError) as exc:
-                log.warning("event listener lost Redis (%r); resubscribing", exc)
+                log.warning("event listener lost Redis (%r); resubscribing in %.1fs", exc, delay)
             finally:
                 self._set_live(False)
-            if not stop.is_set():
-                await asyncio.sleep(RETRY_S)
+            if self._resynced:
+                delay = RETRY_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     async def _listen(self, stop: asyncio.Event) -> None:
+        self._resynced = False
         async with self._redis.pubsub() as pubsub:
             await pubsub.subscribe(CHANNEL)
             silent_s = 0.0
@@ -112,5 +124,6 @@ class Events:
                     for resync in self._resyncs:
                         await resync()
                     self._set_live(True)
+                    self._resynced = True
                 elif message["type"] == "message":
                     self._dispatch(message["data"].decode())

@@ -200,3 +200,24 @@ async def test_session_cookie_found_among_others(client: TestClient, redis: Redi
         resp = await client.get(url, headers={"Cookie": header})
         assert resp.status == status, header
     assert await redis.hlen(CampaignKeys.of(cid).winners) == 0
+
+
+async def test_listener_resyncs_what_it_missed_while_disconnected(
+    aiohttp_client, settings: Settings, redis: Redis
+) -> None:  # type: ignore[no-untyped-def]
+    a = await _worker(aiohttp_client, settings)
+    await _live(a)
+    cid = str((await create_campaign(a, total_fen=1_000, count=10))["id"])
+    token = await login(a, "missed")
+    a.session.cookie_jar.clear()
+    assert await _me(a, token, cid) == 200
+    await redis.client_kill_filter(_type="pubsub")
+    deadline = time.monotonic() + 5
+    while a.app[EVENTS].live:
+        assert time.monotonic() < deadline, "the listener did not notice the lost connection"
+        await asyncio.sleep(0.001)
+    # Revoked while a is not subscribed: the published message never reaches it.
+    await SessionStore(redis, 3600).delete(token)
+    await _live(a)
+    # Live again, a trusts its memory, which the resync rebuilt from hb:revoked.
+    assert await _me(a, token, cid) == 401
