@@ -389,6 +389,8 @@ async def drainer_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def drain_process(redis_url: str, database_url: str, settings: LedgerSettings) -> None:
     """``python -m app drain``: one drainer in its own process, until SIGTERM or SIGINT."""
+    if settings.drain_nice:
+        os.nice(settings.drain_nice)
     redis = Redis.from_url(redis_url)
     # min_size=0: start (and keep running) even while PostgreSQL is down.
     pool = await asyncpg.create_pool(database_url, min_size=0, max_size=2)

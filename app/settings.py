@@ -28,7 +28,9 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be a boolean (1/0), got {raw!r}")
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -38,6 +40,8 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -74,6 +78,10 @@ class LedgerSettings:
     claim_idle_ms: int = 30_000
     # Ceiling of the exponential back-off while PostgreSQL is unreachable.
     retry_max_ms: int = 5000
+    # CPU niceness of a drainer process (`python -m app drain`), 0-19. Above 0, on a
+    # machine it shares with workers, the hot path gets the CPU at a peak and the ledger
+    # lag grows instead (the streams hold the backlog), to be drained when it eases.
+    drain_nice: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LedgerSettings:
@@ -86,6 +94,7 @@ class LedgerSettings:
             linger_ms=_int(env, "LEDGER_LINGER_MS", 50, minimum=0),
             claim_idle_ms=_int(env, "LEDGER_CLAIM_IDLE_MS", 30_000, minimum=100),
             retry_max_ms=_int(env, "LEDGER_RETRY_MAX_MS", 5000, minimum=10),
+            drain_nice=_int(env, "LEDGER_DRAIN_NICE", 0, minimum=0, maximum=19),
         )
 
 

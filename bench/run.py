@@ -27,14 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import psutil
 from redis.asyncio import Redis
 
+from app.drainer import ledger_lag
 from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from app.sessions import SessionStore
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "bench-admin-token-0123456789"
+DRAIN_NICE = 19
 
 HAPROXY_CFG = """
 global
@@ -111,7 +114,7 @@ def summary(name: str, runs: list[Result], floors: list[Result] | None) -> str:
     )
 
 
-CPU_COLUMNS = ("app", "floor", "HAProxy", "Redis", "PostgreSQL", "wrk")
+CPU_COLUMNS = ("app", "floor", "drainer", "HAProxy", "Redis", "PostgreSQL", "wrk")
 
 
 def cpu_row(name: str, runs: list[Result]) -> str:
@@ -243,6 +246,34 @@ async def create_lottery(http: aiohttp.ClientSession, base: str) -> str:
     )
 
 
+async def catch_up(redis: Redis, timeout_s: float = 300) -> tuple[int, float]:
+    """The ledger lag now, and how long the drainers take to bring it to zero."""
+    lag = await ledger_lag(redis)
+    start = time.monotonic()
+    while await ledger_lag(redis):
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"the ledger did not catch up within {timeout_s}s")
+        await asyncio.sleep(0.05)
+    return lag, time.monotonic() - start
+
+
+async def ledger_matches(redis: Redis, database_url: str, campaign_ids: list[str]) -> bool:
+    """Whether PostgreSQL holds exactly the grants Redis counted, campaign by campaign."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        for cid in campaign_ids:
+            won = await redis.hmget(f"hb:{{{cid}}}:meta", "won_count", "won_fen")
+            count, fen = await conn.fetchrow(
+                "SELECT count(*), coalesce(sum(amount_fen), 0) FROM grabs WHERE campaign_id = $1",
+                cid,
+            ) or (0, 0)
+            if (int(won[0] or 0), int(won[1] or 0)) != (count, fen):
+                return False
+        return True
+    finally:
+        await conn.close()
+
+
 async def script_calls(redis: Redis) -> int:
     """EVALSHA + EVAL calls so far."""
     stats = await redis.info("commandstats")
@@ -267,11 +298,13 @@ async def bench(args: argparse.Namespace) -> str:
                 ADMIN_TOKEN=ADMIN_TOKEN,
                 INSECURE_COOKIES="1",
                 PUBLIC_BASE_URL=f"http://127.0.0.1:{app_port}",
+                LEDGER_DRAIN_IN_WORKER="1" if args.drain == "worker" else "0",
             )
+            app_procs, floor_procs, drain_procs = [], [], []
             for port in app_ports:
                 # Access logs go to a file, as a log collector would take them.
                 with open(work / f"worker-{port}.log", "wb") as log:
-                    procs.append(
+                    app_procs.append(
                         subprocess.Popen(
                             [sys.executable, "-m", "app", "worker"],
                             cwd=ROOT,
@@ -281,13 +314,27 @@ async def bench(args: argparse.Namespace) -> str:
                         )
                     )
             for port in floor_ports:
-                procs.append(
+                floor_procs.append(
                     subprocess.Popen(
                         [sys.executable, str(ROOT / "bench/floor.py")],
                         cwd=ROOT,
                         env={**env, "PORT": str(port)},
                     )
                 )
+            if args.drain == "process":
+                # One drainer process at lower CPU priority: at the peak the workers get
+                # the CPU and the ledger lag grows; it is drained between runs.
+                with open(work / "drainer.log", "wb") as log:
+                    drain_procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "app", "drain"],
+                            cwd=ROOT,
+                            env={**env, "LEDGER_DRAIN_NICE": str(DRAIN_NICE)},
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+            procs += [*app_procs, *floor_procs, *drain_procs]
             cfg = work / "haproxy.cfg"
             cfg.write_text(
                 HAPROXY_CFG.format(
@@ -303,7 +350,8 @@ async def bench(args: argparse.Namespace) -> str:
                     ),
                 )
             )
-            procs.append(subprocess.Popen(["haproxy", "-f", str(cfg)]))
+            haproxy = subprocess.Popen(["haproxy", "-f", str(cfg)])
+            procs.append(haproxy)
             for port in [*app_ports, *floor_ports]:
                 await wait_ready(f"http://127.0.0.1:{port}/readyz")
             base = f"http://127.0.0.1:{app_port}"
@@ -352,9 +400,10 @@ async def bench(args: argparse.Namespace) -> str:
             floor_url = f"http://127.0.0.1:{floor_port}/api/campaigns/x/grab"
 
             components = {
-                "app": [p.pid for p in procs[: len(app_ports)]],
-                "floor": [p.pid for p in procs[len(app_ports) : len(app_ports) * 2]],
-                "HAProxy": [procs[-1].pid],
+                "app": [p.pid for p in app_procs],
+                "floor": [p.pid for p in floor_procs],
+                "drainer": [p.pid for p in drain_procs],
+                "HAProxy": [haproxy.pid],
                 "Redis": [redis_srv.proc.pid] if redis_srv.proc else [],
                 "PostgreSQL": [pg_srv.proc.pid] if pg_srv.proc else [],
             }
@@ -375,6 +424,14 @@ async def bench(args: argparse.Namespace) -> str:
             pairs_by_path: dict[str, list[tuple[Result, Result]]] = {}
             grab_calls = grab_requests = won = 0
             paths = set(args.paths)
+            catch_ups: dict[str, list[tuple[int, float]]] = {}
+
+            async def settled(name: str, pair: tuple[Result, Result]) -> None:
+                """Record a run that grants or draws, once the ledger has caught up with it,
+                so that no run pays for the previous one's backlog."""
+                catch_ups.setdefault(name, []).append(await catch_up(redis))
+                pairs_by_path.setdefault(name, []).append(pair)
+
             for r in rounds:
                 if "grab" in paths:
                     before = await script_calls(redis)
@@ -382,7 +439,7 @@ async def bench(args: argparse.Namespace) -> str:
                     grab_calls += await script_calls(redis) - before
                     grab_requests += pair[1].requests
                     won += int(await redis.hget(f"hb:{{{grab_ids[r]}}}:meta", "won_count") or 0)
-                    pairs_by_path.setdefault(GRAB, []).append(pair)
+                    await settled(GRAB, pair)
                 for path, name, cid in (
                     ("sold-out", SOLD, sold_id),
                     ("ended", ENDED, ended_id),
@@ -393,12 +450,13 @@ async def bench(args: argparse.Namespace) -> str:
                         pairs_by_path.setdefault(name, []).append(paired(name, url))
                 if "draw" in paths:
                     url = f"{base}/api/campaigns/{lottery_ids[r]}/draw"
-                    pairs_by_path.setdefault(DRAW, []).append(paired(DRAW, url))
+                    await settled(DRAW, paired(DRAW, url))
                 if "always" in paths:
                     await redis.config_set("appendfsync", "always")
                     pair = paired(ALWAYS, f"{base}/api/campaigns/{always_ids[r]}/grab")
                     await redis.config_set("appendfsync", "everysec")
-                    pairs_by_path.setdefault(ALWAYS, []).append(pair)
+                    await settled(ALWAYS, pair)
+            ledger_ok = await ledger_matches(redis, pg_srv.url, [*grab_ids, *always_ids])
     finally:
         await redis.aclose()
         pg_srv.stop()
@@ -429,6 +487,22 @@ async def bench(args: argparse.Namespace) -> str:
     if GRAB in pairs_by_path and ALWAYS in pairs_by_path:
         ratio = median_rps(pairs_by_path[ALWAYS]) / median_rps(pairs_by_path[GRAB])
         lines.append(f"durability: appendfsync always / everysec = {ratio:.2f}")
+    drainer = (
+        f"one drainer process at nice {DRAIN_NICE}"
+        if args.drain == "process"
+        else "a drainer in each worker"
+    )
+    for name, caught in catch_ups.items():
+        lines.append(
+            f"ledger ({drainer}), {name}: at most {max(n for n, _ in caught):,} entries "
+            f"not yet in PostgreSQL when a run ended, all in within "
+            f"{max(t for _, t in caught):.1f} s"
+        )
+    if catch_ups:
+        lines.append(
+            "PostgreSQL grants = Redis winners for every grab campaign: "
+            + ("yes" if ledger_ok else "**NO**")
+        )
     lines += [
         "",
         "CPU per request in µs, by component (all rounds; the machine's CPU is the sum):",
@@ -449,6 +523,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--players", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--drain",
+        choices=("process", "worker"),
+        default="process",
+        help=f"ledger drainers: one process at nice {DRAIN_NICE} (default), or one per worker",
+    )
     parser.add_argument(
         "--paths",
         type=lambda v: v.split(","),
