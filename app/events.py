@@ -2,7 +2,7 @@
 
 Some answers a worker gives from its own memory, without asking Redis: a session token
 whose signature checks is not revoked, a campaign it knows to be sold out has no
-envelope left. Whatever changes such a fact is published on ``CHANNEL`` as
+envelope left. Whatever changes such a fact is published on ``hb:events`` as
 ``"<kind> <argument>"`` (``revoke <sid> <expires>``, ``sold_out <campaign>``,
 ``reset <campaign>``) and every worker listens.
 
@@ -23,10 +23,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.metrics import Metrics
+from app.scripts import EVENTS_CHANNEL
 
 log = logging.getLogger("hongbao.events")
 
-CHANNEL = "hb:events"
 # A pub/sub connection is quiet for long stretches: every this many seconds of silence
 # the listener pings, so a connection that died without a word is noticed.
 PING_EVERY_S = 5.0
@@ -39,7 +39,7 @@ Resync = Callable[[], Awaitable[None]]
 
 async def publish(redis: Redis, kind: str, argument: str) -> None:
     """Tell every listening worker that ``kind`` happened to ``argument``."""
-    await redis.publish(CHANNEL, f"{kind} {argument}")
+    await redis.publish(EVENTS_CHANNEL, f"{kind} {argument}")
 
 
 class Events:
@@ -107,7 +107,7 @@ class Events:
     async def _listen(self, stop: asyncio.Event) -> None:
         self._resynced = False
         async with self._redis.pubsub() as pubsub:
-            await pubsub.subscribe(CHANNEL)
+            await pubsub.subscribe(EVENTS_CHANNEL)
             silent_s = 0.0
             while not stop.is_set():
                 message = await pubsub.get_message(timeout=1.0)

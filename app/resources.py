@@ -29,6 +29,7 @@ from app.keys import (
     SETTINGS,
 )
 from app.login import LoginService
+from app.scriptline import ScriptLine
 from app.scripts import Scripts
 from app.sessions import SessionStore
 from app.wechat import WeChatClient
@@ -44,11 +45,14 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.redis_url, max_connections=settings.redis_max_connections, timeout=5
     )
     redis = Redis.from_pool(pool)
-    scripts = Scripts(redis)
+    line = ScriptLine.from_url(settings.redis_url)
+    scripts = Scripts(redis, line)
     await scripts.preload(redis)
     app[REDIS] = redis
     app[SCRIPTS] = scripts
     yield
+    if line is not None:
+        line.close()
     await redis.aclose()
 
 

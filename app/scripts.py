@@ -13,8 +13,12 @@ each script touches a single Redis Cluster slot:
     hb:{<cid>}:days      hash   lottery: d -> draws that day, won:d -> prizes that day
     hb:{<cid>}:wins      hash   lottery: openid -> "draw_no:tier,..." prizes won
     hb:campaigns         set    ids of every campaign (read by drainers and operators)
-    hb:sess:<token>      string session JSON, with a TTL
+    hb:sess:<sid>        string session JSON, with a TTL (app.sessions: the token names the sid)
+    hb:session-key       string the key that signs session tokens, shared by every worker
+    hb:revoked           zset   sids of sessions ended early -> their token's expiry (unix s)
     hb:login:{<state>}   hash   one WeChat login in progress: browser hash, next, code, token
+
+Pub/sub channel ``hb:events`` (app.events) carries revocations and sold-out news.
 
 Python builds key names here and nowhere else.
 """
@@ -28,6 +32,8 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from app.scriptline import ScriptLine
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 
@@ -77,6 +83,8 @@ def session_key(sid: str) -> str:
 SESSION_SIGNING_KEY = "hb:session-key"
 # Sessions ended before their expiry: sid -> expiry (unix s), pruned as they expire.
 REVOKED_SET = "hb:revoked"
+# The pub/sub channel of app.events.
+EVENTS_CHANNEL = "hb:events"
 
 
 def login_key(state: str) -> str:
@@ -166,14 +174,24 @@ def load_lua(name: str) -> str:
 class Scripts:
     """Registered scripts with one typed method each.
 
-    redis-py's AsyncScript runs EVALSHA and reloads the script once on NOSCRIPT
-    (after a failover or SCRIPT FLUSH).
+    EVALSHA reloads the script once on NOSCRIPT (after a failover or SCRIPT FLUSH). The
+    settlement scripts go through ``line`` (app.scriptline) when given one, else, like
+    the others, through redis-py's AsyncScript.
     """
 
-    def __init__(self, redis: Redis) -> None:
-        self._grab = redis.register_script(load_lua("grab_envelope"))
+    def __init__(self, redis: Redis, line: ScriptLine | None = None) -> None:
+        self._line = line
+        self._sources = {name: load_lua(name) for name in ("grab_envelope", "draw_prize")}
+        self._grab = redis.register_script(self._sources["grab_envelope"])
         self._redeem = redis.register_script(load_lua("redeem_login"))
-        self._draw = redis.register_script(load_lua("draw_prize"))
+        self._draw = redis.register_script(self._sources["draw_prize"])
+
+    async def _settle(
+        self, name: str, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        if self._line is not None:
+            return await self._line.evalsha(script.sha, self._sources[name], keys, args)
+        return await script(keys=keys, args=args)
 
     async def preload(self, redis: Redis) -> None:
         """SCRIPT LOAD every script, so a syntax error stops start-up."""
@@ -210,7 +228,9 @@ class Scripts:
         k = CampaignKeys.of(campaign_id)
         raw = cast(
             list[Any],
-            await self._grab(keys=[k.meta, k.pool, k.winners, k.ledger], args=[now_ms, *users]),
+            await self._settle(
+                "grab_envelope", self._grab, [k.meta, k.pool, k.winners, k.ledger], [now_ms, *users]
+            ),
         )
         status = GrabStatus(int(raw[0]))
         outcomes = [(GrabCode(int(raw[i])), int(raw[i + 1])) for i in range(2, len(raw), 2)]
@@ -225,7 +245,7 @@ class Scripts:
         args: list[str | int] = [now_ms, day]
         for openid, rand in draws:
             args += [openid, rand]
-        raw = cast(list[Any], await self._draw(keys=keys, args=args))
+        raw = cast(list[Any], await self._settle("draw_prize", self._draw, keys, args))
         status = DrawStatus(int(raw[0]))
         results = [
             DrawResult(DrawCode(int(raw[i])), int(raw[i + 1]), int(raw[i + 2]))

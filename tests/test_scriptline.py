@@ -1,0 +1,109 @@
+"""The hot path's pipelined script connection, against real Redis servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError, ResponseError
+
+from app.embedded import EmbeddedRedis, free_port
+from app.scriptline import ScriptLine
+from app.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
+
+
+@pytest.fixture
+async def private(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+    """A Redis of this test's own, which it may stop, restart and password-protect."""
+    server = EmbeddedRedis(tmp_path / "redis", free_port()).start()
+    yield server
+    server.stop()
+
+
+def _line(url: str) -> ScriptLine:
+    line = ScriptLine.from_url(url)
+    assert line is not None
+    return line
+
+
+async def test_concurrent_calls_get_their_own_replies(redis_url: str) -> None:
+    line = _line(redis_url)
+    try:
+        replies = await asyncio.gather(*(line.call("ECHO", f"n{i}") for i in range(2_000)))
+        assert replies == [f"n{i}".encode() for i in range(2_000)]
+        with pytest.raises(ResponseError, match="unknown command"):
+            await line.call("NO-SUCH-COMMAND")
+        assert await line.call("ECHO", "after an error") == b"after an error"
+    finally:
+        line.close()
+
+
+async def test_settles_grabs_like_redis_py_and_reloads_flushed_scripts(
+    redis: Redis, redis_url: str
+) -> None:
+    line = _line(redis_url)
+    try:
+        keys = CampaignKeys.of("line")
+        await redis.hset(keys.meta, mapping={"starts_at_ms": 0, "ends_at_ms": 2**50})
+        await redis.rpush(keys.pool, "0:300", "1:200")
+        await redis.script_flush()  # as after a failover: the line must load it again
+        result = await Scripts(redis, line).grab_envelope("line", ["a", "b", "a", "c"], 1)
+        assert result.status is GrabStatus.SETTLED
+        assert result.remaining_count == 0
+        assert result.outcomes == [
+            (GrabCode.WON, 300),
+            (GrabCode.WON, 200),
+            (GrabCode.ALREADY_WON, 300),
+            (GrabCode.SOLD_OUT, 0),
+        ]
+        assert await redis.xlen(keys.ledger) == 2
+    finally:
+        line.close()
+
+
+async def test_lost_connection_fails_calls_then_reconnects(private: EmbeddedRedis) -> None:
+    line = _line(private.url)
+    try:
+        assert await line.call("PING") == b"PONG"
+        blocked = asyncio.ensure_future(line.call("BLPOP", "never", 0))
+        await asyncio.sleep(0.1)
+        private.stop()
+        with pytest.raises(ConnectionError):
+            await blocked
+        with pytest.raises(ConnectionError):
+            await line.call("PING")
+        private.start()
+        assert await line.call("PING") == b"PONG"
+    finally:
+        line.close()
+
+
+async def test_password_and_database_from_the_url(private: EmbeddedRedis) -> None:
+    admin = Redis.from_url(private.url)
+    await admin.config_set("requirepass", "s3cret")
+    await admin.aclose()
+    url = f"redis://:s3cret@127.0.0.1:{private.port}/3"
+    line = _line(url)
+    try:
+        assert await line.call("SET", "k", "on db 3") == b"OK"
+    finally:
+        line.close()
+    check = Redis.from_url(url)
+    try:
+        assert await check.get("k") == b"on db 3"
+    finally:
+        await check.aclose()
+    wrong = _line(f"redis://:nope@127.0.0.1:{private.port}/0")
+    try:
+        with pytest.raises(ResponseError):
+            await wrong.call("PING")
+    finally:
+        wrong.close()
+
+
+def test_urls_it_does_not_speak() -> None:
+    assert ScriptLine.from_url("rediss://example:6380/0") is None
+    assert ScriptLine.from_url("unix:///run/redis.sock") is None
