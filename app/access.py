@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
 from app.accesslog import AccessLog
-from app.csrf import csrf_refused
+from app.csrf import configured_origin, csrf_refused
 from app.errors import ApiError, http_error_response, json_response
 from app.keys import OPENID
 from app.metrics import Metrics, Pseudonyms
@@ -62,10 +62,12 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):06x}"
 
 
-async def _respond(request: web.Request, handler: Handler, metrics: Metrics) -> web.StreamResponse:
+async def _respond(
+    request: web.Request, handler: Handler, metrics: Metrics, origin: str | None
+) -> web.StreamResponse:
     """The handler's response, or the JSON error it ends in."""
     try:
-        if csrf_refused(request):
+        if csrf_refused(request, origin):
             return json_response(_CSRF, status=403)
         return await handler(request)
     except ApiError as exc:
@@ -93,6 +95,7 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
     request_ids = RequestIds()
     pseudonyms = Pseudonyms(settings.log_salt)
     log_requests = settings.access_log
+    origin = configured_origin(settings.public_base_url)
 
     @web.middleware
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -102,7 +105,7 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
             request_id = request_ids()
         status = 500
         try:
-            response = await _respond(request, handler, metrics)
+            response = await _respond(request, handler, metrics, origin)
             status = response.status
             if not response.prepared:
                 response.headers[REQUEST_ID_HEADER] = request_id

@@ -48,19 +48,30 @@ def same_origin(request: web.Request) -> bool:
     ours = _origin_of(public_origin(request))
     origin = request.headers.get("Origin")
     if origin is not None:
-        # A browser sends exactly scheme://host[:port], which is what ours is.
-        return origin == ours or _origin_of(origin) == ours
+        return _origin_of(origin) == ours
     if request.headers.get(PAGE_HEADER) == PAGE_HEADER_VALUE:
         return True
     referer = request.headers.get("Referer")
     return referer is not None and _origin_of(referer) == ours
 
 
-def csrf_refused(request: web.Request) -> bool:
-    """Whether ``request`` is a cross-site unsafe request to a player route (403 csrf)."""
+def configured_origin(public_base_url: str) -> str | None:
+    """The origin of PUBLIC_BASE_URL, once (None when unset or not http(s))."""
+    return _origin_of(public_base_url) if public_base_url else None
+
+
+def csrf_refused(request: web.Request, ours: str | None) -> bool:
+    """Whether ``request`` is a cross-site unsafe request to a player route (403 csrf).
+
+    ``ours`` is configured_origin(): a request from our own page (the browser sends our
+    origin, exactly) passes at once, before the route and header checks.
+    """
+    if request.method in _SAFE_METHODS:
+        return False
+    if ours is not None and request.headers.get("Origin") == ours:
+        return False
     return (
-        request.method not in _SAFE_METHODS
-        and request.match_info.http_exception is None
+        request.match_info.http_exception is None
         and not request.path.startswith(_EXEMPT_PREFIXES)
         and not same_origin(request)
     )
