@@ -150,6 +150,14 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.kill()
 
 
+def spawn(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``args`` in the repository; output to ``log`` if given, else inherited."""
+    if log is None:
+        return subprocess.Popen(args, cwd=ROOT, env=env)
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
 def tree_cpu_s(pids: list[int]) -> float:
     """CPU seconds (user + system) used so far by ``pids`` and all their children."""
     total = 0.0
@@ -309,40 +317,32 @@ async def bench(args: argparse.Namespace) -> str:
                 PUBLIC_BASE_URL=f"http://127.0.0.1:{app_port}",
                 LEDGER_DRAIN_IN_WORKER="1" if args.drain == "worker" else "0",
             )
-            app_procs, floor_procs, drain_procs = [], [], []
-            for port in app_ports:
-                # Access logs go to a file, as a log collector would take them.
-                with open(work / f"worker-{port}.log", "wb") as log:
-                    app_procs.append(
-                        subprocess.Popen(
-                            [sys.executable, "-m", "app", "worker"],
-                            cwd=ROOT,
-                            env={**env, "PORT": str(port)},
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                        )
-                    )
-            for port in floor_ports:
-                floor_procs.append(
-                    subprocess.Popen(
-                        [sys.executable, str(ROOT / "bench/floor.py")],
-                        cwd=ROOT,
-                        env={**env, "PORT": str(port)},
-                    )
+            # Access logs go to files, as a log collector would take them.
+            app_procs = [
+                spawn(
+                    [sys.executable, "-m", "app", "worker"],
+                    {**env, "PORT": str(port)},
+                    work / f"worker-{port}.log",
                 )
-            if args.drain == "process":
-                # One drainer process at lower CPU priority: at the peak the workers get
-                # the CPU and the ledger lag grows; it is drained between runs.
-                with open(work / "drainer.log", "wb") as log:
-                    drain_procs.append(
-                        subprocess.Popen(
-                            [sys.executable, "-m", "app", "drain"],
-                            cwd=ROOT,
-                            env={**env, "LEDGER_DRAIN_NICE": str(DRAIN_NICE)},
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                        )
+                for port in app_ports
+            ]
+            floor_procs = [
+                spawn([sys.executable, str(ROOT / "bench/floor.py")], {**env, "PORT": str(port)})
+                for port in floor_ports
+            ]
+            # One drainer process at lower CPU priority: at the peak the workers get the
+            # CPU and the ledger lag grows; it is drained between runs.
+            drain_procs = (
+                [
+                    spawn(
+                        [sys.executable, "-m", "app", "drain"],
+                        {**env, "LEDGER_DRAIN_NICE": str(DRAIN_NICE)},
+                        work / "drainer.log",
                     )
+                ]
+                if args.drain == "process"
+                else []
+            )
             procs += [*app_procs, *floor_procs, *drain_procs]
             cfg = work / "haproxy.cfg"
             cfg.write_text(
