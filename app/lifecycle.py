@@ -43,6 +43,8 @@ async def run_worker(app: web.Application, settings: Settings) -> int:
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
         await site.start()
+        # Everything made at start-up lives as long as the worker: out of the collector's
+        # generations, it is not traversed again by every full collection.
         gc.freeze()
         log.info("worker ready on %s:%s", settings.host, settings.port)
         await stop.wait()
