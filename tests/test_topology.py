@@ -26,6 +26,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from app.accesslog import FLUSH_AFTER_S
 from app.edge import LOCAL_CONFIG, EdgeProxy, haproxy_binary, render_local_config
 from app.embedded import free_port
 from app.scripts import CampaignKeys
@@ -302,6 +303,11 @@ async def test_sigterm_one_worker_under_load_loses_nothing(
     # Both workers took part: the drained one served grabs before it left.
     assert topology.grab_lines("w1") > 0
     assert topology.grab_lines("w2") > 0
+    # w2 is still running: its last lines reach the file within FLUSH_AFTER_S.
+    deadline = time.monotonic() + 2
+    while topology.grab_lines("w1") + topology.grab_lines("w2") < len(results):
+        assert time.monotonic() < deadline, "access lines missing"
+        await asyncio.sleep(FLUSH_AFTER_S)
     assert topology.grab_lines("w1") + topology.grab_lines("w2") == len(results)
     # HAProxy kept sending to w1 until its checks saw /readyz fail; w1 served those.
     assert topology.grabs_while_draining("w1") > 0
