@@ -216,8 +216,10 @@ async def test_listener_resyncs_what_it_missed_while_disconnected(
     while a.app[EVENTS].live:
         assert time.monotonic() < deadline, "the listener did not notice the lost connection"
         await asyncio.sleep(0.001)
+    assert "hongbao_events_live 0.0" in await (await a.get("/metrics")).text()
     # Revoked while a is not subscribed: the published message never reaches it.
     await SessionStore(redis, 3600).delete(token)
     await _live(a)
+    assert "hongbao_events_live 1.0" in await (await a.get("/metrics")).text()
     # Live again, a trusts its memory, which the resync rebuilt from hb:revoked.
     assert await _me(a, token, cid) == 401
