@@ -103,6 +103,15 @@ async def redis(redis_url: str, clean: None) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
+def private_redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis server of the test's own: its command counters see nobody else, and the
+    test may stop, restart or password-protect it."""
+    server = EmbeddedRedis(tmp_path / "redis", free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 async def pg(database_url: str, clean: None) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database, for asserting end state."""
     conn = await asyncpg.connect(database_url)

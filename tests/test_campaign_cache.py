@@ -4,31 +4,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from app.campaigns import Campaign, CampaignService
-from app.embedded import EmbeddedRedis, free_port
+from app.embedded import EmbeddedRedis
 from app.errors import NotFound
 from app.scripts import CampaignKeys, Scripts
+from tests.conftest import command_calls
 
 
 @pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[Redis]:
-    """A Redis of this test's own, so its command counters see nobody else."""
-    server = EmbeddedRedis(tmp_path / "redis", free_port()).start()
-    client = Redis.from_url(server.url)
+async def private_redis(private_redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    """A client of this test's own Redis, so its command counters see nobody else."""
+    client = Redis.from_url(private_redis_server.url)
     yield client
     await client.aclose()
-    server.stop()
 
 
 async def _hgetall_calls(redis: Redis) -> int:
-    stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+    return await command_calls(redis, "hgetall")
 
 
 async def test_cold_burst_reads_definition_once(

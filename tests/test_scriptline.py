@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, ResponseError
 
-from app.embedded import EmbeddedRedis, free_port
+from app.embedded import EmbeddedRedis
 from app.scriptline import ScriptLine
 from app.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
-
-
-@pytest.fixture
-async def private(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
-    """A Redis of this test's own, which it may stop, restart and password-protect."""
-    server = EmbeddedRedis(tmp_path / "redis", free_port()).start()
-    yield server
-    server.stop()
 
 
 def _line(url: str) -> ScriptLine:
@@ -64,28 +54,30 @@ async def test_settles_grabs_like_redis_py_and_reloads_flushed_scripts(
         line.close()
 
 
-async def test_lost_connection_fails_calls_then_reconnects(private: EmbeddedRedis) -> None:
-    line = _line(private.url)
+async def test_lost_connection_fails_calls_then_reconnects(
+    private_redis_server: EmbeddedRedis,
+) -> None:
+    line = _line(private_redis_server.url)
     try:
         assert await line.call("PING") == b"PONG"
         blocked = asyncio.ensure_future(line.call("BLPOP", "never", 0))
         await asyncio.sleep(0.1)
-        private.stop()
+        private_redis_server.stop()
         with pytest.raises(ConnectionError):
             await blocked
         with pytest.raises(ConnectionError):
             await line.call("PING")
-        private.start()
+        private_redis_server.start()
         assert await line.call("PING") == b"PONG"
     finally:
         line.close()
 
 
-async def test_password_and_database_from_the_url(private: EmbeddedRedis) -> None:
-    admin = Redis.from_url(private.url)
+async def test_password_and_database_from_the_url(private_redis_server: EmbeddedRedis) -> None:
+    admin = Redis.from_url(private_redis_server.url)
     await admin.config_set("requirepass", "s3cret")
     await admin.aclose()
-    url = f"redis://:s3cret@127.0.0.1:{private.port}/3"
+    url = f"redis://:s3cret@127.0.0.1:{private_redis_server.port}/3"
     line = _line(url)
     try:
         assert await line.call("SET", "k", "on db 3") == b"OK"
@@ -96,7 +88,7 @@ async def test_password_and_database_from_the_url(private: EmbeddedRedis) -> Non
         assert await check.get("k") == b"on db 3"
     finally:
         await check.aclose()
-    wrong = _line(f"redis://:nope@127.0.0.1:{private.port}/0")
+    wrong = _line(f"redis://:nope@127.0.0.1:{private_redis_server.port}/0")
     try:
         with pytest.raises(ResponseError):
             await wrong.call("PING")
