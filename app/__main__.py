@@ -16,17 +16,18 @@ import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app import ledger, operations
-from app.campaigns import CampaignService
-from app.drainer import drain_process
-from app.errors import ApiError
-from app.factory import create_app
-from app.fakewechat import FakeWeChat, create_fake_app
-from app.lifecycle import run_worker
-from app.scripts import Scripts
-from app.sessions import SessionStore
-from app.settings import LedgerSettings, Settings, SettingsError
-from app.supervisor import DEFAULT_DATA_DIR, EMBEDDED_PG_PORT, EMBEDDED_REDIS_URL, serve
+from app.background.drainer import drain_process
+from app.campaigns import operations
+from app.campaigns.service import CampaignService
+from app.errors import ApiError, OperationError
+from app.identity.sessions import SessionStore
+from app.local.fakewechat import FakeWeChat, create_fake_app
+from app.local.supervisor import DEFAULT_DATA_DIR, serve
+from app.settings import LedgerSettings, Settings, SettingsError, Stores
+from app.store import ledger
+from app.store.scripts import Scripts
+from app.web.factory import create_app
+from app.web.lifecycle import run_worker
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -56,7 +57,7 @@ def _fake_wechat(args: argparse.Namespace) -> int:
 
 
 async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
-    redis = Redis.from_url(os.environ.get("REDIS_URL") or EMBEDDED_REDIS_URL)
+    redis = Redis.from_url(Stores.from_env().redis_url)
     try:
         store = SessionStore(redis, ttl_s)
         openids = [f"{prefix}{i:08d}" for i in range(count)]
@@ -67,12 +68,12 @@ async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
 
 
 async def _create_campaign(args: argparse.Namespace) -> dict[str, object]:
-    redis_url, database_url = _store_urls()
-    redis = Redis.from_url(redis_url)
-    pg = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    stores = Stores.from_env()
+    redis = Redis.from_url(stores.redis_url)
+    pg = await asyncpg.create_pool(stores.database_url, min_size=1, max_size=2)
     try:
         await ledger.migrate(pg)
-        service = CampaignService(redis, pg, Scripts(redis), grab_batch_max=1)
+        service = CampaignService(redis, pg, Scripts(redis), batch_max=1)
         started = time.monotonic()
 
         def progress(done: int, total: int) -> None:
@@ -103,19 +104,10 @@ async def _create_campaign(args: argparse.Namespace) -> dict[str, object]:
         await pg.close()
 
 
-def _store_urls() -> tuple[str, str]:
-    """REDIS_URL and DATABASE_URL, defaulting to the services `./hb serve` embeds."""
-    return (
-        os.environ.get("REDIS_URL") or EMBEDDED_REDIS_URL,
-        os.environ.get("DATABASE_URL")
-        or f"postgresql://postgres@127.0.0.1:{EMBEDDED_PG_PORT}/postgres",
-    )
-
-
 async def _operate(command: str, campaign_id: str) -> int:
-    redis_url, database_url = _store_urls()
-    redis = Redis.from_url(redis_url)
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    stores = Stores.from_env()
+    redis = Redis.from_url(stores.redis_url)
+    pool = await asyncpg.create_pool(stores.database_url, min_size=1, max_size=2)
     try:
         if command == "reconcile":
             report = await operations.reconcile(redis, pool, campaign_id)
@@ -123,7 +115,7 @@ async def _operate(command: str, campaign_id: str) -> int:
             return 0 if report.ok else 1
         print((await operations.rebuild(redis, pool, campaign_id)).render())
         return 0
-    except operations.OperationError as exc:
+    except OperationError as exc:
         print(f"hongbao {command}: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -191,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "drain":
         try:
             ledger_settings = LedgerSettings.from_env()
+            stores = Stores.from_env()
         except SettingsError as exc:
             print(f"hongbao: {exc}", file=sys.stderr)
             return 2
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(drain_process(*_store_urls(), ledger_settings))
+            runner.run(drain_process(stores.redis_url, stores.database_url, ledger_settings))
         return 0
     if args.command in ("reconcile", "rebuild"):
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -1,4 +1,4 @@
-"""API errors, rendered as JSON by the edge middleware (app.access)."""
+"""API errors, rendered as JSON by the edge middleware (app.web.edge)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON body of this error."""
         return {"error": self.code, "message": self.message, **self.extra}
+
+
+class OperationError(Exception):
+    """An operator command cannot run on this campaign; the message says why."""
 
 
 class InvalidJson(ApiError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 WECHAT_AUTHORIZE_URL = "https://open.weixin.qq.com/connect/oauth2/authorize"
@@ -15,6 +15,66 @@ WECHAT_SCOPES = ("snsapi_base", "snsapi_userinfo")
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the service refuses to start."""
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name``: every default is written once, on its field."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+    raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    """Where Redis and PostgreSQL are: REDIS_URL and DATABASE_URL, else the services
+    `./hb serve` embeds (on EMBEDDED_REDIS_PORT and EMBEDDED_PG_PORT)."""
+
+    redis_url: str
+    database_url: str
+    # Whether each URL was given (False: the embedded service's).
+    redis_given: bool = True
+    database_given: bool = True
+    embedded_redis_port: int = 16379
+    embedded_pg_port: int = 15432
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Stores:
+        """Read the store URLs the way every command does."""
+        env = os.environ if env is None else env
+        redis_port = _int(
+            env,
+            "EMBEDDED_REDIS_PORT",
+            _default(cls, "embedded_redis_port"),
+            minimum=1,
+            maximum=65535,
+        )
+        pg_port = _int(
+            env, "EMBEDDED_PG_PORT", _default(cls, "embedded_pg_port"), minimum=1, maximum=65535
+        )
+        redis_url = env.get("REDIS_URL", "")
+        database_url = env.get("DATABASE_URL", "")
+        return cls(
+            redis_url=redis_url or embedded_redis_url(redis_port),
+            database_url=database_url or embedded_database_url(pg_port),
+            redis_given=bool(redis_url),
+            database_given=bool(database_url),
+            embedded_redis_port=redis_port,
+            embedded_pg_port=pg_port,
+        )
+
+
+def embedded_redis_url(port: int) -> str:
+    """The URL of the embedded Redis on ``port``."""
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def embedded_database_url(port: int) -> str:
+    """The URL of the embedded PostgreSQL on ``port``."""
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -87,14 +147,15 @@ class LedgerSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> LedgerSettings:
         """Read LEDGER_* variables; fail loudly on bad values."""
         env = os.environ if env is None else env
+        d = cls()
         return cls(
-            drain_in_worker=_bool(env, "LEDGER_DRAIN_IN_WORKER", True),
-            batch_max=_int(env, "LEDGER_BATCH_MAX", 500, minimum=1),
-            block_ms=_int(env, "LEDGER_BLOCK_MS", 1000, minimum=10),
-            linger_ms=_int(env, "LEDGER_LINGER_MS", 50, minimum=0),
-            claim_idle_ms=_int(env, "LEDGER_CLAIM_IDLE_MS", 30_000, minimum=100),
-            retry_max_ms=_int(env, "LEDGER_RETRY_MAX_MS", 5000, minimum=10),
-            drain_nice=_int(env, "LEDGER_DRAIN_NICE", 0, minimum=0, maximum=19),
+            drain_in_worker=_bool(env, "LEDGER_DRAIN_IN_WORKER", d.drain_in_worker),
+            batch_max=_int(env, "LEDGER_BATCH_MAX", d.batch_max, minimum=1),
+            block_ms=_int(env, "LEDGER_BLOCK_MS", d.block_ms, minimum=10),
+            linger_ms=_int(env, "LEDGER_LINGER_MS", d.linger_ms, minimum=0),
+            claim_idle_ms=_int(env, "LEDGER_CLAIM_IDLE_MS", d.claim_idle_ms, minimum=100),
+            retry_max_ms=_int(env, "LEDGER_RETRY_MAX_MS", d.retry_max_ms, minimum=10),
+            drain_nice=_int(env, "LEDGER_DRAIN_NICE", d.drain_nice, minimum=0, maximum=19),
         )
 
 
@@ -158,7 +219,11 @@ class Settings:
             raise SettingsError("REDIS_URL is required")
         if not database_url:
             raise SettingsError("DATABASE_URL is required")
-        wechat_scope = env.get("WECHAT_SCOPE") or "snsapi_base"
+
+        def d(name: str) -> Any:
+            return _default(cls, name)
+
+        wechat_scope = env.get("WECHAT_SCOPE") or d("wechat_scope")
         if wechat_scope not in WECHAT_SCOPES:
             raise SettingsError(
                 f"WECHAT_SCOPE must be one of {WECHAT_SCOPES}, got {wechat_scope!r}"
@@ -171,26 +236,30 @@ class Settings:
             redis_url=redis_url,
             database_url=database_url,
             admin_token=admin_token,
-            host=env.get("HOST", "127.0.0.1"),
-            port=_int(env, "PORT", 8080, minimum=0),
-            dev_login=_bool(env, "DEV_LOGIN", False),
-            insecure_cookies=_bool(env, "INSECURE_COOKIES", False),
-            session_ttl_s=_int(env, "SESSION_TTL_S", 7 * 24 * 3600, minimum=60),
-            client_max_size=_int(env, "CLIENT_MAX_SIZE", 64 * 1024, minimum=1024),
-            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 64, minimum=2),
-            pg_pool_max=_int(env, "PG_POOL_MAX", 4, minimum=1),
-            grab_batch_max=_int(env, "GRAB_BATCH_MAX", 128, minimum=1),
-            shutdown_timeout_s=float(_int(env, "SHUTDOWN_TIMEOUT_S", 10, minimum=1)),
+            host=env.get("HOST", d("host")),
+            port=_int(env, "PORT", d("port"), minimum=0),
+            dev_login=_bool(env, "DEV_LOGIN", d("dev_login")),
+            insecure_cookies=_bool(env, "INSECURE_COOKIES", d("insecure_cookies")),
+            session_ttl_s=_int(env, "SESSION_TTL_S", d("session_ttl_s"), minimum=60),
+            client_max_size=_int(env, "CLIENT_MAX_SIZE", d("client_max_size"), minimum=1024),
+            redis_max_connections=_int(
+                env, "REDIS_MAX_CONNECTIONS", d("redis_max_connections"), minimum=2
+            ),
+            pg_pool_max=_int(env, "PG_POOL_MAX", d("pg_pool_max"), minimum=1),
+            grab_batch_max=_int(env, "GRAB_BATCH_MAX", d("grab_batch_max"), minimum=1),
+            shutdown_timeout_s=float(
+                _int(env, "SHUTDOWN_TIMEOUT_S", int(d("shutdown_timeout_s")), minimum=1)
+            ),
             wechat_appid=env.get("WECHAT_APPID", ""),
             wechat_secret=env.get("WECHAT_SECRET", ""),
-            wechat_authorize_url=_url(env, "WECHAT_AUTHORIZE_URL", WECHAT_AUTHORIZE_URL),
-            wechat_api_base=_url(env, "WECHAT_API_BASE", WECHAT_API_BASE),
+            wechat_authorize_url=_url(env, "WECHAT_AUTHORIZE_URL", d("wechat_authorize_url")),
+            wechat_api_base=_url(env, "WECHAT_API_BASE", d("wechat_api_base")),
             wechat_scope=wechat_scope,
             public_base_url=_origin(env, "PUBLIC_BASE_URL"),
             ledger=LedgerSettings.from_env(env),
-            drain_delay_s=_float(env, "DRAIN_DELAY_S", 3.0),
+            drain_delay_s=_float(env, "DRAIN_DELAY_S", d("drain_delay_s")),
             log_salt=env.get("LOG_SALT", ""),
-            access_log=_bool(env, "ACCESS_LOG", True),
+            access_log=_bool(env, "ACCESS_LOG", d("access_log")),
         ).checked()
 
     def checked(self) -> Settings:

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from app.errors import Invalid, InvalidJson
+from app.model import from_datetime
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -83,4 +84,4 @@ def get_time_ms(data: Mapping[str, Any], name: str) -> int | None:
         raise Invalid(name, f"{name} is not an RFC 3339 timestamp") from None
     if moment.tzinfo is None:
         raise Invalid(name, f"{name} must carry a UTC offset (e.g. Z or +08:00)")
-    return int(moment.timestamp() * 1000)
+    return from_datetime(moment)

@@ -12,7 +12,7 @@ script, so the campaign's ledger stream holds ``count`` entries. Then, in the sa
 
 It prints entries/s of both and their ratio. Nothing is asserted; speed is measured here,
 never in tests. With REDIS_URL and DATABASE_URL set it uses those stores (throw-away ones:
-it writes a campaign into them); unset, it starts its own Redis and PostgreSQL (app.embedded)
+it writes a campaign into them); unset, it starts its own Redis and PostgreSQL (app.local.embedded)
 on free ports and stops them at the end.
 """
 
@@ -32,12 +32,13 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from app import ledger
-from app.campaigns import CampaignService, now_ms
-from app.drainer import Drainer
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from app.scripts import CampaignKeys, Scripts
+from app.background.drainer import Drainer
+from app.campaigns.service import CampaignService
+from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from app.model import now_ms
 from app.settings import LedgerSettings
+from app.store import ledger
+from app.store.scripts import CampaignKeys, Scripts
 
 GRAB_COLUMNS = ["campaign_id", "openid", "seq", "amount_fen", "granted_at", "stream_id"]
 SELECT_ROWS = f"SELECT {', '.join(GRAB_COLUMNS)} FROM grabs WHERE campaign_id = $1"
@@ -78,7 +79,7 @@ async def bench(redis_url: str, database_url: str, count: int, batch_max: int) -
     try:
         await ledger.migrate(pool)
         scripts = Scripts(redis)
-        service = CampaignService(redis, pool, scripts, grab_batch_max=SETTLE_BATCH)
+        service = CampaignService(redis, pool, scripts, batch_max=SETTLE_BATCH)
         campaign = await service.create(
             {"kind": "red_packet", "name": "bench", "total_fen": count * 100, "count": count}
         )

@@ -31,9 +31,9 @@ import asyncpg
 import psutil
 from redis.asyncio import Redis
 
-from app.drainer import ledger_lag
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from app.sessions import SessionStore
+from app.background.lag import ledger_lag
+from app.identity.sessions import SessionStore
+from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "bench-admin-token-0123456789"

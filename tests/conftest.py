@@ -20,9 +20,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from app.factory import create_app
+from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from app.settings import Settings
+from app.web.factory import create_app
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -9,8 +9,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.scripts import CampaignKeys
-from app.sessions import Session, issue
+from app.identity.sessions import Session, issue
+from app.store.scripts import CampaignKeys
 from tests.conftest import ADMIN, create_campaign, login
 
 VALID = {"kind": "red_packet", "name": "红包", "total_fen": 1000, "count": 10}

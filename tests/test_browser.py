@@ -23,8 +23,8 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from redis.asyncio import Redis
 
-from app.embedded import free_port
-from app.scripts import CampaignKeys
+from app.local.embedded import free_port
+from app.store.scripts import CampaignKeys
 from tests.conftest import ADMIN, ADMIN_TOKEN
 
 pytestmark = pytest.mark.slow

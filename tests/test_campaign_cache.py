@@ -9,10 +9,12 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from app.campaigns import Campaign, CampaignService
-from app.embedded import EmbeddedRedis
+from app.campaigns.service import CampaignService
 from app.errors import NotFound
-from app.scripts import CampaignKeys, Scripts
+from app.local.embedded import EmbeddedRedis
+from app.model import Campaign, Kind
+from app.redpacket.spec import RedPacketSpec, to_meta
+from app.store.scripts import CampaignKeys, Scripts
 from tests.conftest import command_calls
 
 
@@ -31,11 +33,13 @@ async def _hgetall_calls(redis: Redis) -> int:
 async def test_cold_burst_reads_definition_once(
     private_redis: Redis, database_url: str, clean: None
 ) -> None:
-    campaign = Campaign("c0ld", "red_packet", "冷启动", 100, 1, 1, None, None, None)
-    await private_redis.hset(CampaignKeys.of("c0ld").meta, mapping=campaign.to_meta())
+    campaign = Campaign(
+        "c0ld", Kind.RED_PACKET, "冷启动", None, None, RedPacketSpec(100, 1, 1, None)
+    )
+    await private_redis.hset(CampaignKeys.of("c0ld").meta, mapping=to_meta(campaign))
     pg = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
-        service = CampaignService(private_redis, pg, Scripts(private_redis), grab_batch_max=16)
+        service = CampaignService(private_redis, pg, Scripts(private_redis), batch_max=16)
         before = await _hgetall_calls(private_redis)
         got = await asyncio.gather(*(service.get("c0ld") for _ in range(500)))
         assert {c.name for c in got} == {"冷启动"}

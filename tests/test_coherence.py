@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.factory import create_app
-from app.keys import EVENTS
-from app.scripts import REVOKED_SET, SESSION_SIGNING_KEY, CampaignKeys, session_key
-from app.sessions import Session, SessionStore, issue, sid_of
+from app.identity.sessions import Session, SessionStore, issue, sid_of
+from app.redpacket.soldout import WinnersIndex
 from app.settings import Settings
-from app.soldout import WinnersIndex
+from app.store.scripts import REVOKED_SET, SESSION_SIGNING_KEY, CampaignKeys, session_key
+from app.web.factory import create_app
+from app.web.keys import EVENTS
 from tests.conftest import (
     GRAB_COMMANDS,
     PAGE,

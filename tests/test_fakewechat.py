@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from app.fakewechat import FakeWeChat, create_fake_app
+from app.local.fakewechat import FakeWeChat, create_fake_app
 from app.settings import Settings, SettingsError
 
 APPID, SECRET = "wxfake000", "fake-secret-000"

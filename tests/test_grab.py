@@ -10,8 +10,8 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.events import publish
-from app.scripts import CampaignKeys
+from app.background.events import publish
+from app.store.scripts import CampaignKeys
 from tests.conftest import ADMIN, PAGE, create_campaign, login, until_answered_locally
 
 
@@ -70,7 +70,7 @@ async def test_grab_through_two_apps_sharing_redis(
     redis: Redis,  # type: ignore[no-untyped-def]
 ) -> None:
     """Workers are stateless: two app instances settle one campaign without overselling."""
-    from app.factory import create_app
+    from app.web.factory import create_app
 
     a = await aiohttp_client(create_app(settings), headers=PAGE)
     b = await aiohttp_client(create_app(settings), headers=PAGE)
@@ -166,7 +166,7 @@ async def test_session_cookie_attributes(client: TestClient, settings) -> None: 
 
 
 async def test_secure_cookie_unless_configured(aiohttp_client, settings) -> None:  # type: ignore[no-untyped-def]
-    from app.factory import create_app
+    from app.web.factory import create_app
 
     secure = await aiohttp_client(create_app(settings.with_(insecure_cookies=False)), headers=PAGE)
     resp = await secure.post("/auth/dev-login", json={"openid": "s"})
@@ -174,7 +174,7 @@ async def test_secure_cookie_unless_configured(aiohttp_client, settings) -> None
 
 
 async def test_dev_login_absent_unless_enabled(aiohttp_client, settings) -> None:  # type: ignore[no-untyped-def]
-    from app.factory import create_app
+    from app.web.factory import create_app
 
     prod = await aiohttp_client(create_app(settings.with_(dev_login=False)))
     resp = await prod.post("/auth/dev-login", json={"openid": "x"})

@@ -12,13 +12,14 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app import ledger
-from app.drainer import GROUP, Drainer
-from app.factory import create_app
-from app.keys import PG, REDIS
-from app.ledger import LedgerEntry, Written
-from app.scripts import CAMPAIGNS_SET, CampaignKeys
+from app.background.drainer import GROUP, Drainer
+from app.records import Envelope, GrabRecord, LedgerEntry
 from app.settings import LedgerSettings, Settings
+from app.store import ledger
+from app.store.ledger import Written
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+from app.web.factory import create_app
+from app.web.keys import PG, REDIS
 from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
 
 FAST = LedgerSettings(block_ms=50, claim_idle_ms=200, retry_max_ms=200)
@@ -133,20 +134,26 @@ async def test_redelivery_is_idempotent_and_contradictions_are_kept(
     envelopes = await ledger.fetch_envelopes(client.app[PG], cid)
     now = str(int(time.time() * 1000))
 
-    def entry(stream_id: str, user: str, seq: int, amount: int) -> LedgerEntry:
-        return LedgerEntry(cid, stream_id, {"u": user, "s": str(seq), "a": str(amount), "t": now})
+    def entry(stream_id: str, user: str, envelope: Envelope) -> GrabRecord:
+        fields = {"u": user, "s": str(envelope.seq), "a": str(envelope.amount_fen), "t": now}
+        record = LedgerEntry(cid, stream_id, fields).decode()
+        assert isinstance(record, GrabRecord)
+        return record
 
-    first = [entry("1-0", "ann", *envelopes[0]), entry("1-1", "bob", *envelopes[1])]
+    first = [entry("1-0", "ann", envelopes[0]), entry("1-1", "bob", envelopes[1])]
     async with client.app[PG].acquire() as conn:
         assert await ledger.write_grabs(conn, first) == Written(2, 0)
         # The same entries again (drainer died between COMMIT and XACK): nothing changes.
         assert await ledger.write_grabs(conn, first) == Written(0, 0)
         # ann again with another envelope, and bob's envelope to carl: both contradict.
-        clash = [entry("2-0", "ann", *envelopes[2]), entry("2-1", "carl", *envelopes[1])]
+        clash = [entry("2-0", "ann", envelopes[2]), entry("2-1", "carl", envelopes[1])]
         assert await ledger.write_grabs(conn, clash) == Written(0, 2)
-        bad = [LedgerEntry(cid, "3-0", {"u": "dan", "s": "x"})]
-        assert await ledger.write_grabs(conn, bad) == Written(0, 1)
-    assert await grabs_of(pg, cid) == {"ann": envelopes[0], "bob": envelopes[1]}
+    bad = [LedgerEntry(cid, "3-0", {"u": "dan", "s": "x"})]
+    assert await ledger.record(client.app[PG], bad) == Written(0, 1)
+    assert await grabs_of(pg, cid) == {
+        "ann": (envelopes[0].seq, envelopes[0].amount_fen),
+        "bob": (envelopes[1].seq, envelopes[1].amount_fen),
+    }
     rejects = await pg.fetch(
         "SELECT stream_id, reason FROM ledger_rejects WHERE campaign_id = $1 ORDER BY 1", cid
     )

@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from app.drainer import GROUP
-from app.embedded import EmbeddedPostgres, free_port
-from app.factory import create_app
-from app.scripts import CampaignKeys
+from app.background.drainer import GROUP
+from app.local.embedded import EmbeddedPostgres, free_port
 from app.settings import LedgerSettings, Settings
+from app.store.scripts import CampaignKeys
+from app.web.factory import create_app
 from tests.conftest import ADMIN, PAGE, create_campaign, login
 from tests.test_ledger import MANUAL, grab, grabs_of, wait_drained, winners_of
 

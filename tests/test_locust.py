@@ -12,9 +12,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from app.factory import create_app
-from app.scripts import CampaignKeys
 from app.settings import Settings
+from app.store.scripts import CampaignKeys
+from app.web.factory import create_app
 from tests.conftest import ADMIN_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent

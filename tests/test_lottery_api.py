@@ -13,10 +13,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.keys import SESSIONS
-from app.scripts import CAMPAIGNS_SET, CampaignKeys
-from app.sessions import Session
+from app.identity.sessions import Session
 from app.settings import LedgerSettings, Settings
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+from app.web.keys import SESSIONS
 from tests.conftest import ADMIN, create_campaign, gather_limited, login
 
 LOTTERY: dict[str, Any] = {

@@ -11,18 +11,21 @@ import secrets
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from app import ledger, operations
-from app.campaigns import CampaignService
+from app.campaigns import operations
+from app.campaigns.service import CampaignService
 from app.errors import QuotaExhausted
-from app.lottery import RANDOM_BITS, shanghai_day
-from app.scripts import CampaignKeys, DrawCode, DrawStatus, Scripts, daily_key
+from app.lottery.spec import RANDOM_BITS
+from app.model import day_date, shanghai_day, to_datetime
+from app.records import DrawRecord, LedgerEntry, MalformedRecord
+from app.store import ledger
+from app.store.scripts import CampaignKeys, DrawCode, DrawStatus, Scripts, daily_key
 
 
 def ms(moment: str) -> int:
@@ -58,7 +61,7 @@ def clock() -> Clock:
 @pytest.fixture
 def service(stores: Any, clock: Clock) -> CampaignService:
     redis, pool = stores
-    return CampaignService(redis, pool, Scripts(redis), grab_batch_max=128, clock=clock)
+    return CampaignService(redis, pool, Scripts(redis), batch_max=128, clock=clock)
 
 
 @pytest.fixture
@@ -334,17 +337,14 @@ async def test_script_checks_kind_and_window(service: CampaignService, scripts: 
 async def _drain_into_ledger(redis: Redis, pool: asyncpg.Pool, cid: str) -> int:
     """Feed the stream's draw entries to the batch writer, then replay them all once more."""
     entries = await redis.xrange(CampaignKeys.of(cid).ledger)
-    records = [
-        ledger.DrawRecord.from_entry(
-            cid, sid.decode(), {k.decode(): v.decode() for k, v in f.items()}
-        )
-        for sid, f in entries
-    ]
+    records = [LedgerEntry.of(cid, sid, f).decode() for sid, f in entries]
+    assert all(isinstance(r, DrawRecord) for r in records)
+    draws = cast(list[DrawRecord], records)
     async with pool.acquire() as conn:
         written = ledger.Written()
         for start in range(0, len(records), 64):
-            written += await ledger.insert_draws(conn, records[start : start + 64])
-        assert await ledger.insert_draws(conn, records) == ledger.Written(0, 0)
+            written += await ledger.write_draws(conn, draws[start : start + 64])
+        assert await ledger.write_draws(conn, draws) == ledger.Written(0, 0)
     assert written.rejected == 0
     return written.inserted
 
@@ -417,9 +417,12 @@ async def test_draw_redelivery_is_a_no_op_and_contradictions_are_kept(
     _, pool = stores
     cid = await make(service, tiers=[{"name": "金", "stock": 5, "weight": 1, "value_fen": 500}])
 
-    def entry(stream_id: str, user: str, n: int, tier: int, fen: int) -> ledger.LedgerEntry:
+    def entry(stream_id: str, user: str, n: int, tier: int, fen: int) -> DrawRecord:
         fields = {"k": "draw", "u": user, "n": str(n), "p": str(tier), "a": str(fen)}
-        return ledger.LedgerEntry(cid, stream_id, {**fields, "t": "1802275200123", "d": "20270210"})
+        all_fields = {**fields, "t": "1802275200123", "d": "20270210"}
+        record = LedgerEntry(cid, stream_id, all_fields).decode()
+        assert isinstance(record, DrawRecord)
+        return record
 
     first = [entry("1-0", "ann", 1, 0, 500), entry("1-1", "ann", 2, -1, 0)]
     async with pool.acquire() as conn:
@@ -460,11 +463,14 @@ async def test_draw_redelivery_is_a_no_op_and_contradictions_are_kept(
 
 def test_draw_record_from_a_stream_entry() -> None:
     fields = {"k": "draw", "u": "o1", "n": "7", "p": "-1", "a": "0", "d": "20270210"}
-    record = ledger.DrawRecord.from_entry("c1", "1-0", {**fields, "t": "1802275200123"})
+    record = LedgerEntry("c1", "1-0", {**fields, "t": "1802275200123"}).decode()
+    assert isinstance(record, DrawRecord)
     assert (record.openid, record.draw_no, record.tier, record.value_fen) == ("o1", 7, None, 0)
-    assert record.day.isoformat() == "2027-02-10"
-    assert record.drawn_at.isoformat() == "2027-02-10T16:00:00.123000+00:00"
-    with pytest.raises(KeyError):
-        ledger.DrawRecord.from_entry("c1", "1-0", fields)
-    with pytest.raises(ValueError, match="invalid literal"):
-        ledger.DrawRecord.from_entry("c1", "1-0", {**fields, "t": "soon"})
+    assert day_date(record.day).isoformat() == "2027-02-10"
+    assert to_datetime(record.at_ms).isoformat() == "2027-02-10T16:00:00.123000+00:00"
+    with pytest.raises(MalformedRecord, match="no field 't'"):
+        LedgerEntry("c1", "1-0", fields).decode()
+    with pytest.raises(MalformedRecord, match="invalid literal"):
+        LedgerEntry("c1", "1-0", {**fields, "t": "soon"}).decode()
+    with pytest.raises(MalformedRecord, match="unknown kind"):
+        LedgerEntry("c1", "1-0", {**fields, "k": "mystery", "t": "1"}).decode()

@@ -13,15 +13,17 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from app.access import UNMATCHED
-from app.accesslog import FLUSH_AFTER_S, FLUSH_LINES, AccessLog
-from app.drainer import Drainer, ledger_lag, stop_loop, watch_lag
-from app.embedded import free_port
-from app.factory import create_app
-from app.keys import ACCESS_LOG, PG, READINESS, REDIS, SCRIPTS
+from app.background.drainer import Drainer
+from app.background.lag import ledger_lag, watch_lag
+from app.background.tasks import stop_loop
+from app.local.embedded import free_port
 from app.metrics import Metrics, Pseudonyms
-from app.scripts import CAMPAIGNS_SET
 from app.settings import Settings, SettingsError
+from app.store.scripts import CAMPAIGNS_SET
+from app.web.accesslog import FLUSH_AFTER_S, FLUSH_LINES, AccessLog
+from app.web.edge import UNMATCHED
+from app.web.factory import create_app
+from app.web.keys import ACCESS_LOG, PG, READINESS, REDIS, SCRIPTS
 from tests.conftest import ADMIN, PAGE, create_campaign, login
 from tests.test_ledger import FAST, MANUAL
 

@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from app.factory import create_app
-from app.scripts import CampaignKeys
 from app.settings import Settings
+from app.store.scripts import CampaignKeys
+from app.web.factory import create_app
 from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
 from tests.test_ledger import FAST, MANUAL, grab, grabs_of, wait_drained, winners_of
 

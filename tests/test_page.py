@@ -7,7 +7,7 @@ import re
 
 from aiohttp.test_utils import TestClient
 
-from app.assets import STATIC_DIR
+from app.web.assets import STATIC_DIR
 
 
 async def asset_paths(client: TestClient) -> list[str]:

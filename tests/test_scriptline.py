@@ -8,9 +8,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, ResponseError
 
-from app.embedded import EmbeddedRedis
-from app.scriptline import ScriptLine
-from app.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
+from app.local.embedded import EmbeddedRedis
+from app.store.scriptline import ScriptLine
+from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
 
 
 def _line(url: str) -> ScriptLine:

@@ -1,18 +1,20 @@
-"""grab_envelope.lua driven through app.scripts: codes, amounts and resulting keys."""
+"""grab_envelope.lua driven through app.store.scripts: codes, amounts and resulting keys."""
 
 from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from app.campaigns import Campaign
-from app.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
+from app.model import Campaign, Kind
+from app.redpacket.spec import RedPacketSpec, to_meta
+from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
 
 
 async def _load(redis: Redis, cid: str, amounts: list[int], starts: int, ends: int) -> None:
     keys = CampaignKeys.of(cid)
     await redis.rpush(keys.pool, *[f"{i}:{a}" for i, a in enumerate(amounts)])
-    campaign = Campaign(cid, "red_packet", "t", sum(amounts), len(amounts), 1, None, starts, ends)
-    await redis.hset(keys.meta, mapping=campaign.to_meta())
+    spec = RedPacketSpec(sum(amounts), len(amounts), 1, None)
+    campaign = Campaign(cid, Kind.RED_PACKET, "t", starts, ends, spec)
+    await redis.hset(keys.meta, mapping=to_meta(campaign))
 
 
 async def test_batch_with_duplicates_and_sell_out(redis: Redis) -> None:

@@ -18,8 +18,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.embedded import free_port
-from app.scripts import CampaignKeys
+from app.local.embedded import free_port
+from app.store.scripts import CampaignKeys
 from tests.conftest import PAGE, create_campaign
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.split import split_envelopes
+from app.redpacket.split import split_envelopes
 
 
 @st.composite

@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
-from app.edge import COMPOSE_CONFIG, END_MARK, LOCAL_CONFIG, haproxy_binary, render_local_config
+from app.local.haproxy import (
+    COMPOSE_CONFIG,
+    END_MARK,
+    LOCAL_CONFIG,
+    haproxy_binary,
+    render_local_config,
+)
 from app.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent

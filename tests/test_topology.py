@@ -26,11 +26,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.accesslog import FLUSH_AFTER_S
-from app.edge import LOCAL_CONFIG, EdgeProxy, haproxy_binary, render_local_config
-from app.embedded import free_port
-from app.scripts import CampaignKeys
-from app.sessions import SessionStore
+from app.identity.sessions import SessionStore
+from app.local.embedded import free_port
+from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, haproxy_binary, render_local_config
+from app.store.scripts import CampaignKeys
+from app.web.accesslog import FLUSH_AFTER_S
 from tests.conftest import ADMIN, ADMIN_TOKEN, PAGE
 
 pytestmark = [

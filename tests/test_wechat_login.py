@@ -16,13 +16,13 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from yarl import URL
 
-from app.embedded import free_port
-from app.factory import create_app
-from app.fakewechat import FakeWeChat, create_fake_app
-from app.login import safe_next
-from app.scripts import CampaignKeys, login_key, session_key
-from app.sessions import sid_of
+from app.identity.login import safe_next
+from app.identity.sessions import sid_of
+from app.local.embedded import free_port
+from app.local.fakewechat import FakeWeChat, create_fake_app
 from app.settings import Settings
+from app.store.scripts import CampaignKeys, login_key, session_key
+from app.web.factory import create_app
 from tests.conftest import PAGE, create_campaign
 
 APPID = "wxtest0123456789"

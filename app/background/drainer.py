@@ -1,0 +1,308 @@
+"""Write-behind drainers: copy every campaign's ledger stream into PostgreSQL.
+
+The settlement scripts XADD one entry per settled event to ``hb:{<cid>}:ledger`` in the
+same atomic step that grants it. Drainers read those streams through one consumer
+group (``GROUP``), record each batch in one PostgreSQL round trip, and only after the
+COMMIT acknowledge and delete the entries (XACK + XDEL in one MULTI). So:
+
+* the stream holds exactly the entries not yet committed to PostgreSQL: its XLEN is
+  the ledger lag, and it never grows beyond that;
+* a drainer that dies between reading and acknowledging leaves its entries pending;
+  another drainer claims them once idle for ``claim_idle_ms`` (XAUTOCLAIM) and writes
+  them again, which the idempotent insert turns into a no-op for rows already there;
+* while PostgreSQL is unreachable the drainer retries with exponential back-off and
+  acknowledges nothing; grabs never wait on it.
+
+Entries carry their kind in field ``k`` (absent: a grab); the ledger (app.store.ledger)
+decodes and records each by its kind, and keeps an entry it cannot decode in
+``ledger_rejects`` rather than lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any, cast
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from app.metrics import Metrics
+from app.records import LedgerEntry
+from app.settings import LedgerSettings
+from app.store import ledger
+from app.store.ledger import Written
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+
+log = logging.getLogger("hongbao.drainer")
+
+GROUP = "drainers"
+# How often the list of campaigns (hence streams) is re-read.
+REFRESH_S = 2.0
+# Errors that no retry can fix: the batch is written entry by entry to isolate the culprit.
+PERMANENT_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+FIRST_RETRY_S = 0.05
+
+
+def consumer_name() -> str:
+    """This process's consumer name in the group: hostname-pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _group_lost(exc: ResponseError) -> bool:
+    """The stream (hence its group) is gone: NOGROUP, or UNBLOCKED while we were blocked."""
+    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+
+
+class Drainer:
+    """One consumer of the ledger streams of every campaign in ``hb:campaigns``."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        pg: asyncpg.Pool,
+        settings: LedgerSettings,
+        consumer: str,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._redis = redis
+        self._metrics = metrics
+        self._pg = pg
+        self._settings = settings
+        self.consumer = consumer
+        self._stopping = asyncio.Event()
+        # stream key -> campaign id, for streams whose consumer group is known to exist
+        self._streams: dict[str, str] = {}
+        self._refreshed_at = float("-inf")
+        self._claimed_at = float("-inf")
+        # The blocking XREADGROUP in progress, if any: stop() cancels it.
+        self._read: asyncio.Future[Any] | None = None
+        self.written = Written()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch and return (at once if it is idle)."""
+        self._stopping.set()
+        if self._read is not None and not self._read.done():
+            self._read.cancel()
+
+    async def run(self) -> None:
+        """Drain until stopped; Redis or PostgreSQL errors mean back off and retry."""
+        delay = FIRST_RETRY_S
+        log.info("drainer %s started", self.consumer)
+        while not self._stopping.is_set():
+            try:
+                done = await self.step()
+                delay = FIRST_RETRY_S
+                if 0 < done < self._settings.batch_max and self._settings.linger_ms:
+                    # Let the next batch fill up (see LedgerSettings.linger_ms).
+                    await self._pause(self._settings.linger_ms / 1000)
+            except Exception as exc:
+                if isinstance(exc, RedisError) and self._metrics is not None:
+                    self._metrics.count_redis_error()
+                log.warning("drainer %s: %s; retrying in %.2fs", self.consumer, _err(exc), delay)
+                await self._pause(delay)
+                delay = min(delay * 2, self._settings.retry_max_ms / 1000)
+        log.info("drainer %s stopped (%s)", self.consumer, self.written)
+
+    async def step(self) -> int:
+        """Claim abandoned entries when due, then read and record one batch; return entries."""
+        now = time.monotonic()
+        if now - self._refreshed_at >= REFRESH_S or not self._streams:
+            await self._refresh()
+            self._refreshed_at = now
+        if not self._streams:
+            await self._pause(self._settings.block_ms / 1000)
+            return 0
+        done = 0
+        if now - self._claimed_at >= self._settings.claim_idle_ms / 2000:
+            done += await self._claim()
+            self._claimed_at = now
+        if self._stopping.is_set():
+            return done
+        self._read = asyncio.ensure_future(self._read_new())
+        try:
+            reply = await self._read
+        except asyncio.CancelledError:
+            if not (self._stopping.is_set() and self._read.cancelled()):
+                raise
+            # stop() cut the idle wait short; anything delivered meanwhile stays pending.
+            return done
+        except ResponseError as exc:
+            if not _group_lost(exc):
+                raise
+            # A stream was deleted (and its group with it): create the groups again.
+            self._streams.clear()
+            return done
+        entries = [
+            LedgerEntry.of(self._streams[key.decode()], raw_id, fields)
+            for key, items in reply or []
+            for raw_id, fields in items
+            if fields is not None
+        ]
+        if entries:
+            await self._process(entries)
+        return done + len(entries)
+
+    async def _read_new(self) -> Any:
+        """XREADGROUP new entries of every stream, blocking up to block_ms.
+
+        The command is built here, inside the read task, not by its creator: redis-py's
+        ``xreadgroup`` returns a wrapper coroutine over the ``execute_command`` coroutine it
+        has already created, so a read task cancelled by stop() before its first step
+        would close the wrapper and leave the inner coroutine never awaited (a
+        RuntimeWarning at garbage collection). Built here, a task cancelled that early
+        has created nothing, and one that has started cancels the command it awaits.
+        """
+        return await self._redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self._settings.batch_max,
+            block=self._settings.block_ms,
+        )
+
+    async def _refresh(self) -> None:
+        """Pick up new campaigns: create their consumer group (from the stream's start)."""
+        members = cast(set[bytes], await self._redis.smembers(CAMPAIGNS_SET))
+        ids = sorted(m.decode() for m in members)
+        new = {CampaignKeys.of(cid).ledger: cid for cid in ids}
+        missing = [key for key in new if key not in self._streams]
+        if missing:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in missing:
+                    pipe.xgroup_create(key, GROUP, id="0", mkstream=True)
+                results = await pipe.execute(raise_on_error=False)
+            for result in results:
+                if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+                    raise result
+        self._streams = new
+
+    async def _claim(self) -> int:
+        """Take over entries pending with other consumers for longer than claim_idle_ms."""
+        claimed = 0
+        for key, cid in list(self._streams.items()):
+            start = "0-0"
+            # Bounded: each round claims up to batch_max entries or moves the cursor on.
+            for _ in range(1000):
+                try:
+                    reply = await self._redis.xautoclaim(
+                        key,
+                        GROUP,
+                        self.consumer,
+                        self._settings.claim_idle_ms,
+                        start_id=start,
+                        count=self._settings.batch_max,
+                    )
+                except ResponseError as exc:
+                    if not _group_lost(exc):
+                        raise
+                    self._streams.clear()
+                    return claimed
+                entries = [
+                    LedgerEntry.of(cid, raw_id, fields)
+                    for raw_id, fields in reply[1]
+                    if fields is not None
+                ]
+                if entries:
+                    log.info(
+                        "drainer %s claimed %d entries of %s", self.consumer, len(entries), key
+                    )
+                    if not await self._process(entries):
+                        return claimed
+                    claimed += len(entries)
+                start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                if start == "0-0":
+                    break
+        return claimed
+
+    async def _process(self, entries: list[LedgerEntry]) -> bool:
+        """Record then acknowledge; False if stopped before PostgreSQL took the batch."""
+        if not await self._record(entries):
+            return False
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(CampaignKeys.of(entry.campaign_id).ledger, []).append(
+                entry.stream_id
+            )
+        # XACK and XDEL together: the stream then holds exactly the unrecorded entries.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for key, ids in by_stream.items():
+                pipe.xack(key, GROUP, *ids)
+                pipe.xdel(key, *ids)
+            await pipe.execute()
+        return True
+
+    async def _record(self, entries: list[LedgerEntry]) -> bool:
+        """Write ``entries`` to PostgreSQL, retrying until it works or we are stopped."""
+        delay = FIRST_RETRY_S
+        while True:
+            try:
+                try:
+                    self.written += await self._write(entries)
+                except PERMANENT_ERRORS as exc:
+                    log.error(
+                        "drainer %s: batch refused (%s); writing one by one",
+                        self.consumer,
+                        _err(exc),
+                    )
+                    for entry in entries:
+                        self.written += await self._write_alone(entry)
+                return True
+            except Exception as exc:
+                if self._stopping.is_set():
+                    log.warning(
+                        "drainer %s: stopping with %d entries unrecorded (pending)",
+                        self.consumer,
+                        len(entries),
+                    )
+                    return False
+                log.warning(
+                    "drainer %s: ledger write failed (%s); retry in %.2fs",
+                    self.consumer,
+                    _err(exc),
+                    delay,
+                )
+                await self._pause(delay)
+                delay = min(delay * 2, self._settings.retry_max_ms / 1000)
+
+    async def _write(self, entries: list[LedgerEntry]) -> Written:
+        return await ledger.record(self._pg, entries)
+
+    async def _write_alone(self, entry: LedgerEntry) -> Written:
+        try:
+            return await ledger.record(self._pg, [entry])
+        except PERMANENT_ERRORS as exc:
+            return await ledger.reject(self._pg, entry, f"refused by PostgreSQL: {exc}")
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, waking early when stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+
+async def drain_process(redis_url: str, database_url: str, settings: LedgerSettings) -> None:
+    """``python -m app drain``: one drainer in its own process, until SIGTERM or SIGINT."""
+    if settings.drain_nice:
+        os.nice(settings.drain_nice)
+    redis = Redis.from_url(redis_url)
+    # min_size=0: start (and keep running) even while PostgreSQL is down.
+    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=2)
+    drainer = Drainer(redis, pool, settings, consumer_name())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, drainer.stop)
+    try:
+        await drainer.run()
+    finally:
+        await pool.close()
+        await redis.aclose()

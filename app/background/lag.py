@@ -1,0 +1,48 @@
+"""The ledger lag: entries settled in Redis, not yet recorded in PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.metrics import Metrics
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+
+log = logging.getLogger("hongbao.lag")
+
+# How often each worker samples the ledger lag for its /metrics gauge.
+LAG_SAMPLE_S = 1.0
+
+
+async def ledger_lag(redis: Redis) -> int:
+    """Entries in every campaign's ledger stream: settled, not yet in PostgreSQL."""
+    members = cast(set[bytes], await redis.smembers(CAMPAIGNS_SET))
+    if not members:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for cid in members:
+            pipe.xlen(CampaignKeys.of(cid.decode()).ledger)
+        return sum(int(n) for n in await pipe.execute())
+
+
+async def watch_lag(
+    redis: Redis, metrics: Metrics, stop: asyncio.Event, interval_s: float = LAG_SAMPLE_S
+) -> None:
+    """Keep the ledger-lag gauge current until ``stop`` is set; count the Redis errors met.
+
+    Sampled apart from the drain loop, so the gauge keeps rising while PostgreSQL is down
+    and a drainer is stuck retrying one batch.
+    """
+    while not stop.is_set():
+        try:
+            metrics.set_ledger_lag(await ledger_lag(redis))
+        except RedisError as exc:
+            metrics.count_redis_error()
+            log.warning("ledger lag not sampled: %s", f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

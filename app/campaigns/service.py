@@ -1,0 +1,136 @@
+"""Campaigns of every kind: the definition cache, and each request sent to its kind."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import asyncpg
+from redis.asyncio import Redis
+
+from app.background.events import Events
+from app.campaigns import definitions
+from app.errors import Ended, Invalid, NotFound, NotStarted, WrongKind
+from app.lottery.service import DrawOutcome, Lotteries
+from app.model import Campaign, Kind, now_ms
+from app.redpacket.pool import Progress
+from app.redpacket.service import GrabOutcome, RedPackets
+from app.store.scripts import CampaignKeys, Scripts
+
+KINDS = ", ".join(f"'{k}'" for k in Kind)
+
+
+class CampaignService:
+    """Definitions (cached per worker; they never change), and grabs, draws and views
+    handed to the campaign's kind."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        pg: asyncpg.Pool,
+        scripts: Scripts,
+        *,
+        batch_max: int,
+        events: Events | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._redis = redis
+        self._clock = clock
+        self.red_packets = RedPackets(
+            redis, pg, scripts, batch_max=batch_max, events=events, clock=clock
+        )
+        self.lotteries = Lotteries(redis, pg, scripts, batch_max=batch_max, clock=clock)
+        self._cache: dict[str, Campaign[Any]] = {}
+        self._fetching: dict[str, asyncio.Future[Campaign[Any]]] = {}
+
+    async def create(
+        self, data: Mapping[str, Any], progress: Progress | None = None
+    ) -> Campaign[Any]:
+        """Create a campaign of the kind ``data`` names (validated by that kind)."""
+        raw = data.get("kind")
+        kind = Kind(raw) if isinstance(raw, str) and raw in set(Kind) else None
+        if kind is Kind.RED_PACKET:
+            return await self.red_packets.create(data, progress)
+        if kind is Kind.LOTTERY:
+            return await self.lotteries.create(data)
+        raise Invalid("kind", f"kind must be one of {KINDS}")
+
+    async def get(self, campaign_id: str) -> Campaign[Any]:
+        """The definition of ``campaign_id`` (404 if unknown)."""
+        cached = self._cache.get(campaign_id)
+        if cached is not None:
+            return cached
+        if not (0 < len(campaign_id) <= 64) or "}" in campaign_id or "{" in campaign_id:
+            raise NotFound("no such campaign")
+        # Single flight: at an opening burst a cold worker reads the definition once,
+        # however many requests are waiting for it.
+        fetching = self._fetching.get(campaign_id)
+        if fetching is None:
+            fetching = asyncio.ensure_future(self._fetch(campaign_id))
+            self._fetching[campaign_id] = fetching
+            fetching.add_done_callback(lambda _: self._fetching.pop(campaign_id, None))
+        # shield: a waiter that goes away must not cancel the others' fetch.
+        return await asyncio.shield(fetching)
+
+    async def _fetch(self, campaign_id: str) -> Campaign[Any]:
+        meta = cast(
+            dict[bytes, bytes], await self._redis.hgetall(CampaignKeys.of(campaign_id).meta)
+        )
+        if not meta:
+            raise NotFound("no such campaign")
+        campaign = definitions.from_meta(campaign_id, meta)
+        self._cache[campaign_id] = campaign
+        return campaign
+
+    async def ensure_open(self, campaign_id: str) -> Campaign[Any]:
+        """The campaign if its window is open now; 404 / 409 from the cached definition.
+
+        Needs no Redis once the definition is cached, so ended and not-started
+        campaigns are answered before any session lookup.
+        """
+        campaign = await self.get(campaign_id)
+        now = self._clock()
+        if now < campaign.opens_ms:
+            raise NotStarted("the campaign has not started yet")
+        if now >= campaign.closes_ms:
+            raise Ended("the campaign has ended")
+        return campaign
+
+    async def public_view(self, campaign_id: str) -> dict[str, Any]:
+        """What a player sees of a campaign."""
+        campaign = await self.get(campaign_id)
+        if campaign.kind is Kind.LOTTERY:
+            return await self.lotteries.public_view(campaign)
+        return await self.red_packets.public_view(campaign)
+
+    async def stats(self, campaign_id: str) -> dict[str, Any]:
+        """Live operator statistics."""
+        campaign = await self.get(campaign_id)
+        if campaign.kind is Kind.LOTTERY:
+            return await self.lotteries.stats(campaign)
+        return await self.red_packets.stats(campaign)
+
+    async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
+        """What ``openid`` has won in a campaign, as the player sees it."""
+        campaign = await self.get(campaign_id)
+        if campaign.kind is Kind.LOTTERY:
+            return await self.lotteries.player_view(campaign, openid)
+        return await self.red_packets.player_view(campaign, openid)
+
+    async def grab(self, campaign: Campaign[Any], openid: str) -> GrabOutcome:
+        """Settle one grab in an open campaign (see ensure_open); WrongKind for a lottery."""
+        if campaign.kind is not Kind.RED_PACKET:
+            raise WrongKind("this campaign is a lottery; draw instead")
+        return await self.red_packets.grab(campaign, openid)
+
+    async def draw(self, campaign: Campaign[Any], openid: str) -> DrawOutcome:
+        """Settle one draw in an open campaign (see ensure_open); WrongKind for a red packet."""
+        if campaign.kind is not Kind.LOTTERY:
+            raise WrongKind("this campaign is not a lottery; grab it instead")
+        return await self.lotteries.draw(campaign, openid)
+
+    async def drain(self) -> None:
+        """Finish grabs and draws in flight (graceful shutdown)."""
+        await self.red_packets.drain()
+        await self.lotteries.drain()

@@ -1,0 +1,241 @@
+"""Player sessions: stored in Redis, carried in a signed token.
+
+A session is created in Redis (``hb:sess:<sid>``, with the TTL of the session) and the
+player gets a token that names it and signs what the hot path needs::
+
+    <sid>.<expires, unix s>.<snapshot 0|1>.<openid, base64url>.<MAC, 128 bits>
+
+so any worker can tell who a request belongs to without a Redis call. The MAC is keyed
+BLAKE2b (a MAC by design, and a few times cheaper per token than HMAC-SHA256). The key
+is shared through Redis (``hb:session-key``, made by the first worker that needs it),
+so it has the trust boundary of the sessions themselves. Logout deletes the session,
+records the sid in ``hb:revoked`` until the token would have expired, and publishes
+the revocation (app.background.events); a worker trusts its own memory of revocations only while
+its event listener is live, and otherwise asks Redis whether the session still exists
+(coalesced into one MGET).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from typing import Any, NamedTuple, cast
+
+import orjson
+from redis.asyncio import Redis
+
+from app.background.events import Events, publish
+from app.store.batching import Batcher
+from app.store.scripts import REVOKED_SET, SESSION_SIGNING_KEY, session_key
+
+COOKIE_NAME = "hb_session"
+# A token is about 100 characters; anything much longer is not ours.
+MAX_TOKEN_LEN = 256
+# After a signature fails, the key is re-read from Redis at most this often (it changes
+# only if Redis lost it).
+KEY_RELOAD_S = 1.0
+# The revocations a worker remembers are pruned of expired tokens when they reach twice
+# the count left by the last pruning (and at least this many).
+PRUNE_MIN = 1024
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(key: bytes, body: str) -> str:
+    return _b64(hashlib.blake2b(body.encode(), key=key, digest_size=16).digest())
+
+
+class Session(NamedTuple):
+    """Who a request belongs to."""
+
+    openid: str
+    # Stored in Redis, not carried in the token: nothing on the hot path reads it.
+    unionid: str | None = None
+    # WeChat's snapshot-page user (is_snapshotuser=1): may look, may not grab or draw.
+    snapshot: bool = False
+
+    def to_json(self) -> bytes:
+        """Serialised form stored in Redis."""
+        return orjson.dumps(
+            {"openid": self.openid, "unionid": self.unionid, "snapshot": self.snapshot}
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Session:
+        """Parse the stored form."""
+        data: dict[str, Any] = orjson.loads(raw)
+        return cls(
+            openid=str(data["openid"]),
+            unionid=data.get("unionid"),
+            snapshot=bool(data.get("snapshot", False)),
+        )
+
+
+class Claims(NamedTuple):
+    """What a token with a good signature says."""
+
+    sid: str
+    expires_s: int
+    session: Session
+
+
+def issue(key: bytes, session: Session, expires_s: int) -> tuple[str, str]:
+    """A new ``(sid, token)`` for ``session``, valid until ``expires_s``."""
+    sid = secrets.token_urlsafe(16)
+    snapshot = "1" if session.snapshot else "0"
+    body = f"{sid}.{expires_s}.{snapshot}.{_b64(session.openid.encode())}"
+    return sid, f"{body}.{_mac(key, body)}"
+
+
+def read(key: bytes, token: str) -> Claims | None:
+    """The claims of ``token`` if ``key`` signed it, else None (expiry not checked)."""
+    if len(token) > MAX_TOKEN_LEN or not token.isascii():
+        return None
+    body, _, mac = token.rpartition(".")
+    if not hmac.compare_digest(mac.encode(), _mac(key, body).encode()):
+        return None
+    parts = body.split(".")
+    if len(parts) != 4:
+        return None
+    sid, expires, snapshot, openid = parts
+    try:
+        return Claims(sid, int(expires), Session(_unb64(openid).decode(), None, snapshot == "1"))
+    except (ValueError, binascii.Error):
+        return None
+
+
+def sid_of(token: str) -> str:
+    """The session id a token names (its signature unchecked)."""
+    return token.partition(".")[0]
+
+
+class SessionStore:
+    """Create, verify and end sessions."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        ttl_s: int,
+        *,
+        events: Events | None = None,
+        batch_max: int = 256,
+    ) -> None:
+        self._redis = redis
+        self._ttl_s = ttl_s
+        self._events = events
+        self._key: bytes | None = None
+        self._key_read_at = 0.0
+        # sid -> expiry (unix s) of every revoked session whose token has not expired.
+        self._revoked: dict[str, int] = {}
+        self._prune_at = PRUNE_MIN
+        self._exists: Batcher[str, int] = Batcher(self._count, max_size=batch_max)
+        if events is not None:
+            events.on("revoke", self._on_revoke)
+            events.on_resync(self._resync)
+
+    async def _count(self, sids: list[str]) -> list[int]:
+        values = cast(list[bytes | None], await self._redis.mget(map(session_key, sids)))
+        return [0 if value is None else 1 for value in values]
+
+    async def _load_key(self) -> bytes:
+        """The shared signing key, made here if no worker has made it yet."""
+        await self._redis.set(SESSION_SIGNING_KEY, secrets.token_bytes(32), nx=True)
+        key = cast(bytes, await self._redis.get(SESSION_SIGNING_KEY))
+        self._key, self._key_read_at = key, time.monotonic()
+        return key
+
+    async def _signing_key(self) -> bytes:
+        return self._key if self._key is not None else await self._load_key()
+
+    async def create(self, session: Session) -> str:
+        """Store ``session`` and return its token."""
+        expires_s = int(time.time()) + self._ttl_s
+        sid, token = issue(await self._signing_key(), session, expires_s)
+        await self._redis.set(session_key(sid), session.to_json(), ex=self._ttl_s)
+        return token
+
+    async def verify(self, token: str) -> Claims | None:
+        """The claims of ``token`` if we signed it and it has not expired (no Redis call
+        once the key is known)."""
+        key = self._key if self._key is not None else await self._load_key()
+        claims = read(key, token)
+        if claims is None and time.monotonic() - self._key_read_at >= KEY_RELOAD_S:
+            # Redis may have lost the key and another worker made a new one.
+            claims = read(await self._load_key(), token)
+        if claims is None or claims.expires_s <= time.time():
+            return None
+        return claims
+
+    async def get(self, token: str) -> Session | None:
+        """The session of ``token``, or None if forged, expired or ended."""
+        claims = await self.verify(token)
+        if claims is None:
+            return None
+        if self._events is not None and self._events.live:
+            return None if claims.sid in self._revoked else claims.session
+        # No coherent memory of revocations: Redis says whether the session lives.
+        return claims.session if await self._exists.submit(claims.sid) else None
+
+    async def delete(self, token: str) -> None:
+        """End the session of ``token`` everywhere."""
+        claims = await self.verify(token)
+        if claims is None:
+            return
+        now = int(time.time())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(session_key(claims.sid))
+            pipe.zadd(REVOKED_SET, {claims.sid: claims.expires_s})
+            pipe.zremrangebyscore(REVOKED_SET, "-inf", now)
+            await pipe.execute()
+        argument = f"{claims.sid} {claims.expires_s}"
+        if self._events is not None:
+            await self._events.publish("revoke", argument)
+        else:
+            await publish(self._redis, "revoke", argument)
+
+    def _on_revoke(self, argument: str) -> None:
+        sid, _, expires = argument.partition(" ")
+        self._revoked[sid] = int(expires)
+        if len(self._revoked) >= self._prune_at:
+            now = int(time.time())
+            self._revoked = {s: e for s, e in self._revoked.items() if e > now}
+            self._prune_at = 2 * len(self._revoked) + PRUNE_MIN
+
+    async def _resync(self) -> None:
+        """Reload the key and the revocations (after a (re)subscription)."""
+        await self._load_key()
+        now = int(time.time())
+        revoked = cast(
+            list[tuple[bytes, float]],
+            await self._redis.zrangebyscore(REVOKED_SET, now, "+inf", withscores=True),
+        )
+        self._revoked = {sid.decode(): int(expires) for sid, expires in revoked}
+
+    async def mint(self, openids: list[str], chunk: int = 10_000) -> list[str]:
+        """Create sessions for many players at once (load tests); tokens in order."""
+        key = await self._signing_key()
+        expires_s = int(time.time()) + self._ttl_s
+        tokens: list[str] = []
+        for start in range(0, len(openids), chunk):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for openid in openids[start : start + chunk]:
+                    session = Session(openid)
+                    sid, token = issue(key, session, expires_s)
+                    tokens.append(token)
+                    pipe.set(session_key(sid), session.to_json(), ex=self._ttl_s)
+                await pipe.execute()
+        return tokens
+
+    async def drain(self) -> None:
+        """Finish lookups in flight."""
+        await self._exists.drain()

@@ -1,0 +1,144 @@
+"""The one-command local run: embedded services when none are configured, then workers.
+
+With ``haproxy`` on PATH, each worker listens on its own loopback port and HAProxy
+(haproxy/haproxy.cfg) fronts them on the public port, as in production; without it,
+the workers share the public port with SO_REUSEPORT.
+
+Ctrl-C (or SIGTERM) stops the workers first (each drains), then HAProxy, then whatever
+services it started.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.local.demo import demo_page, start_fake_wechat
+from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, edge_env, haproxy_binary, render_local_config
+from app.settings import SettingsError, Stores
+
+DEFAULT_DATA_DIR = Path(".data")
+# Redis's own appendfsync values; see the README's durability paragraph.
+APPENDFSYNC_POLICIES = ("always", "everysec", "no")
+
+
+def _admin_token(data_dir: Path) -> str:
+    """ADMIN_TOKEN from the environment, else one generated once and kept in data_dir."""
+    if os.environ.get("ADMIN_TOKEN"):
+        return os.environ["ADMIN_TOKEN"]
+    path = data_dir / "admin-token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def start_edge(data_dir: Path, public_port: int, worker_ports: list[int]) -> EdgeProxy:
+    """Render haproxy.cfg for ``worker_ports`` into ``data_dir`` and start HAProxy."""
+    config = data_dir / "haproxy.cfg"
+    config.write_text(render_local_config(LOCAL_CONFIG.read_text(), worker_ports))
+    env = edge_env(public_port, free_port(), data_dir.resolve() / "haproxy.sock")
+    return EdgeProxy(config, public_port, env).start(data_dir / "haproxy.log")
+
+
+def serve(
+    workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR, use_haproxy: bool = True
+) -> int:
+    """Run the service until interrupted; return the exit code."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    try:
+        stores = Stores.from_env(env)
+    except SettingsError as exc:
+        print(f"hongbao: {exc}", file=sys.stderr)
+        return 2
+    services: list[EmbeddedRedis | EmbeddedPostgres] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    edge: EdgeProxy | None = None
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        if not stores.redis_given:
+            fsync = env.get("REDIS_APPENDFSYNC") or "everysec"
+            if fsync not in APPENDFSYNC_POLICIES:
+                print(f"REDIS_APPENDFSYNC must be one of {APPENDFSYNC_POLICIES}", file=sys.stderr)
+                return 2
+            redis = EmbeddedRedis(data_dir / "redis", stores.embedded_redis_port, fsync).start()
+            services.append(redis)
+            env["REDIS_URL"] = redis.url
+            print(f"embedded Redis (AOF appendfsync {fsync}) at {redis.url}", flush=True)
+        if not stores.database_given:
+            pg = EmbeddedPostgres(data_dir / "postgres", stores.embedded_pg_port).start()
+            services.append(pg)
+            env["DATABASE_URL"] = pg.url
+            print(f"embedded PostgreSQL at {pg.url}", flush=True)
+        env["ADMIN_TOKEN"] = _admin_token(data_dir)
+        # A local run is plain HTTP on loopback, with dev-login for quick trials.
+        env.setdefault("INSECURE_COOKIES", "1")
+        env.setdefault("DEV_LOGIN", "1")
+        env["PORT"] = str(port)
+        fake = start_fake_wechat(env)
+        if fake is not None:
+            procs.append(fake)
+            print(f"fake WeChat (web authorization) at {env['WECHAT_API_BASE']}", flush=True)
+        if use_haproxy and haproxy_binary():
+            worker_ports = _distinct_free_ports(workers)
+            for worker_port in worker_ports:
+                worker_env = {**env, "HOST": "127.0.0.1", "PORT": str(worker_port)}
+                procs.append(
+                    subprocess.Popen([sys.executable, "-m", "app", "worker"], env=worker_env)
+                )
+            edge = start_edge(data_dir, port, worker_ports)
+            stats = edge.env["HB_STATS_BIND"]
+            print(f"HAProxy on :{port} -> workers on {worker_ports}", flush=True)
+            print(
+                f"HAProxy stats: http://{stats}/stats, metrics: http://{stats}/metrics", flush=True
+            )
+        else:
+            for _ in range(workers):
+                procs.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env))
+            print("no HAProxy (not on PATH, or --no-haproxy): workers share the port", flush=True)
+        print(f"hongbao: {workers} worker(s) on http://127.0.0.1:{port}/", flush=True)
+        print(f"admin token in {data_dir / 'admin-token'} (or $ADMIN_TOKEN)", flush=True)
+        page = demo_page(f"http://127.0.0.1:{port}", env["ADMIN_TOKEN"], data_dir)
+        print(f"open the H5 page (375x667 is the phone size): {page}", flush=True)
+        print("Ctrl-C stops everything started here.", flush=True)
+        while not stopping:
+            if any(p.poll() is not None for p in procs):
+                print("a worker exited; stopping", file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if edge is not None:
+            edge.stop()
+        for service in reversed(services):
+            service.stop()
+        print("hongbao: stopped", flush=True)

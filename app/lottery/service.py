@@ -1,0 +1,200 @@
+"""God-of-Wealth lotteries at run time: creation, draws, and the player and operator views.
+
+Each draw is settled by one call of ``lua/draw_prize.lua`` (quota, stock, pick, win and
+ledger record together); concurrent draws of a campaign are coalesced into one script
+call, each draw carrying its own randomness from the OS CSPRNG.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from app.errors import Ended, NotFound, NotStarted, QuotaExhausted, WrongKind
+from app.lottery.spec import RANDOM_BITS, Lottery, LotterySpec, parse, to_meta
+from app.model import new_campaign_id, now_ms, shanghai_day
+from app.records import decode_wins
+from app.store import ledger
+from app.store.batching import KeyedBatchers
+from app.store.scripts import (
+    CAMPAIGNS_SET,
+    CampaignKeys,
+    DrawCode,
+    DrawResult,
+    DrawStatus,
+    Scripts,
+    daily_key,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DrawOutcome:
+    """One accepted draw, ready to render."""
+
+    result: DrawResult
+    spec: LotterySpec
+
+    def to_json(self) -> dict[str, Any]:
+        """The player's answer."""
+        if self.result.code is DrawCode.PRIZE:
+            return {
+                "result": "prize",
+                "prize": self.spec.prize(self.result.tier),
+                "draw_no": self.result.draw_no,
+            }
+        return {"result": "no_prize", "name": self.spec.fallback, "draw_no": self.result.draw_no}
+
+
+def _ints(raw: Mapping[bytes, bytes]) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+class Lotteries:
+    """Creating lotteries, settling draws (coalesced per campaign), and their views."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        pg: asyncpg.Pool,
+        scripts: Scripts,
+        *,
+        batch_max: int,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._redis = redis
+        self._pg = pg
+        self._scripts = scripts
+        # Unix milliseconds; tests substitute a clock to cross day and slot boundaries.
+        self._clock = clock
+        self._draws: KeyedBatchers[str, tuple[DrawStatus, DrawResult]] = KeyedBatchers(
+            self._settle, max_size=batch_max
+        )
+
+    async def create(self, data: Mapping[str, Any], progress: object = None) -> Lottery:
+        """Validate, record in PostgreSQL, then load into Redis and open."""
+        campaign = parse(data, new_campaign_id())
+        await ledger.insert_campaign(self._pg, campaign, config=campaign.spec.to_json())
+        await self.load(campaign)
+        return campaign
+
+    async def load(self, campaign: Lottery) -> None:
+        """Write tiers, then meta (its presence opens the campaign), in one transaction."""
+        keys = CampaignKeys.of(campaign.id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.tiers, mapping=campaign.spec.redis_tiers())
+            pipe.hset(keys.meta, mapping=to_meta(campaign))
+            pipe.sadd(CAMPAIGNS_SET, campaign.id)
+            await pipe.execute()
+
+    async def draw(self, campaign: Lottery, openid: str) -> DrawOutcome:
+        """Settle one draw of ``openid`` (the caller checked the window); raises on quota.
+
+        The script re-checks the window atomically.
+        """
+        status, result = await self._draws.submit(campaign.id, openid)
+        if status is DrawStatus.NOT_FOUND:
+            raise NotFound("no such campaign")
+        if status is DrawStatus.NOT_STARTED:
+            raise NotStarted("the campaign has not started yet")
+        if status is DrawStatus.ENDED:
+            raise Ended("the campaign has ended")
+        if status is DrawStatus.WRONG_KIND:
+            raise WrongKind("this campaign is not a lottery")
+        if result.code is DrawCode.QUOTA_TOTAL:
+            raise QuotaExhausted("you have used all your draws", scope="total")
+        if result.code is DrawCode.QUOTA_DAILY:
+            raise QuotaExhausted("you have used today's draws; come back tomorrow", scope="daily")
+        return DrawOutcome(result, campaign.spec)
+
+    async def _settle(
+        self, campaign_id: str, users: list[str]
+    ) -> list[tuple[DrawStatus, DrawResult]]:
+        # The batch is settled at one instant: its clock reading decides the quota day.
+        now = self._clock()
+        draws = [(user, secrets.randbits(RANDOM_BITS)) for user in users]
+        status, results = await self._scripts.draw_prize(campaign_id, now, shanghai_day(now), draws)
+        if status is not DrawStatus.SETTLED:
+            refused = DrawResult(DrawCode.NO_PRIZE, -1, 0)
+            return [(status, refused)] * len(users)
+        return [(status, result) for result in results]
+
+    async def public_view(self, campaign: Lottery) -> dict[str, Any]:
+        """Player-facing definition: prize names and values, quotas (no stock or odds)."""
+        spec = campaign.spec
+        return {
+            **campaign.summary(campaign.state(self._clock())),
+            "prizes": [spec.prize(i) for i in range(len(spec.tiers))],
+            "fallback": spec.fallback,
+            "quota_total": spec.quota_total,
+            "quota_daily": spec.quota_daily,
+        }
+
+    async def player_view(self, campaign: Lottery, openid: str) -> dict[str, Any]:
+        """A player's draws (in total and today) and prizes."""
+        spec = campaign.spec
+        keys = CampaignKeys.of(campaign.id)
+        day = shanghai_day(self._clock())
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(keys.draws, openid)
+            pipe.hget(daily_key(campaign.id, day), openid)
+            pipe.hget(keys.wins, openid)
+            draws, today, wins = await pipe.execute()
+        prizes = [{"draw_no": n, **spec.prize(tier)} for n, tier in decode_wins(wins)]
+        return {
+            "result": "prizes" if prizes else "none",
+            "draws": int(draws or 0),
+            "draws_today": int(today or 0),
+            "quota_total": spec.quota_total,
+            "quota_daily": spec.quota_daily,
+            "prizes": prizes,
+        }
+
+    async def stats(self, campaign: Lottery) -> dict[str, Any]:
+        """Operator view: per tier stock, released (now), won and left; draws per day."""
+        spec = campaign.spec
+        now = self._clock()
+        keys = CampaignKeys.of(campaign.id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.tiers)
+            pipe.hgetall(keys.days)
+            # Drainers XDEL what they commit: the stream holds exactly the unrecorded draws.
+            pipe.xlen(keys.ledger)
+            tiers_raw, days_raw, ledger_lag = await pipe.execute()
+        counters = _ints({k: v for k, v in tiers_raw.items() if k.startswith(b"won:")})
+        days = _ints(days_raw)
+        tiers = []
+        for i, tier in enumerate(spec.tiers):
+            released = tier.released(now)
+            won = counters.get(f"won:{i}", 0)
+            tiers.append(
+                {
+                    "tier": i,
+                    "name": tier.name,
+                    "value_fen": tier.value_fen,
+                    "weight": tier.weight,
+                    "stock": tier.stock,
+                    "released": released,
+                    "won": won,
+                    "left": released - won,
+                }
+            )
+        per_day = {d: n for d, n in sorted(days.items()) if not d.startswith("won:")}
+        return {
+            **campaign.summary(campaign.state(now)),
+            **spec.to_json(),
+            "tiers": tiers,
+            "draws": sum(per_day.values()),
+            "prizes_won": sum(t["won"] for t in tiers),
+            "draws_per_day": per_day,
+            "prizes_per_day": {d: days.get(f"won:{d}", 0) for d in per_day},
+            "ledger_lag": int(ledger_lag),
+        }
+
+    async def drain(self) -> None:
+        """Finish draws in flight (graceful shutdown)."""
+        await self._draws.drain()

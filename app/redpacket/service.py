@@ -1,0 +1,164 @@
+"""Red packets at run time: creation, grabs, and the player and operator views."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import asyncpg
+from redis.asyncio import Redis
+
+from app.background.events import Events
+from app.errors import Ended, NotFound, NotStarted
+from app.model import new_campaign_id, now_ms
+from app.records import Envelope
+from app.redpacket import pool
+from app.redpacket.soldout import SoldOut
+from app.redpacket.spec import RedPacket, parse
+from app.redpacket.split import split_envelopes
+from app.store import ledger
+from app.store.batching import KeyedBatchers
+from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
+
+
+@dataclass(frozen=True, slots=True)
+class GrabOutcome:
+    """One player's grab result."""
+
+    code: GrabCode
+    amount_fen: int
+
+
+SOLD_OUT = GrabOutcome(GrabCode.SOLD_OUT, 0)
+
+
+class RedPackets:
+    """Creating red packets, settling grabs (coalesced per campaign), and their views."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        pg: asyncpg.Pool,
+        scripts: Scripts,
+        *,
+        batch_max: int,
+        events: Events | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._redis = redis
+        self._pg = pg
+        self._scripts = scripts
+        self._clock = clock
+        self._grabs: KeyedBatchers[str, tuple[GrabStatus, GrabOutcome]] = KeyedBatchers(
+            self._settle, max_size=batch_max
+        )
+        self._lookups: KeyedBatchers[str, GrabOutcome] = KeyedBatchers(
+            self._lookup, max_size=batch_max
+        )
+        self._sold_out = None if events is None else SoldOut(redis, events)
+
+    async def create(
+        self, data: Mapping[str, Any], progress: pool.Progress | None = None
+    ) -> RedPacket:
+        """Validate, split, record in PostgreSQL and load into Redis side by side, then open."""
+        campaign = parse(data, new_campaign_id())
+        spec = campaign.spec
+        amounts = await asyncio.get_running_loop().run_in_executor(
+            None, split_envelopes, spec.total_fen, spec.count, spec.min_fen, spec.max_fen
+        )
+        envelopes = [Envelope(seq, amount) for seq, amount in enumerate(amounts)]
+        await asyncio.gather(
+            ledger.insert_campaign(self._pg, campaign, columns=spec.columns(), amounts=amounts),
+            pool.load(self._redis, campaign, envelopes, progress=progress),
+        )
+        await pool.open_campaign(self._redis, campaign)
+        return campaign
+
+    async def grab(self, campaign: RedPacket, openid: str) -> GrabOutcome:
+        """Settle one player's grab in an open campaign; raises NotFound / NotStarted /
+        Ended if Redis disagrees with the cached definition."""
+        campaign_id = campaign.id
+        sold_out = self._sold_out
+        if sold_out is not None and sold_out.knows(campaign_id):
+            # Known sold out: a player not among the winners is answered from memory;
+            # a winner's retry is looked up (a coalesced HMGET, not the script).
+            if sold_out.surely_lost(campaign_id, openid):
+                return SOLD_OUT
+            return await self._lookups.submit(campaign_id, openid)
+        status, outcome = await self._grabs.submit(campaign_id, openid)
+        if status is GrabStatus.NOT_FOUND:
+            raise NotFound("no such campaign")
+        if status is GrabStatus.NOT_STARTED:
+            raise NotStarted("the campaign has not started yet")
+        if status is GrabStatus.ENDED:
+            raise Ended("the campaign has ended")
+        return outcome
+
+    async def _settle(
+        self, campaign_id: str, users: list[str]
+    ) -> list[tuple[GrabStatus, GrabOutcome]]:
+        result = await self._scripts.grab_envelope(campaign_id, users, self._clock())
+        if result.status is not GrabStatus.SETTLED:
+            return [(result.status, SOLD_OUT)] * len(users)
+        if result.remaining_count == 0 and self._sold_out is not None:
+            self._sold_out.announce(campaign_id)
+        return [(result.status, GrabOutcome(code, amount)) for code, amount in result.outcomes]
+
+    async def _lookup(self, campaign_id: str, users: list[str]) -> list[GrabOutcome]:
+        raw = cast(
+            list[bytes | None],
+            await self._redis.hmget(CampaignKeys.of(campaign_id).winners, users),
+        )
+        return [
+            SOLD_OUT
+            if value is None
+            else GrabOutcome(GrabCode.ALREADY_WON, Envelope.decode(value).amount_fen)
+            for value in raw
+        ]
+
+    async def public_view(self, campaign: RedPacket) -> dict[str, Any]:
+        """What a player sees of a red packet."""
+        remaining = int(await self._redis.llen(CampaignKeys.of(campaign.id).pool))
+        return {
+            **campaign.summary(campaign.state(self._clock(), remaining)),
+            "remaining_count": remaining,
+        }
+
+    async def stats(self, campaign: RedPacket) -> dict[str, Any]:
+        """Live operator statistics, read as one consistent snapshot."""
+        keys = CampaignKeys.of(campaign.id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys.meta, "won_count", "won_fen")
+            pipe.llen(keys.pool)
+            # Drainers XDEL what they commit: the stream holds exactly the unrecorded entries.
+            pipe.xlen(keys.ledger)
+            (won_count, won_fen), remaining, ledger_lag = await pipe.execute()
+        won_f = int(won_fen or 0)
+        spec = campaign.spec
+        return {
+            **campaign.summary(campaign.state(self._clock(), int(remaining))),
+            **spec.view(),
+            "remaining_count": int(remaining),
+            "remaining_fen": spec.total_fen - won_f,
+            "won_count": int(won_count or 0),
+            "won_fen": won_f,
+            "ledger_lag": int(ledger_lag),
+        }
+
+    async def player_view(self, campaign: RedPacket, openid: str) -> dict[str, Any]:
+        """What ``openid`` has won, as the player sees it."""
+        raw = cast(
+            bytes | None, await self._redis.hget(CampaignKeys.of(campaign.id).winners, openid)
+        )
+        if raw is None:
+            return {"result": "none"}
+        return {"result": "won", "amount_fen": Envelope.decode(raw).amount_fen}
+
+    async def drain(self) -> None:
+        """Finish grabs in flight (graceful shutdown)."""
+        await self._grabs.drain()
+        await self._lookups.drain()
+        if self._sold_out is not None:
+            await self._sold_out.close()

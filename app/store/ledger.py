@@ -1,0 +1,362 @@
+"""PostgreSQL: migrations and the durable records. Transactions open here and nowhere else."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import asyncpg.pool
+import orjson
+
+from app.model import Campaign, day_date, optional_datetime, to_datetime
+from app.records import DrawRecord, Envelope, GrabRecord, LedgerEntry, MalformedRecord
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Any constant will do; it only has to be the same for every worker.
+_MIGRATION_LOCK = 0x68_6F_6E_67
+
+CREATE_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+INSERT_CAMPAIGN = """
+INSERT INTO campaigns (id, kind, name, total_fen, count, min_fen, max_fen,
+                       starts_at, ends_at, config)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+"""
+
+# Draws arrive at least once from the ledger stream. One statement, as WRITE_GRABS: a draw
+# already recorded exactly (a redelivery after a drainer died between COMMIT and XACK) is
+# skipped; one that contradicts the recorded draw of that number (possible only after
+# Redis lost acknowledged writes) is kept in ledger_rejects instead of being dropped.
+WRITE_DRAWS = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::bigint[],
+                         $6::date[], $7::timestamptz[], $8::text[])
+        AS b (campaign_id, openid, draw_no, tier, value_fen, day, drawn_at, stream_id)
+), inserted AS (
+    INSERT INTO draws (campaign_id, openid, draw_no, tier, value_fen, day, drawn_at, stream_id)
+    SELECT * FROM batch
+    ON CONFLICT (campaign_id, openid, draw_no) DO NOTHING
+    RETURNING *
+), rejected AS (
+    INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
+    SELECT b.campaign_id, b.stream_id, 'draw',
+           jsonb_build_object('u', b.openid, 'n', b.draw_no, 'p', coalesce(b.tier, -1),
+                              'a', b.value_fen, 't', b.drawn_at,
+                              'd', to_char(b.day, 'YYYYMMDD')),
+           'contradicts the recorded draw of the same player and number'
+    FROM batch b
+    WHERE NOT EXISTS (SELECT 1 FROM inserted i
+                      WHERE i.campaign_id = b.campaign_id AND i.stream_id = b.stream_id)
+      -- the statement's snapshot does not show its own inserts: look in both
+      AND NOT EXISTS (SELECT 1 FROM (SELECT * FROM draws UNION ALL SELECT * FROM inserted) d
+                      WHERE d.campaign_id = b.campaign_id AND d.openid = b.openid
+                        AND d.draw_no = b.draw_no AND d.tier IS NOT DISTINCT FROM b.tier
+                        AND d.value_fen = b.value_fen AND d.day = b.day
+                        AND d.drawn_at = b.drawn_at)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM rejected) AS rejected
+"""
+
+SELECT_DRAWS = """
+SELECT openid, draw_no, tier, value_fen, to_char(day, 'YYYYMMDD')::integer AS day, stream_id
+FROM draws WHERE campaign_id = $1
+"""
+
+SELECT_DRAWS_OF = """
+SELECT d.openid, d.draw_no, d.tier, d.value_fen, to_char(d.day, 'YYYYMMDD')::integer AS day,
+       d.stream_id
+FROM draws d
+JOIN unnest($2::text[], $3::integer[]) AS w (openid, draw_no)
+  ON d.openid = w.openid AND d.draw_no = w.draw_no
+WHERE d.campaign_id = $1
+"""
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        match = re.match(r"^(\d+)_", path.name)
+        if match is None:
+            raise RuntimeError(f"migration file without a version prefix: {path.name}")
+        found.append((int(match.group(1)), path.name, path.read_text(encoding="utf-8")))
+    return found
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply pending migrations in order, under an advisory lock; return the names applied."""
+    applied: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(CREATE_VERSION_TABLE)
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in _migrations():
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+            )
+            applied.append(name)
+    return applied
+
+
+async def insert_campaign(
+    pool: asyncpg.Pool,
+    campaign: Campaign[Any],
+    *,
+    columns: Mapping[str, int | None] | None = None,
+    config: Mapping[str, Any] | None = None,
+    amounts: Sequence[int] = (),
+) -> None:
+    """Record a campaign definition (``columns``: a red packet's budget, ``config``: a
+    lottery's definition) and its envelopes, in one transaction."""
+    budget = columns or {}
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            INSERT_CAMPAIGN,
+            campaign.id,
+            str(campaign.kind),
+            campaign.name,
+            budget.get("total_fen"),
+            budget.get("count"),
+            budget.get("min_fen"),
+            budget.get("max_fen"),
+            optional_datetime(campaign.starts_at_ms),
+            optional_datetime(campaign.ends_at_ms),
+            orjson.dumps(config or {}).decode(),
+        )
+        if amounts:
+            await conn.copy_records_to_table(
+                "envelopes",
+                records=((campaign.id, seq, amount) for seq, amount in enumerate(amounts)),
+                columns=["campaign_id", "seq", "amount_fen"],
+            )
+
+
+async def write_draws(conn: Conn, records: Sequence[DrawRecord]) -> Written:
+    """Write drained draws in one statement: new ones inserted, exact replays skipped,
+    contradictions of a recorded draw kept as rejects."""
+    if not records:
+        return Written()
+    row = await conn.fetchrow(
+        WRITE_DRAWS,
+        [r.campaign_id for r in records],
+        [r.openid for r in records],
+        [r.draw_no for r in records],
+        [r.tier for r in records],
+        [r.value_fen for r in records],
+        [day_date(r.day) for r in records],
+        [to_datetime(r.at_ms) for r in records],
+        [r.stream_id for r in records],
+    )
+    assert row is not None
+    return Written(int(row["inserted"]), int(row["rejected"]))
+
+
+@dataclass(frozen=True, slots=True)
+class SettledDraw:
+    """One lottery draw as the ledger (a ``draws`` row or a stream entry) holds it."""
+
+    tier: int | None
+    value_fen: int
+    day: int  # YYYYMMDD, Asia/Shanghai
+    stream_id: str
+
+
+async def fetch_draws(
+    pool: asyncpg.Pool, campaign_id: str, wanted: Sequence[tuple[str, int]] | None = None
+) -> dict[tuple[str, int], SettledDraw]:
+    """(openid, draw_no) -> the recorded draw: all of a campaign's, or only ``wanted``."""
+    if wanted is None:
+        rows = await pool.fetch(SELECT_DRAWS, campaign_id)
+    else:
+        rows = await pool.fetch(
+            SELECT_DRAWS_OF, campaign_id, [u for u, _ in wanted], [n for _, n in wanted]
+        )
+    return {
+        (r["openid"], r["draw_no"]): SettledDraw(
+            r["tier"], r["value_fen"], r["day"], r["stream_id"]
+        )
+        for r in rows
+    }
+
+
+# --- The write-behind ledger: stream entries recorded by the drainers -------------------
+
+# One statement, so one round trip and atomic without an explicit transaction. A grant
+# already recorded (the same player, envelope and amount: a redelivery after a drainer
+# died between COMMIT and XACK) is skipped; a grant that contradicts a recorded one is
+# kept in ledger_rejects instead of being dropped.
+WRITE_GRABS = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::bigint[],
+                         $6::timestamptz[])
+        AS b (campaign_id, stream_id, openid, seq, amount_fen, granted_at)
+), inserted AS (
+    INSERT INTO grabs (campaign_id, openid, seq, amount_fen, granted_at, stream_id)
+    SELECT campaign_id, openid, seq, amount_fen, granted_at, stream_id FROM batch
+    ON CONFLICT DO NOTHING
+    RETURNING campaign_id, stream_id
+), rejected AS (
+    INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
+    SELECT b.campaign_id, b.stream_id, 'grab',
+           jsonb_build_object('u', b.openid, 's', b.seq, 'a', b.amount_fen,
+                              't', b.granted_at),
+           'contradicts a recorded grab of the same player or envelope'
+    FROM batch b
+    WHERE NOT EXISTS (SELECT 1 FROM inserted i
+                      WHERE i.campaign_id = b.campaign_id AND i.stream_id = b.stream_id)
+      AND NOT EXISTS (SELECT 1 FROM grabs g
+                      WHERE g.campaign_id = b.campaign_id AND g.openid = b.openid
+                        AND g.seq = b.seq AND g.amount_fen = b.amount_fen)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM rejected) AS rejected
+"""
+
+INSERT_REJECTS = """
+INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
+SELECT campaign_id, stream_id, kind, fields::jsonb, reason
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+    AS r (campaign_id, stream_id, kind, fields, reason)
+ON CONFLICT DO NOTHING
+"""
+
+SELECT_CAMPAIGN = "SELECT * FROM campaigns WHERE id = $1"
+SELECT_ENVELOPES = "SELECT seq, amount_fen FROM envelopes WHERE campaign_id = $1 ORDER BY seq"
+SELECT_UNGRANTED = """
+SELECT e.seq, e.amount_fen FROM envelopes e
+WHERE e.campaign_id = $1
+  AND NOT EXISTS (SELECT 1 FROM grabs g WHERE g.campaign_id = e.campaign_id AND g.seq = e.seq)
+ORDER BY e.seq
+"""
+SELECT_GRABS = "SELECT openid, seq, amount_fen FROM grabs WHERE campaign_id = $1"
+SELECT_GRABS_OF = """
+SELECT openid, seq, amount_fen FROM grabs WHERE campaign_id = $1 AND openid = ANY($2::text[])
+"""
+SELECT_REJECTS = """
+SELECT stream_id, kind, fields::text AS fields, reason FROM ledger_rejects
+WHERE campaign_id = $1 ORDER BY stream_id
+"""
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What recording a batch did: rows inserted and entries kept as rejects."""
+
+    inserted: int = 0
+    rejected: int = 0
+
+    def __add__(self, other: Written) -> Written:
+        return Written(self.inserted + other.inserted, self.rejected + other.rejected)
+
+
+async def write_grabs(conn: Conn, records: Sequence[GrabRecord]) -> Written:
+    """Record grants in one statement: new ones inserted, exact replays skipped,
+    contradictions of a recorded grant kept as rejects."""
+    if not records:
+        return Written()
+    row = await conn.fetchrow(
+        WRITE_GRABS,
+        [r.campaign_id for r in records],
+        [r.stream_id for r in records],
+        [r.openid for r in records],
+        [r.seq for r in records],
+        [r.amount_fen for r in records],
+        [to_datetime(r.at_ms) for r in records],
+    )
+    assert row is not None
+    return Written(int(row["inserted"]), int(row["rejected"]))
+
+
+async def insert_rejects(conn: Conn, rejects: Sequence[tuple[LedgerEntry, str]]) -> Written:
+    """Keep entries that cannot be recorded as they are, with the reason."""
+    await conn.execute(
+        INSERT_REJECTS,
+        [e.campaign_id for e, _ in rejects],
+        [e.stream_id for e, _ in rejects],
+        [e.kind for e, _ in rejects],
+        [orjson.dumps(e.fields).decode() for e, _ in rejects],
+        [reason for _, reason in rejects],
+    )
+    return Written(0, len(rejects))
+
+
+async def record(pool: asyncpg.Pool, entries: Sequence[LedgerEntry]) -> Written:
+    """Record a drained batch of any kinds atomically: each entry decoded and written by
+    its kind, malformed ones kept as rejects; one statement, or one transaction for several."""
+    grabs: list[GrabRecord] = []
+    draws: list[DrawRecord] = []
+    bad: list[tuple[LedgerEntry, str]] = []
+    for entry in entries:
+        try:
+            decoded = entry.decode()
+        except MalformedRecord as exc:
+            bad.append((entry, str(exc)))
+            continue
+        if isinstance(decoded, GrabRecord):
+            grabs.append(decoded)
+        else:
+            draws.append(decoded)
+    async with pool.acquire() as conn:
+        if not bad and not (grabs and draws):
+            return await (write_grabs(conn, grabs) if grabs else write_draws(conn, draws))
+        async with conn.transaction():
+            written = await write_grabs(conn, grabs) + await write_draws(conn, draws)
+            if bad:
+                written += await insert_rejects(conn, bad)
+            return written
+
+
+async def reject(pool: asyncpg.Pool, entry: LedgerEntry, reason: str) -> Written:
+    """Keep one entry PostgreSQL refuses as a reject."""
+    async with pool.acquire() as conn:
+        return await insert_rejects(conn, [(entry, reason)])
+
+
+async def fetch_campaign(pool: asyncpg.Pool, campaign_id: str) -> asyncpg.Record | None:
+    """The campaign row, or None."""
+    return await pool.fetchrow(SELECT_CAMPAIGN, campaign_id)
+
+
+async def fetch_envelopes(pool: asyncpg.Pool, campaign_id: str) -> list[Envelope]:
+    """Every envelope of a campaign, by seq."""
+    rows = await pool.fetch(SELECT_ENVELOPES, campaign_id)
+    return [Envelope(r["seq"], r["amount_fen"]) for r in rows]
+
+
+async def fetch_ungranted(pool: asyncpg.Pool, campaign_id: str) -> list[Envelope]:
+    """The envelopes no recorded grab took, by seq."""
+    rows = await pool.fetch(SELECT_UNGRANTED, campaign_id)
+    return [Envelope(r["seq"], r["amount_fen"]) for r in rows]
+
+
+async def fetch_grabs(
+    pool: asyncpg.Pool, campaign_id: str, openids: list[str] | None = None
+) -> dict[str, Envelope]:
+    """openid -> envelope of recorded grabs (all, or of ``openids`` only)."""
+    if openids is None:
+        rows = await pool.fetch(SELECT_GRABS, campaign_id)
+    else:
+        rows = await pool.fetch(SELECT_GRABS_OF, campaign_id, openids)
+    return {r["openid"]: Envelope(r["seq"], r["amount_fen"]) for r in rows}
+
+
+async def fetch_rejects(pool: asyncpg.Pool, campaign_id: str) -> list[asyncpg.Record]:
+    """Entries of a campaign the drainers kept aside, oldest first."""
+    return await pool.fetch(SELECT_REJECTS, campaign_id)

@@ -1,0 +1,252 @@
+"""Lua scripts (one file per atomic operation in lua/) and the Redis key schema.
+
+Key schema -- every key of one campaign shares the hash tag ``{<campaign id>}`` so
+each script touches a single Redis Cluster slot:
+
+    hb:{<cid>}:meta      hash   definition (kind, name, window, totals) + won counters
+    hb:{<cid>}:pool      list   un-granted envelopes, "seq:amount_fen", popped from the left
+    hb:{<cid>}:winners   hash   openid -> "seq:amount_fen"
+    hb:{<cid>}:ledger    stream one entry per grant or draw, drained into PostgreSQL
+    hb:{<cid>}:tiers     hash   lottery tiers: weight:i stock:i value:i schedule:i, won:i counters
+    hb:{<cid>}:draws     hash   lottery: openid -> draws so far (the last draw number)
+    hb:{<cid>}:daily:<d> hash   lottery: openid -> draws on day d (YYYYMMDD, Asia/Shanghai)
+    hb:{<cid>}:days      hash   lottery: d -> draws that day, won:d -> prizes that day
+    hb:{<cid>}:wins      hash   lottery: openid -> "draw_no:tier,..." prizes won
+    hb:campaigns         set    ids of every campaign (read by drainers and operators)
+    hb:sess:<sid>        string session JSON, with a TTL (the token names the sid)
+    hb:session-key       string the key that signs session tokens, shared by every worker
+    hb:revoked           zset   sids of sessions ended early -> their token's expiry (unix s)
+    hb:login:{<state>}   hash   one WeChat login in progress: browser hash, next, code, token
+
+Pub/sub channel ``hb:events`` (app.background.events) carries revocations and sold-out news.
+
+Python builds key names here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from app.store.scriptline import ScriptLine
+
+CAMPAIGNS_SET = "hb:campaigns"
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignKeys:
+    """The Redis keys of one campaign."""
+
+    meta: str
+    pool: str
+    winners: str
+    ledger: str
+    tiers: str
+    draws: str
+    days: str
+    wins: str
+
+    @classmethod
+    def of(cls, campaign_id: str) -> CampaignKeys:
+        """Key names for ``campaign_id``; all share its hash tag."""
+        tag = f"hb:{{{campaign_id}}}"
+        return cls(
+            meta=f"{tag}:meta",
+            pool=f"{tag}:pool",
+            winners=f"{tag}:winners",
+            ledger=f"{tag}:ledger",
+            tiers=f"{tag}:tiers",
+            draws=f"{tag}:draws",
+            days=f"{tag}:days",
+            wins=f"{tag}:wins",
+        )
+
+
+def daily_key(campaign_id: str, day: int) -> str:
+    """Per-player lottery draw counts of one day (YYYYMMDD in Asia/Shanghai)."""
+    return f"hb:{{{campaign_id}}}:daily:{day}"
+
+
+def session_key(sid: str) -> str:
+    """Redis key of a session (``sid``: the session id its token names)."""
+    return f"hb:sess:{sid}"
+
+
+# The key that signs session tokens (app.identity.sessions), shared by every worker.
+SESSION_SIGNING_KEY = "hb:session-key"
+# Sessions ended before their expiry: sid -> expiry (unix s), pruned as they expire.
+REVOKED_SET = "hb:revoked"
+# The pub/sub channel of app.background.events.
+EVENTS_CHANNEL = "hb:events"
+
+
+def login_key(state: str) -> str:
+    """Redis key of the WeChat login started with ``state``."""
+    return f"hb:login:{{{state}}}"
+
+
+class RedeemCode(enum.IntEnum):
+    """What redeem_login answered for a callback."""
+
+    UNKNOWN_STATE = 0
+    OTHER_BROWSER = 1
+    CLAIMED = 2
+    OTHER_CODE = 3
+    DONE = 4
+    PENDING = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Redeemed:
+    """A callback's claim on its login: the code, where to go next, the session if made."""
+
+    code: RedeemCode
+    next: str = "/"
+    token: str | None = None
+
+
+class GrabStatus(enum.IntEnum):
+    """Campaign-level outcome of one grab_envelope call."""
+
+    SETTLED = 0
+    NOT_FOUND = 1
+    NOT_STARTED = 2
+    ENDED = 3
+
+
+class GrabCode(enum.IntEnum):
+    """Per-user outcome inside a settled batch."""
+
+    WON = 0
+    ALREADY_WON = 1
+    SOLD_OUT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class GrabBatchResult:
+    """What grab_envelope answered for one batch."""
+
+    status: GrabStatus
+    remaining_count: int
+    outcomes: list[tuple[GrabCode, int]]
+
+
+class DrawStatus(enum.IntEnum):
+    """Campaign-level outcome of one draw_prize call."""
+
+    SETTLED = 0
+    NOT_FOUND = 1
+    NOT_STARTED = 2
+    ENDED = 3
+    WRONG_KIND = 4
+
+
+class DrawCode(enum.IntEnum):
+    """Per-draw outcome inside a settled batch."""
+
+    PRIZE = 0
+    NO_PRIZE = 1
+    QUOTA_TOTAL = 2
+    QUOTA_DAILY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DrawResult:
+    """One draw as settled by draw_prize: tier -1 unless a prize, draw_no 0 when refused."""
+
+    code: DrawCode
+    tier: int
+    draw_no: int
+
+
+def load_lua(name: str) -> str:
+    """Source of ``lua/<name>.lua``, shipped inside the wheel as package ``app.lua``."""
+    return (resources.files("app.lua") / f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Scripts:
+    """Registered scripts with one typed method each.
+
+    EVALSHA reloads the script once on NOSCRIPT (after a failover or SCRIPT FLUSH). The
+    settlement scripts go through ``line`` (app.store.scriptline) when given one, else, like
+    the others, through redis-py's AsyncScript.
+    """
+
+    def __init__(self, redis: Redis, line: ScriptLine | None = None) -> None:
+        self._line = line
+        self._sources = {name: load_lua(name) for name in ("grab_envelope", "draw_prize")}
+        self._grab = redis.register_script(self._sources["grab_envelope"])
+        self._redeem = redis.register_script(load_lua("redeem_login"))
+        self._draw = redis.register_script(self._sources["draw_prize"])
+
+    async def _settle(
+        self, name: str, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        if self._line is not None:
+            return await self._line.evalsha(script.sha, self._sources[name], keys, args)
+        return await script(keys=keys, args=args)
+
+    async def preload(self, redis: Redis) -> None:
+        """SCRIPT LOAD every script, so a syntax error stops start-up."""
+        for script in self._all():
+            await redis.script_load(script.script)
+
+    async def ensure_loaded(self, redis: Redis) -> int:
+        """Load any script Redis lost (restart, failover, SCRIPT FLUSH); return how many."""
+        scripts = self._all()
+        present = await redis.script_exists(*(script.sha for script in scripts))
+        missing = [s for s, there in zip(scripts, present, strict=True) if not there]
+        for script in missing:
+            await redis.script_load(script.script)
+        return len(missing)
+
+    def _all(self) -> list[AsyncScript]:
+        return [self._grab, self._redeem, self._draw]
+
+    async def redeem_login(self, state: str, browser_hash: str, code_hash: str) -> Redeemed:
+        """Claim the login of ``state`` for one code, from the browser that started it."""
+        raw = cast(
+            list[Any],
+            await self._redeem(keys=[login_key(state)], args=[browser_hash, code_hash]),
+        )
+        code = RedeemCode(int(raw[0]))
+        nxt = raw[1].decode() if len(raw) > 1 else "/"
+        token = raw[2].decode() if len(raw) > 2 else None
+        return Redeemed(code, nxt, token)
+
+    async def grab_envelope(
+        self, campaign_id: str, users: list[str], now_ms: int
+    ) -> GrabBatchResult:
+        """Settle grabs of ``users`` (distinct or not) on one campaign atomically."""
+        k = CampaignKeys.of(campaign_id)
+        raw = cast(
+            list[Any],
+            await self._settle(
+                "grab_envelope", self._grab, [k.meta, k.pool, k.winners, k.ledger], [now_ms, *users]
+            ),
+        )
+        status = GrabStatus(int(raw[0]))
+        outcomes = [(GrabCode(int(raw[i])), int(raw[i + 1])) for i in range(2, len(raw), 2)]
+        return GrabBatchResult(status, int(raw[1]), outcomes)
+
+    async def draw_prize(
+        self, campaign_id: str, now_ms: int, day: int, draws: list[tuple[str, int]]
+    ) -> tuple[DrawStatus, list[DrawResult]]:
+        """Settle ``(openid, random)`` draws on a lottery atomically; ``day`` is ``now_ms``'s."""
+        k = CampaignKeys.of(campaign_id)
+        keys = [k.meta, k.tiers, k.draws, daily_key(campaign_id, day), k.days, k.wins, k.ledger]
+        args: list[str | int] = [now_ms, day]
+        for openid, rand in draws:
+            args += [openid, rand]
+        raw = cast(list[Any], await self._settle("draw_prize", self._draw, keys, args))
+        status = DrawStatus(int(raw[0]))
+        results = [
+            DrawResult(DrawCode(int(raw[i])), int(raw[i + 1]), int(raw[i + 2]))
+            for i in range(1, len(raw), 3)
+        ]
+        return status, results

@@ -1,0 +1,134 @@
+"""The one middleware every request passes through.
+
+It does, in a single frame (each aiohttp middleware costs a coroutine and a wrapper on
+every request, and the closed-window paths are mostly this fixed cost):
+
+- the X-Request-ID: HAProxy's, else one made here, echoed on the response;
+- the CSRF same-origin check for unsafe player requests (app.web.csrf);
+- errors as JSON: ApiError, aiohttp's HTTP errors, stores that are down (503, with
+  failed Redis calls counted) and crashes (500);
+- request metrics and one JSON access-log line, with the status the client gets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+
+import asyncpg
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from redis.exceptions import RedisError
+
+from app.errors import ApiError, http_error_response, json_response
+from app.metrics import Metrics, Pseudonyms
+from app.settings import Settings
+from app.web.accesslog import AccessLog
+from app.web.csrf import configured_origin, csrf_refused
+from app.web.keys import OPENID
+
+log = logging.getLogger("hongbao.errors")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client-chosen request id longer than this is replaced (it ends up in every log line).
+MAX_REQUEST_ID_LEN = 64
+# Route label of requests that matched no route: one value, not one per scanned path.
+UNMATCHED = "unmatched"
+# Health checks and scrapes arrive every few seconds from every balancer and Prometheus;
+# they are counted in the metrics, but logged only when they fail.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+_UNAVAILABLE = {"error": "unavailable", "message": "service temporarily unavailable"}
+_CSRF = {"error": "csrf", "message": "cross-site request refused; use the campaign page"}
+
+
+def route_template(request: web.Request) -> str:
+    """The matched route's template (``/api/campaigns/{id}/grab``), never the raw path."""
+    resource = request.match_info.route.resource
+    return UNMATCHED if resource is None else resource.canonical
+
+
+class RequestIds:
+    """Request ids for requests that arrive without one: a random per-process prefix and
+    a counter, unique across workers without a system call per request."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(5).hex()
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):06x}"
+
+
+async def _respond(
+    request: web.Request, handler: Handler, metrics: Metrics, origin: str | None
+) -> web.StreamResponse:
+    """The handler's response, or the JSON error it ends in."""
+    try:
+        if csrf_refused(request, origin):
+            return json_response(_CSRF, status=403)
+        return await handler(request)
+    except ApiError as exc:
+        return json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_error_response(exc)
+    except RedisError as exc:
+        metrics.count_redis_error()
+        log.warning("redis unavailable on %s %s: %r", request.method, request.path, exc)
+        return json_response(_UNAVAILABLE, status=503)
+    except (asyncpg.PostgresConnectionError, OSError) as exc:
+        # A store is down or overloaded: the client may retry; nothing was settled twice
+        # because every settlement is one atomic script call.
+        log.warning("store unavailable on %s %s: %r", request.method, request.path, exc)
+        return json_response(_UNAVAILABLE, status=503)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response({"error": "internal", "message": "internal error"}, status=500)
+
+
+def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog) -> Middleware:
+    """The middleware, closed over what it records to (no app lookups per request)."""
+    request_ids = RequestIds()
+    pseudonyms = Pseudonyms(settings.log_salt)
+    log_requests = settings.access_log
+    origin = configured_origin(settings.public_base_url)
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
+            request_id = request_ids()
+        status = 500
+        try:
+            response = await _respond(request, handler, metrics, origin)
+            status = response.status
+            if not response.prepared:
+                response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+        except web.HTTPException as exc:  # a redirect
+            status = exc.status
+            exc.headers[REQUEST_ID_HEADER] = request_id
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            route = route_template(request)
+            metrics.observe_request(route, request.method, status, elapsed)
+            if log_requests and (status != 200 or route not in QUIET_ROUTES):
+                openid = request.get(OPENID)
+                access_log.emit(
+                    {
+                        "request_id": request_id,
+                        "route": route,
+                        "method": request.method,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "user": None if openid is None else pseudonyms(openid),
+                    }
+                )
+
+    return edge

@@ -1,0 +1,31 @@
+"""Operator API (Bearer ADMIN_TOKEN)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app.errors import json_response
+from app.validation import read_json_object
+from app.web.handlers.deps import require_admin
+from app.web.keys import CAMPAIGNS
+
+
+async def create_campaign(request: web.Request) -> web.Response:
+    """POST /api/admin/campaigns."""
+    require_admin(request)
+    data = await read_json_object(request)
+    campaigns = request.app[CAMPAIGNS]
+    campaign = await campaigns.create(data)
+    return json_response(await campaigns.stats(campaign.id), status=201)
+
+
+async def campaign_stats(request: web.Request) -> web.Response:
+    """GET /api/admin/campaigns/{id}: live statistics."""
+    require_admin(request)
+    return json_response(await request.app[CAMPAIGNS].stats(request.match_info["id"]))
+
+
+def setup(app: web.Application) -> None:
+    """Register operator routes."""
+    app.router.add_post("/api/admin/campaigns", create_campaign, name="admin_create")
+    app.router.add_get("/api/admin/campaigns/{id}", campaign_stats, name="admin_stats")

@@ -1,0 +1,68 @@
+"""Player API."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app.errors import QuotaExhausted, json_response
+from app.store.scripts import GrabCode
+from app.web.handlers.deps import current_session, playing_session
+from app.web.keys import CAMPAIGNS, METRICS
+
+_RESULTS = {
+    GrabCode.WON: "won",
+    GrabCode.ALREADY_WON: "already_won",
+}
+
+
+async def get_campaign(request: web.Request) -> web.Response:
+    """GET /api/campaigns/{id}: public state, no session needed."""
+    view = await request.app[CAMPAIGNS].public_view(request.match_info["id"])
+    return json_response(view)
+
+
+async def grab(request: web.Request) -> web.Response:
+    """POST /api/campaigns/{id}/grab: one envelope per player, settled in Redis."""
+    campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
+    # 404 / 409 need no session: answered from the cached definition, before Redis.
+    campaign = await campaigns.ensure_open(campaign_id)
+    session = await playing_session(request)
+    outcome = await campaigns.grab(campaign, session.openid)
+    if outcome.code is GrabCode.SOLD_OUT:
+        request.app[METRICS].count_grab("sold_out")
+        return json_response({"result": "sold_out"})
+    result = _RESULTS[outcome.code]
+    request.app[METRICS].count_grab(result)
+    return json_response({"result": result, "amount_fen": outcome.amount_fen})
+
+
+async def my_result(request: web.Request) -> web.Response:
+    """GET /api/campaigns/{id}/me: what this player has won."""
+    session = await current_session(request)
+    view = await request.app[CAMPAIGNS].my_view(request.match_info["id"], session.openid)
+    return json_response(view)
+
+
+async def draw(request: web.Request) -> web.Response:
+    """POST /api/campaigns/{id}/draw: one lottery draw, settled in Redis."""
+    campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
+    # As for grabs, 404 / 409 need no session.
+    campaign = await campaigns.ensure_open(campaign_id)
+    session = await playing_session(request)
+    metrics = request.app[METRICS]
+    try:
+        outcome = await campaigns.draw(campaign, session.openid)
+    except QuotaExhausted:
+        metrics.count_draw(QuotaExhausted.code)
+        raise
+    body = outcome.to_json()
+    metrics.count_draw(body["result"])
+    return json_response(body)
+
+
+def setup(app: web.Application) -> None:
+    """Register player routes."""
+    app.router.add_get("/api/campaigns/{id}", get_campaign, name="campaign")
+    app.router.add_post("/api/campaigns/{id}/grab", grab, name="grab")
+    app.router.add_get("/api/campaigns/{id}/me", my_result, name="me")
+    app.router.add_post("/api/campaigns/{id}/draw", draw, name="draw")

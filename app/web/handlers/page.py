@@ -1,0 +1,56 @@
+"""The H5 page players open, and its static assets."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app.errors import NotFound
+from app.web.assets import Asset
+from app.web.keys import ASSETS
+
+ASSET_CACHE = "public, max-age=31536000, immutable"
+# A sandboxed page: only our own scripts, styles and API; no framing by other sites.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def _send(request: web.Request, asset: Asset, cache_control: str) -> web.Response:
+    headers = {"Cache-Control": cache_control, "ETag": asset.etag, "Vary": "Accept-Encoding"}
+    if request.headers.get("If-None-Match") == asset.etag:
+        return web.Response(status=304, headers=headers)
+    body = asset.body
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        body = asset.gzipped
+        headers["Content-Encoding"] = "gzip"
+    response = web.Response(body=body, headers=headers)
+    response.content_type = asset.content_type
+    response.charset = "utf-8"
+    return response
+
+
+async def h5_page(request: web.Request) -> web.Response:
+    """GET / and GET /c/{id}: the page; it reads the campaign id from its path."""
+    response = _send(request, request.app[ASSETS].page, "no-cache")
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"
+    return response
+
+
+async def static_asset(request: web.Request) -> web.Response:
+    """GET /static/{name}: a content-hashed asset, cached for a year."""
+    asset = request.app[ASSETS].files.get(request.match_info["name"])
+    if asset is None:
+        raise NotFound("no such asset")
+    response = _send(request, asset, ASSET_CACHE)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def setup(app: web.Application) -> None:
+    """Register the page routes."""
+    app.router.add_get("/", h5_page, name="home")
+    app.router.add_get("/c/{id}", h5_page, name="campaign_page")
+    app.router.add_get("/static/{name}", static_asset, name="static")

@@ -1,0 +1,144 @@
+"""Cleanup contexts: one per resource, created at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from app.background.drainer import Drainer, consumer_name
+from app.background.events import Events
+from app.background.lag import watch_lag
+from app.background.tasks import stop_loop
+from app.campaigns.service import CampaignService
+from app.identity.login import LoginService
+from app.identity.sessions import SessionStore
+from app.identity.wechat import WeChatClient
+from app.store import ledger
+from app.store.scriptline import ScriptLine
+from app.store.scripts import Scripts
+from app.web.assets import Assets
+from app.web.keys import (
+    ASSETS,
+    CAMPAIGNS,
+    EVENTS,
+    LOGINS,
+    METRICS,
+    PG,
+    REDIS,
+    SCRIPTS,
+    SESSIONS,
+    SETTINGS,
+)
+
+log = logging.getLogger("hongbao.resources")
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Redis client, with every Lua script loaded (a broken script stops start-up)."""
+    settings = app[SETTINGS]
+    # A blocking pool waits for a free connection instead of failing under bursts.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=5
+    )
+    redis = Redis.from_pool(pool)
+    line = ScriptLine.from_url(settings.redis_url)
+    scripts = Scripts(redis, line)
+    await scripts.preload(redis)
+    app[REDIS] = redis
+    app[SCRIPTS] = scripts
+    yield
+    if line is not None:
+        line.close()
+    await redis.aclose()
+
+
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The asyncpg pool, with migrations applied."""
+    settings = app[SETTINGS]
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=settings.pg_pool_max
+    )
+    applied = await ledger.migrate(pool)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    app[PG] = pool
+    yield
+    await pool.close()
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Domain services over Redis and PostgreSQL; in-flight batches finish on shutdown."""
+    settings = app[SETTINGS]
+    events = Events(app[REDIS], app[METRICS])
+    sessions = SessionStore(app[REDIS], settings.session_ttl_s, events=events)
+    campaigns = CampaignService(
+        app[REDIS],
+        app[PG],
+        app[SCRIPTS],
+        batch_max=settings.grab_batch_max,
+        events=events,
+    )
+    app[EVENTS] = events
+    app[SESSIONS] = sessions
+    app[CAMPAIGNS] = campaigns
+    stop = asyncio.Event()
+    listener = asyncio.create_task(events.run(stop), name="events")
+    yield
+    await stop_loop(listener, stop)
+    await campaigns.drain()
+    await sessions.drain()
+
+
+# WeChat answers in well under a second; a stuck exchange must not hold the player long.
+WECHAT_TIMEOUT = aiohttp.ClientTimeout(total=5, connect=2)
+
+
+async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One HTTP client session for WeChat's API, and the login service over it."""
+    settings = app[SETTINGS]
+    async with aiohttp.ClientSession(timeout=WECHAT_TIMEOUT, raise_for_status=False) as http:
+        client = WeChatClient(
+            http,
+            appid=settings.wechat_appid,
+            secret=settings.wechat_secret,
+            authorize_url=settings.wechat_authorize_url,
+            api_base=settings.wechat_api_base,
+            scope=settings.wechat_scope,
+        )
+        app[LOGINS] = LoginService(app[REDIS], app[SCRIPTS], app[SESSIONS], client)
+        yield
+
+
+async def assets_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The H5 page and its assets, read once (a missing file stops start-up)."""
+    app[ASSETS] = Assets.load()
+    yield
+
+
+async def drainer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Sample the ledger lag, and run a drainer (unless LEDGER_DRAIN_IN_WORKER=0), in this
+    worker; stop both at shutdown."""
+    settings = app[SETTINGS]
+    stop_sampling = asyncio.Event()
+    watcher = asyncio.create_task(
+        watch_lag(app[REDIS], app[METRICS], stop_sampling), name="ledger-lag"
+    )
+    if not settings.ledger.drain_in_worker:
+        yield
+        await stop_loop(watcher, stop_sampling)
+        return
+    drainer = Drainer(app[REDIS], app[PG], settings.ledger, consumer_name(), metrics=app[METRICS])
+    task = asyncio.create_task(drainer.run(), name="ledger-drainer")
+    yield
+    await stop_loop(watcher, stop_sampling)
+    drainer.stop()
+    try:
+        await asyncio.wait_for(task, settings.shutdown_timeout_s)
+    except TimeoutError:
+        log.warning("drainer %s did not stop in time; cancelled", drainer.consumer)
