@@ -102,9 +102,7 @@ class ScriptLine:
         try:
             return await self.call(*command)
         except NoScriptError:
-            await self.call(
-                "SCRIPT", "LOAD", bytes(script) if isinstance(script, memoryview) else script
-            )
+            await self.call("SCRIPT", "LOAD", script)
             return await self.call(*command)
 
     async def _connect(self) -> asyncio.Transport:
