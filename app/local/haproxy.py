@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HAPROXY_DIR = Path(__file__).resolve().parent.parent / "haproxy"
+HAPROXY_DIR = Path(__file__).resolve().parents[2] / "haproxy"
 LOCAL_CONFIG = HAPROXY_DIR / "haproxy.cfg"
 COMPOSE_CONFIG = HAPROXY_DIR / "haproxy-compose.cfg"
 BEGIN_MARK = "# workers: begin"
