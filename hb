@@ -18,6 +18,7 @@ pick_python() {
 
 ensure_venv() {
   if [ ! -x .venv/bin/python ] || [ pyproject.toml -nt .venv/.installed ]; then
+    echo "hb: installing the project and its dependencies into .venv (first run: about a minute)" >&2
     [ -x .venv/bin/python ] || "$(pick_python)" -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
     .venv/bin/pip install --quiet -e '.[dev]'
@@ -25,11 +26,35 @@ ensure_venv() {
   fi
 }
 
+# The Debian packages the tests need, listed once in scripts/system-packages: installed
+# with apt-get when we are root, otherwise we stop at once with the command to run.
+ensure_system_packages() {
+  local missing=() pkg probe _
+  while read -r pkg probe _; do
+    case "$pkg" in '' | '#'*) continue ;; esac
+    if [[ "$probe" == /* ]]; then
+      [ -e "$probe" ] && continue
+    else
+      command -v "$probe" >/dev/null 2>&1 && continue
+    fi
+    missing+=("$pkg")
+  done <scripts/system-packages
+  [ ${#missing[@]} -eq 0 ] && return
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "hb: installing the system packages the tests need: ${missing[*]}" >&2
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  else
+    echo "hb: the tests need ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 2
+  fi
+}
+
 cmd="${1:-help}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   serve) ensure_venv; exec .venv/bin/python -m app serve "$@" ;;
-  test)  ensure_venv; exec .venv/bin/python -m pytest "$@" ;;
+  test)  ensure_system_packages; ensure_venv; exec .venv/bin/python -m pytest "$@" ;;
   bench) ensure_venv; exec .venv/bin/python -m bench.run "$@" ;;
   bench-drain) ensure_venv; exec .venv/bin/python -m bench.drain "$@" ;;
   lint)  ensure_venv; .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports && exec .venv/bin/mypy ;;
