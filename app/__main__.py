@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import asyncpg
 import orjson
@@ -23,11 +24,24 @@ from app.errors import ApiError, OperationError
 from app.identity.sessions import SessionStore
 from app.local.fakewechat import FakeWeChat, create_fake_app
 from app.local.supervisor import DEFAULT_DATA_DIR, serve
+from app.model import Kind
 from app.settings import LedgerSettings, Settings, SettingsError, Stores
 from app.store import ledger
 from app.store.scripts import Scripts
 from app.web.factory import create_app
 from app.web.lifecycle import run_worker
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end in one line naming the problem (exit code 2), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: message`` and exit with code 2."""
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _bounded(minimum: int, maximum: int | None = None) -> argparse._ActionsContainer:
+    raise NotImplementedError
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -86,7 +100,7 @@ async def _create_campaign(args: argparse.Namespace) -> dict[str, object]:
             )
 
         body = {
-            "kind": "red_packet",
+            "kind": Kind.RED_PACKET,
             "name": args.name,
             "total_fen": args.total_fen,
             "count": args.count,

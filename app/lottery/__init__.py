@@ -1,1 +1,1 @@
-"""lottery"""
+"""God-of-Wealth lotteries: definition, loading, draws, views and reconcile."""

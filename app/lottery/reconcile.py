@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from app.errors import OperationError
 from app.lottery.spec import Lottery, LotterySpec
+from app.model import Kind
 from app.records import DrawRecord, LedgerEntry, MalformedRecord, decode_wins
 from app.reports import conclusion, fit, listed
 from app.store import ledger
@@ -55,7 +56,7 @@ class LotteryReport:
     rejects: int = 0
     mismatches: list[str] = field(default_factory=list)
 
-    kind = "lottery"
+    kind = Kind.LOTTERY
 
     @property
     def ok(self) -> bool:

@@ -1,1 +1,1 @@
-"""redpacket"""
+"""Red packets: definition, split, loading, grabs, views, sold-out memory, reconcile, rebuild."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from redis.asyncio import Redis
 
+from app.model import Kind
 from app.records import Envelope, GrabRecord, LedgerEntry, MalformedRecord
 from app.redpacket.spec import RedPacket
 from app.reports import Totals, conclusion
@@ -34,7 +35,7 @@ class ReconcileReport:
     rejects: int = 0
     mismatches: list[str] = field(default_factory=list)
 
-    kind = "red_packet"
+    kind = Kind.RED_PACKET
 
     @property
     def ok(self) -> bool:

@@ -1,1 +1,1 @@
-"""store"""
+"""Redis and PostgreSQL: key schema and scripts, the script connection, coalescing, the ledger."""

@@ -1,1 +1,1 @@
-"""web"""
+"""The web edge: app factory, edge middleware, cleanup contexts, handlers, the H5 page."""
