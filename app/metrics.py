@@ -102,6 +102,23 @@ class Metrics:
             "revoked sessions and sold-out campaigns is trusted), else 0.",
             registry=self.registry,
         )
+        self._ledger_up = Gauge(
+            "hongbao_ledger_up",
+            "1 when this worker's last PostgreSQL probe (GET /healthz/ledger, every scrape) "
+            "answered, else 0. Grabs do not need PostgreSQL; the ledger lags while it is 0.",
+            registry=self.registry,
+        )
+        self._loop_stall = Gauge(
+            "hongbao_loop_stall_recent_max_seconds",
+            "Longest delay of the event loop's 10 ms probe tick over the last 5-10 s "
+            "(how long the loop was blocked at worst, recently).",
+            registry=self.registry,
+        )
+        self._loop_stalls = Counter(
+            "hongbao_loop_stalls",
+            "Event-loop probe ticks delayed more than 50 ms (the loop was blocked that long).",
+            registry=self.registry,
+        )
         self._redis_errors = Counter(
             "hongbao_redis_errors",
             "Redis calls that failed (connection, timeout or server error).",
@@ -133,6 +150,18 @@ class Metrics:
     def set_events_live(self, live: bool) -> None:
         """Report whether the event listener is live."""
         self._events_live.set(1 if live else 0)
+
+    def set_ledger_up(self, up: bool) -> None:
+        """Report whether PostgreSQL answered the last probe."""
+        self._ledger_up.set(1 if up else 0)
+
+    def set_loop_stall(self, seconds: float) -> None:
+        """Report the longest recent event-loop stall."""
+        self._loop_stall.set(seconds)
+
+    def count_loop_stall(self) -> None:
+        """Count one event-loop stall over 50 ms."""
+        self._loop_stalls.inc()
 
     def count_redis_error(self) -> None:
         """Count one failed Redis call."""

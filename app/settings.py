@@ -187,6 +187,9 @@ class Settings:
     session_ttl_s: int = 7 * 24 * 3600
     client_max_size: int = 64 * 1024
     redis_max_connections: int = 64
+    # Bound on connecting to Redis and on waiting for any reply (script line and pools):
+    # a Redis that went silent fails calls with 503 after this long instead of hanging.
+    redis_timeout_ms: int = 2000
     pg_pool_max: int = 4
     # Upper bound on grabs settled by one script call; concurrent grabs coalesce up to it.
     grab_batch_max: int = 128
@@ -245,6 +248,7 @@ class Settings:
             redis_max_connections=_int(
                 env, "REDIS_MAX_CONNECTIONS", d("redis_max_connections"), minimum=2
             ),
+            redis_timeout_ms=_int(env, "REDIS_TIMEOUT_MS", d("redis_timeout_ms"), minimum=50),
             pg_pool_max=_int(env, "PG_POOL_MAX", d("pg_pool_max"), minimum=1),
             grab_batch_max=_int(env, "GRAB_BATCH_MAX", d("grab_batch_max"), minimum=1),
             shutdown_timeout_s=float(
@@ -264,6 +268,12 @@ class Settings:
 
     def checked(self) -> Settings:
         """Cross-field rules; raises SettingsError."""
+        if self.redis_timeout_ms <= self.ledger.block_ms:
+            # The drainer's XREADGROUP blocks for block_ms on a pooled connection.
+            raise SettingsError(
+                f"REDIS_TIMEOUT_MS ({self.redis_timeout_ms}) must be above "
+                f"LEDGER_BLOCK_MS ({self.ledger.block_ms})"
+            )
         if self.drain_delay_s >= self.shutdown_timeout_s:
             raise SettingsError(
                 f"DRAIN_DELAY_S ({self.drain_delay_s}) must be below "

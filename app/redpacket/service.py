@@ -81,7 +81,7 @@ class RedPackets:
         Ended if Redis disagrees with the cached definition."""
         campaign_id = campaign.id
         sold_out = self._sold_out
-        if sold_out is not None and sold_out.knows(campaign_id):
+        if sold_out is not None and sold_out.knows(campaign):
             # Known sold out: a player not among the winners is answered from memory;
             # a winner's retry is looked up (a coalesced HMGET, not the script).
             if sold_out.surely_lost(campaign_id, openid):

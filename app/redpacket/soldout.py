@@ -8,59 +8,106 @@ anyone not in the index is answered "sold out" from memory, with no Redis call; 
 by someone in it (a winner asking again, or a rare hash collision) is confirmed in
 Redis, which returns the amount won. The knowledge is used only while the worker's
 event listener is live, and is dropped whenever it resubscribes.
+
+The index is built without stalling the event loop: HSCAN in chunks of ``SCAN_COUNT``,
+each chunk folded into a bit array (a Bloom filter: three bits per openid out of 16 per
+winner) with no sort and no big transient list, the loop free between chunks. 2 bytes
+per winner (20 MB for 10 million), at most ``MAX_INDEX_BYTES`` per campaign and
+``MAX_TOTAL_BYTES`` in all: past that the least recently used index is evicted, and so
+is the index of a campaign that has ended, at its next grab.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
-from array import array
+import time
+from collections import OrderedDict
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.background.events import Events
+from app.redpacket.spec import RedPacket
 from app.store.scripts import CampaignKeys
 
 log = logging.getLogger("hongbao.soldout")
 
-SCAN_COUNT = 10_000
+# Fields per HSCAN: each chunk is a few milliseconds of Python on the loop.
+SCAN_COUNT = 5_000
+BITS_PER_WINNER = 16
+PROBES = 3
+MIN_INDEX_BYTES = 8 * 1024
+MAX_INDEX_BYTES = 32 * 1024 * 1024
+MAX_TOTAL_BYTES = 128 * 1024 * 1024
+
+
+def _index_bytes(winners: int) -> int:
+    """A power of two of bytes holding ``BITS_PER_WINNER`` bits per winner, within bounds."""
+    size = MIN_INDEX_BYTES
+    while size * 8 < winners * BITS_PER_WINNER and size < MAX_INDEX_BYTES:
+        size *= 2
+    return size
 
 
 class WinnersIndex:
-    """The winners of a sold-out campaign as sorted 64-bit hashes of their openids.
+    """The winners of a sold-out campaign as a Bloom filter over hashes of their openids.
 
-    ``hash`` of bytes is keyed per process (PYTHONHASHSEED), so nobody outside can
-    choose an openid that collides; a collision would only cost a Redis lookup, since
-    every hit is confirmed there. 8 bytes per winner: 40 MB for 5 million.
+    Every winner is in it; a non-winner is in it with a probability of about 0.5 % (at
+    16 bits per winner), which costs only a Redis lookup, since every hit is confirmed
+    there. ``hash`` of bytes is keyed per process (PYTHONHASHSEED), so nobody outside
+    can choose openids that collide.
     """
 
-    def __init__(self, hashes: array[int]) -> None:
-        self._hashes = hashes
+    def __init__(self, size_bytes: int) -> None:
+        self._bits = bytearray(size_bytes)
+        self._mask = size_bytes * 8 - 1
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._hashes)
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the bit array."""
+        return len(self._bits)
+
+    def add_all(self, openids: list[bytes]) -> None:
+        """Add a chunk of winners' openids."""
+        bits, mask = self._bits, self._mask
+        for openid in openids:
+            h = hash(openid)
+            # Kirsch-Mitzenmacher: probe i is h1 + i * h2, from two halves of one hash.
+            h1, h2 = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1
+            for i in range(PROBES):
+                bit = (h1 + i * h2) & mask
+                bits[bit >> 3] |= 1 << (bit & 7)
+        self._count += len(openids)
 
     def __contains__(self, openid: str) -> bool:
         h = hash(openid.encode())
-        i = bisect.bisect_left(self._hashes, h)
-        return i < len(self._hashes) and self._hashes[i] == h
+        h1, h2 = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1
+        bits, mask = self._bits, self._mask
+        for i in range(PROBES):
+            bit = (h1 + i * h2) & mask
+            if not bits[bit >> 3] & (1 << (bit & 7)):
+                return False
+        return True
 
     @classmethod
     async def load(cls, redis: Redis, campaign_id: str) -> WinnersIndex:
-        """Scan the winners hash of ``campaign_id`` (a few thousand per call)."""
+        """Scan the winners hash of ``campaign_id`` in chunks, yielding the loop between."""
         key = CampaignKeys.of(campaign_id).winners
-        hashes: list[int] = []
+        index = cls(_index_bytes(await redis.hlen(key)))
         cursor = 0
         while True:
             cursor, chunk = await redis.hscan(key, cursor, count=SCAN_COUNT)
-            hashes.extend(map(hash, chunk))
+            index.add_all(list(chunk))
             if cursor == 0:
-                break
-        hashes.sort()
-        return cls(array("q", hashes))
+                return index
+            # A chunk answered from a buffer would not yield: give the loop its turn.
+            await asyncio.sleep(0)
 
 
 class SoldOut:
@@ -69,17 +116,29 @@ class SoldOut:
     def __init__(self, redis: Redis, events: Events) -> None:
         self._redis = redis
         self._events = events
-        # campaign -> its winners, or None while they load.
-        self._known: dict[str, WinnersIndex | None] = {}
+        # campaign -> its winners, or None while they load (or once evicted); least
+        # recently used first.
+        self._known: OrderedDict[str, WinnersIndex | None] = OrderedDict()
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._announcing: set[asyncio.Task[None]] = set()
         events.on("sold_out", self._learn)
         events.on("reset", self._forget)
         events.on_resync(self._forget_all)
 
-    def knows(self, campaign_id: str) -> bool:
-        """Whether ``campaign_id`` is sold out, as far as this worker coherently knows."""
-        return self._events.live and campaign_id in self._known
+    def knows(self, campaign: RedPacket) -> bool:
+        """Whether ``campaign`` is sold out, as far as this worker coherently knows.
+
+        An ended campaign is forgotten here: its grabs are refused before the index
+        would be consulted, so keeping it only holds memory.
+        """
+        campaign_id = campaign.id
+        if campaign_id not in self._known:
+            return False
+        if campaign.closes_ms <= time.time() * 1000:
+            self._forget(campaign_id)
+            return False
+        self._known.move_to_end(campaign_id)
+        return self._events.live
 
     def surely_lost(self, campaign_id: str, openid: str) -> bool:
         """Whether ``openid`` certainly won nothing in ``campaign_id`` (known sold out)."""
@@ -119,6 +178,19 @@ class SoldOut:
             return
         if campaign_id in self._known:
             self._known[campaign_id] = index
+            self._evict(keep=campaign_id)
+
+    def _evict(self, keep: str) -> None:
+        """Drop the least recently used indexes past MAX_TOTAL_BYTES (they stay known
+        sold out: their grabs are confirmed in Redis)."""
+        total = sum(index.nbytes for index in self._known.values() if index is not None)
+        for campaign_id in list(self._known):
+            if total <= MAX_TOTAL_BYTES:
+                return
+            index = self._known[campaign_id]
+            if campaign_id != keep and index is not None:
+                total -= index.nbytes
+                self._known[campaign_id] = None
 
     def _forget(self, campaign_id: str) -> None:
         self._known.pop(campaign_id, None)

@@ -9,21 +9,46 @@ with hiredis. Everything else keeps using redis-py.
 
 A lost connection fails the calls in flight with redis-py's ConnectionError (the edge
 renders 503; a script call is atomic, so a failed one settled all or nothing) and the
-next call reconnects.
+next call reconnects. Every wait is bounded by ``timeout_s`` (REDIS_TIMEOUT_MS): a
+connection attempt, and each reply. A Redis that goes silent without closing (a failover
+where the old primary just disappears) is noticed by a watchdog: once the oldest call
+has waited ``timeout_s``, the connection is aborted, every call on it fails with
+redis-py's TimeoutError, and the next call opens a new one. TCP keepalive notices a
+peer that vanished while the line was idle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import socket
+import time
 from typing import Any
 from urllib.parse import unquote
 
 import hiredis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from yarl import URL
 
 Arg = bytes | str | int
+
+DEFAULT_TIMEOUT_S = 2.0
+# Keepalive probes after this many idle seconds, then every interval, so many times.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 5, 2, 3
+
+
+def keepalive_options() -> dict[int, int]:
+    """TCP keepalive tuning (Linux option numbers), as redis-py's socket_keepalive_options."""
+    options: dict[int, int] = {}
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, name):
+            options[getattr(socket, name)] = value
+    return options
 
 
 def pack(args: tuple[Arg, ...]) -> bytes:
@@ -36,15 +61,40 @@ def pack(args: tuple[Arg, ...]) -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
+    """One connection's calls awaiting replies, oldest first, with when each was sent."""
+
     def __init__(self, line: ScriptLine) -> None:
         self._line = line
         self._reader = hiredis.Reader()
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.sent_at: collections.deque[float] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.timed_out = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in keepalive_options().items():
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+    def send(self, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
+        """Write one command; the future gets its reply."""
+        assert self.transport is not None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        self.sent_at.append(time.monotonic())
+        self.transport.write(pack(args))
+        return future
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
-        waiting = self._line.waiting
+        waiting = self.waiting
         while (reply := self._reader.gets()) is not False:
             future = waiting.popleft()
+            self.sent_at.popleft()
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -54,24 +104,47 @@ class _Protocol(asyncio.Protocol):
             else:
                 future.set_result(reply)
 
+    def abort(self) -> None:
+        """Give up on a connection that stopped answering."""
+        self.timed_out = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._line.lost(exc)
+        error: Exception = (
+            RedisTimeoutError("Redis did not answer in time; connection replaced")
+            if self.timed_out
+            else ConnectionError(f"connection to Redis lost: {exc!r}")
+        )
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        self.sent_at.clear()
+        self._line.lost(self)
 
 
 class ScriptLine:
     """Pipelined calls on one connection to the Redis of a ``redis://`` URL."""
 
     def __init__(
-        self, host: str, port: int, db: int, username: str | None, password: str | None
+        self,
+        host: str,
+        port: int,
+        db: int,
+        username: str | None,
+        password: str | None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self._host, self._port, self._db = host, port, db
         self._username, self._password = username, password
-        self._transport: asyncio.Transport | None = None
-        self._connecting: asyncio.Future[asyncio.Transport] | None = None
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.timeout_s = timeout_s
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @classmethod
-    def from_url(cls, url: str) -> ScriptLine | None:
+    def from_url(cls, url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ScriptLine | None:
         """A line to the Redis of ``url``; None for what it does not speak (TLS, sockets)."""
         parsed = URL(url)
         if parsed.scheme != "redis" or not parsed.host:
@@ -84,16 +157,22 @@ class ScriptLine:
             db,
             unquote(parsed.raw_user) if parsed.raw_user else None,
             unquote(parsed.raw_password) if parsed.raw_password else None,
+            timeout_s,
         )
 
+    @property
+    def waiting(self) -> int:
+        """Calls sent on the current connection and not answered yet."""
+        return 0 if self._protocol is None else len(self._protocol.waiting)
+
     async def call(self, *args: Arg) -> Any:
-        """Send one command and wait for its reply."""
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            transport = await self._connect()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiting.append(future)
-        transport.write(pack(args))
+        """Send one command and wait for its reply (at most about ``timeout_s``)."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+            protocol = await self._connect()
+        future = protocol.send(args)
+        if self._watchdog is None:
+            self._arm()
         return await future
 
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Arg]) -> Any:
@@ -105,27 +184,42 @@ class ScriptLine:
             await self.call("SCRIPT", "LOAD", script)
             return await self.call(*command)
 
-    async def _connect(self) -> asyncio.Transport:
+    def _arm(self) -> None:
+        # One timer per line, not one per call: the hot path pays nothing for the bound.
+        self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s / 4, self._check)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        protocol = self._protocol
+        if protocol is None or not protocol.waiting:
+            return
+        if time.monotonic() - protocol.sent_at[0] >= self.timeout_s:
+            protocol.abort()
+            return
+        self._arm()
+
+    async def _connect(self) -> _Protocol:
         # Concurrent callers share one connection attempt.
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._connected)
         return await asyncio.shield(self._connecting)
 
-    def _connected(self, attempt: asyncio.Future[asyncio.Transport]) -> None:
+    def _connected(self, attempt: asyncio.Future[_Protocol]) -> None:
         self._connecting = None
         if not attempt.cancelled() and attempt.exception() is None:
-            self._transport = attempt.result()
+            self._protocol = attempt.result()
 
-    async def _open(self) -> asyncio.Transport:
+    async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_connection(
-                lambda: _Protocol(self), self._host, self._port
-            )
-        except OSError as exc:
+            async with asyncio.timeout(self.timeout_s):
+                _, protocol = await loop.create_connection(
+                    lambda: _Protocol(self), self._host, self._port
+                )
+        except (OSError, TimeoutError) as exc:
             raise ConnectionError(
-                f"cannot reach Redis at {self._host}:{self._port}: {exc}"
+                f"cannot reach Redis at {self._host}:{self._port}: {exc!r}"
             ) from exc
         setup: list[tuple[Arg, ...]] = []
         if self._password is not None:
@@ -135,28 +229,28 @@ class ScriptLine:
             )
         if self._db:
             setup.append(("SELECT", self._db))
-        for command in setup:
-            future: asyncio.Future[Any] = loop.create_future()
-            self.waiting.append(future)
-            transport.write(pack(command))
-            try:
-                await future
-            except BaseException:
-                transport.close()
-                raise
-        return transport
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                for command in setup:
+                    await protocol.send(command)
+        except TimeoutError:
+            protocol.abort()
+            raise RedisTimeoutError(f"Redis at {self._host}:{self._port} did not answer") from None
+        except BaseException:
+            protocol.abort()
+            raise
+        return protocol
 
-    def lost(self, exc: Exception | None) -> None:
-        """The connection closed: fail every call still waiting for a reply."""
-        self._transport = None
-        error = ConnectionError(f"connection to Redis lost: {exc!r}")
-        while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+    def lost(self, protocol: _Protocol) -> None:
+        """``protocol``'s connection closed; the next call opens a new one."""
+        if self._protocol is protocol:
+            self._protocol = None
 
     def close(self) -> None:
         """Close the connection (shutdown)."""
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None

@@ -196,6 +196,11 @@ class Scripts:
         for script in self._all():
             await redis.script_load(script.script)
 
+    async def ping_line(self) -> None:
+        """PING on the script line (readiness: the hot path's connection answers)."""
+        if self._line is not None:
+            await self._line.call("PING")
+
     async def ensure_loaded(self, redis: Redis) -> int:
         """Load any script Redis lost (restart, failover, SCRIPT FLUSH); return how many."""
         scripts = self._all()

@@ -38,7 +38,7 @@ MAX_REQUEST_ID_LEN = 64
 UNMATCHED = "unmatched"
 # Health checks and scrapes arrive every few seconds from every balancer and Prometheus;
 # they are counted in the metrics, but logged only when they fail.
-QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+QUIET_ROUTES = frozenset({"/healthz", "/healthz/ledger", "/readyz", "/metrics"})
 
 _UNAVAILABLE = {"error": "unavailable", "message": "service temporarily unavailable"}
 _CSRF = {"error": "csrf", "message": "cross-site request refused; use the campaign page"}

@@ -10,6 +10,8 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from app.background.drainer import Drainer, consumer_name
 from app.background.events import Events
@@ -20,7 +22,7 @@ from app.identity.login import LoginService
 from app.identity.sessions import SessionStore
 from app.identity.wechat import WeChatClient
 from app.store import ledger
-from app.store.scriptline import ScriptLine
+from app.store.scriptline import ScriptLine, keepalive_options
 from app.store.scripts import Scripts
 from app.web.assets import Assets
 from app.web.keys import (
@@ -42,12 +44,21 @@ log = logging.getLogger("hongbao.resources")
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Redis client, with every Lua script loaded (a broken script stops start-up)."""
     settings = app[SETTINGS]
-    # A blocking pool waits for a free connection instead of failing under bursts.
+    timeout_s = settings.redis_timeout_ms / 1000
+    # A blocking pool waits for a free connection instead of failing under bursts. Every
+    # call is bounded: connect and reply within REDIS_TIMEOUT_MS, one retry at most.
     pool = BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_max_connections, timeout=5
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=5,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        socket_keepalive=True,
+        socket_keepalive_options=keepalive_options(),
+        retry=Retry(NoBackoff(), 1),
     )
     redis = Redis.from_pool(pool)
-    line = ScriptLine.from_url(settings.redis_url)
+    line = ScriptLine.from_url(settings.redis_url, timeout_s)
     scripts = Scripts(redis, line)
     await scripts.preload(redis)
     app[REDIS] = redis

@@ -1,13 +1,17 @@
-"""Liveness, readiness and metrics."""
+"""Liveness, readiness, ledger health and metrics."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from app.errors import json_response
 from app.metrics import CONTENT_TYPE
-from app.web.keys import METRICS, PG, READINESS, REDIS, SCRIPTS
+from app.web.keys import METRICS, PG, READINESS, REDIS, SCRIPTS, SETTINGS
+from app.web.readiness import LoopWatch, ledger_up
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -16,30 +20,58 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: not draining, Redis and PostgreSQL answer, the Lua scripts are loaded.
+    """GET /readyz: can serve grabs (not draining, Redis answers, scripts loaded).
 
-    Scripts Redis lost (a restart or failover) are loaded again here, so a worker is
-    ready again as soon as Redis is back.
+    PostgreSQL is not consulted (see app.web.readiness). Scripts Redis lost (a restart
+    or failover) are loaded again here, so a worker is ready again as soon as Redis is
+    back.
     """
     if request.app[READINESS].draining:
         return json_response({"status": "draining"}, status=503)
+    scripts = request.app[SCRIPTS]
     try:
-        await request.app[SCRIPTS].ensure_loaded(request.app[REDIS])
-        await request.app[PG].fetchval("SELECT 1")
-    except Exception as exc:
-        if isinstance(exc, RedisError):
-            request.app[METRICS].count_redis_error()
+        # Each call is bounded by REDIS_TIMEOUT_MS; this bounds the probe as a whole.
+        async with asyncio.timeout(2 * request.app[SETTINGS].redis_timeout_ms / 1000):
+            await scripts.ensure_loaded(request.app[REDIS])
+            await scripts.ping_line()
+    except (RedisError, TimeoutError) as exc:
+        request.app[METRICS].count_redis_error()
         return json_response({"status": "unavailable", "message": type(exc).__name__}, status=503)
     return json_response({"status": "ready"})
 
 
+async def ledger_health(request: web.Request) -> web.Response:
+    """GET /healthz/ledger: whether PostgreSQL (the ledger) answers; never readiness."""
+    if await ledger_up(request.app[PG], request.app[METRICS]):
+        return json_response({"ledger": "up"})
+    return json_response(
+        {
+            "error": "ledger_down",
+            "message": "PostgreSQL does not answer; grabs go on, the ledger lags",
+            "ledger": "down",
+        },
+        status=503,
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: this worker's metrics in the Prometheus text format."""
+    await ledger_up(request.app[PG], request.app[METRICS])
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
+async def loop_watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Probe the event loop for stalls for the life of the worker."""
+    watch = LoopWatch(app[METRICS])
+    watch.start()
+    yield
+    watch.stop()
+
+
 def setup(app: web.Application) -> None:
-    """Register ops routes."""
+    """Register ops routes and the loop probe."""
     app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/healthz/ledger", ledger_health, name="ledger_health")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")
+    app.cleanup_ctx.append(loop_watch_ctx)
