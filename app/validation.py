@@ -1,16 +1,65 @@
-"""Parsing request bodies into typed values, with errors that name the field."""
+"""Request bodies decoded into msgspec structs, with errors that name the field.
+
+The structs are the one statement of what a body may hold: msgspec validates against
+them, and the OpenAPI document (app.web.openapi) publishes their JSON Schema. What a
+schema cannot say (sums, orders, one field against another) is checked in code after
+the decode, raising ``Invalid`` with the same kind of field path.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from app.errors import Invalid, InvalidJson
-from app.model import from_datetime
+from app.model import FAR_FUTURE_MS, from_datetime
+
+T = TypeVar("T")
+
+# Text shown to people: at least one visible character, no control characters (NUL
+# cannot be stored in PostgreSQL; the rest have no place in a name).
+VISIBLE_TEXT = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+
+# An RFC 3339 timestamp that carries its UTC offset.
+Timestamp = Annotated[
+    datetime, msgspec.Meta(tz=True, description="RFC 3339 with an offset (Z or +08:00)")
+]
+
+# Every time is kept as unix milliseconds and shown back in UTC: it must stay within
+# years 1-9999 once converted (9999-12-31T23:59:59+00:00 is the last one).
+MIN_TIME_MS = from_datetime(datetime(1, 1, 1, tzinfo=UTC))
+MAX_TIME_MS = FAR_FUTURE_MS
+
+_NAMED = re.compile(r"^Object (?:missing required|contains unknown) field `(?P<name>.*)`$")
+
+
+def _invalid(exc: msgspec.ValidationError) -> Invalid:
+    """msgspec's error as a 422 naming the field in full (``tiers[0].schedule[2].at``)."""
+    message = str(exc)
+    # msgspec ends the message with where it failed: " - at `$.tiers[0].stock`".
+    head, at, tail = message.rpartition(" - at `$")
+    what, path = (head, tail.removesuffix("`").removeprefix(".")) if at else (message, "")
+    named = _NAMED.match(what)
+    if named is not None:
+        path = f"{path}.{named['name']}" if path else named["name"]
+    if "matching regex" in what:
+        what = "has characters not allowed here (see its pattern in /api/openapi.json)"
+    field = path or "body"
+    return Invalid(field, f"{field}: {what}")
+
+
+def convert(data: Mapping[str, Any], kind: type[T]) -> T:
+    """``data`` (as JSON would carry it) validated into ``kind``; 422 naming the field."""
+    try:
+        return msgspec.convert(msgspec.to_builtins(data), kind)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -25,63 +74,14 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def reject_unknown(data: Mapping[str, Any], allowed: set[str]) -> None:
-    """422 on the first field not in ``allowed``."""
-    for name in data:
-        if name not in allowed:
-            raise Invalid(name, f"unknown field {name!r}")
+def time_ms(moment: datetime, field: str) -> int:
+    """Unix milliseconds of a decoded timestamp; 422 outside years 1-9999 in UTC."""
+    ms = from_datetime(moment)
+    if not MIN_TIME_MS <= ms <= MAX_TIME_MS:
+        raise Invalid(field, f"{field} must fall within years 1-9999 in UTC")
+    return ms
 
 
-def get_optional_int(
-    data: Mapping[str, Any], name: str, *, minimum: int, maximum: int
-) -> int | None:
-    """An integer field within ``[minimum, maximum]``, or None when absent or null.
-
-    Booleans and floats are rejected: JSON ``true`` or ``1.0`` is not a count of fen.
-    """
-    value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Invalid(name, f"{name} must be an integer")
-    if not minimum <= value <= maximum:
-        raise Invalid(name, f"{name} must be between {minimum} and {maximum}")
-    return value
-
-
-def get_int(
-    data: Mapping[str, Any], name: str, *, minimum: int, maximum: int, default: int | None = None
-) -> int:
-    """A required integer field within ``[minimum, maximum]`` (``default`` when absent)."""
-    value = get_optional_int(data, name, minimum=minimum, maximum=maximum)
-    if value is not None:
-        return value
-    if default is None:
-        raise Invalid(name, f"{name} is required")
-    return default
-
-
-def get_str(data: Mapping[str, Any], name: str, *, max_len: int) -> str:
-    """A required non-blank string field of at most ``max_len`` characters."""
-    value = data.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise Invalid(name, f"{name} must be a non-empty string")
-    if len(value) > max_len:
-        raise Invalid(name, f"{name} must be at most {max_len} characters")
-    return value.strip()
-
-
-def get_time_ms(data: Mapping[str, Any], name: str) -> int | None:
-    """An optional RFC 3339 timestamp with an offset, as unix milliseconds."""
-    value = data.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise Invalid(name, f"{name} must be an RFC 3339 timestamp string or null")
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise Invalid(name, f"{name} is not an RFC 3339 timestamp") from None
-    if moment.tzinfo is None:
-        raise Invalid(name, f"{name} must carry a UTC offset (e.g. Z or +08:00)")
-    return from_datetime(moment)
+def optional_time_ms(moment: datetime | None, field: str) -> int | None:
+    """``time_ms``, passing None (no time) through."""
+    return None if moment is None else time_ms(moment, field)

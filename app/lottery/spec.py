@@ -3,21 +3,21 @@ quotas; how it is validated, stored in Redis and PostgreSQL, and read back."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Annotated, Any, Literal
 
 import asyncpg
+import msgspec
 import orjson
 
 from app.errors import Invalid
 from app.model import Campaign, Kind, optional_ms
 from app.records import MalformedRecord, Meta, decode_meta_common, encode_meta
-from app.validation import get_int, get_optional_int, get_str, get_time_ms, reject_unknown
+from app.validation import VISIBLE_TEXT, Timestamp, convert, optional_time_ms, time_ms
 
 DEFAULT_FALLBACK = "谢谢参与"
-WHEN_OUT = ("renormalise", "fallback")
+MAX_NAME_LEN = 100
 MAX_TIERS = 32
 MAX_SLOTS = 200
 MAX_TIER_NAME = 50
@@ -29,20 +29,53 @@ MAX_QUOTA = 100_000
 MAX_TOTAL_WEIGHT = 1_000_000_000
 RANDOM_BITS = 52
 
-LOTTERY_FIELDS = {
-    "kind",
-    "name",
-    "starts_at",
-    "ends_at",
-    "tiers",
-    "fallback",
-    "no_prize_weight",
-    "quota_total",
-    "quota_daily",
-    "when_out",
-}
-TIER_FIELDS = {"name", "stock", "weight", "value_fen", "schedule"}
-SLOT_FIELDS = {"at", "release"}
+Stock = Annotated[int, msgspec.Meta(ge=0, le=MAX_STOCK)]
+Weight = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOTAL_WEIGHT)]
+Quota = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUOTA)]
+TierName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_TIER_NAME, pattern=VISIBLE_TEXT)
+]
+WhenOut = Literal["renormalise", "fallback"]
+
+
+class SlotDefinition(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``release`` more of a tier's stock at ``at``: strictly after the tier's previous
+    slot, within ``[starts_at, ends_at)``."""
+
+    at: Timestamp
+    release: Annotated[int, msgspec.Meta(ge=1, le=MAX_STOCK)]
+
+
+class TierDefinition(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A prize tier; its odds are ``weight`` over the total weight; a schedule's
+    releases sum to ``stock`` (no schedule: all of it at the start)."""
+
+    name: TierName
+    stock: Stock
+    weight: Weight
+    value_fen: Annotated[int, msgspec.Meta(ge=1, le=MAX_PRIZE_FEN)] | None = None
+    schedule: (
+        Annotated[list[SlotDefinition], msgspec.Meta(min_length=1, max_length=MAX_SLOTS)] | None
+    ) = None
+
+
+class LotteryDefinition(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind", tag="lottery"
+):
+    """A lottery (抽奖): prize tiers drawn by weight, with per-player quotas. The weights
+    of all tiers and ``no_prize_weight`` sum to 1 - 1,000,000,000; at least one quota is
+    set (``quota_total`` absent is 1, null is no lifetime cap); ``quota_daily`` (per day
+    in Asia/Shanghai) is at most ``quota_total``."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LEN, pattern=VISIBLE_TEXT)]
+    starts_at: Timestamp | None = None
+    ends_at: Annotated[Timestamp | None, msgspec.Meta(description="after starts_at")] = None
+    tiers: Annotated[list[TierDefinition], msgspec.Meta(min_length=1, max_length=MAX_TIERS)]
+    fallback: TierName | None = None
+    no_prize_weight: Weight | None = 0
+    quota_total: Quota | None = 1
+    quota_daily: Quota | None = None
+    when_out: WhenOut = "renormalise"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,109 +198,61 @@ class LotterySpec:
         return {"tier": tier, "name": t.name, "value_fen": t.value_fen}
 
 
-@contextmanager
-def _within(prefix: str) -> Iterator[None]:
-    """Prefix the field named by an Invalid raised inside (``tiers[1]`` + ``stock``)."""
-    try:
-        yield
-    except Invalid as exc:
-        field = f"{prefix}.{exc.extra['field']}"
-        raise Invalid(field, f"{prefix}: {exc.message}") from None
-
-
-def _object(value: Any, field: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise Invalid(field, f"{field} must be an object")
-    return cast(Mapping[str, Any], value)
-
-
-def _list(value: Any, field: str, *, most: int) -> list[Any]:
-    if not isinstance(value, list) or not value:
-        raise Invalid(field, f"{field} must be a non-empty array")
-    if len(value) > most:
-        raise Invalid(field, f"{field} may have at most {most} entries")
-    return value
-
-
-def _parse_schedule(
-    raw: Any, field: str, stock: int, starts: int | None, ends: int | None
+def _schedule(
+    slots: list[SlotDefinition], field: str, stock: int, starts: int | None, ends: int | None
 ) -> tuple[Slot, ...]:
-    slots: list[Slot] = []
-    for j, item in enumerate(_list(raw, field, most=MAX_SLOTS)):
-        at_field = f"{field}[{j}]"
-        slot = _object(item, at_field)
-        with _within(at_field):
-            reject_unknown(slot, SLOT_FIELDS)
-            at = get_time_ms(slot, "at")
-            if at is None:
-                raise Invalid("at", "at is required")
-            release = get_int(slot, "release", minimum=1, maximum=MAX_STOCK)
-            if slots and at <= slots[-1].at_ms:
-                raise Invalid("at", "slot times must be strictly increasing (no duplicates)")
-            if starts is not None and at < starts:
-                raise Invalid("at", "slot is before the campaign's starts_at")
-            if ends is not None and at >= ends:
-                raise Invalid("at", "slot is at or after the campaign's ends_at")
-        slots.append(Slot(at, release))
-    released = sum(s.release for s in slots)
+    schedule: list[Slot] = []
+    for j, slot in enumerate(slots):
+        at_field = f"{field}[{j}].at"
+        at = time_ms(slot.at, at_field)
+        if schedule and at <= schedule[-1].at_ms:
+            raise Invalid(at_field, "slot times must be strictly increasing (no duplicates)")
+        if starts is not None and at < starts:
+            raise Invalid(at_field, "slot is before the campaign's starts_at")
+        if ends is not None and at >= ends:
+            raise Invalid(at_field, "slot is at or after the campaign's ends_at")
+        schedule.append(Slot(at, slot.release))
+    released = sum(s.release for s in schedule)
     if released != stock:
         raise Invalid(field, f"{field}: releases sum to {released}, must equal stock {stock}")
-    return tuple(slots)
+    return tuple(schedule)
 
 
-def _parse_tier(raw: Any, field: str, starts: int | None, ends: int | None) -> Tier:
-    data = _object(raw, field)
-    with _within(field):
-        reject_unknown(data, TIER_FIELDS)
-        name = get_str(data, "name", max_len=MAX_TIER_NAME)
-        stock = get_int(data, "stock", minimum=0, maximum=MAX_STOCK)
-        weight = get_int(data, "weight", minimum=0, maximum=MAX_TOTAL_WEIGHT)
-        value = get_optional_int(data, "value_fen", minimum=1, maximum=MAX_PRIZE_FEN)
-    raw_schedule = data.get("schedule")
+def _tier(tier: TierDefinition, field: str, starts: int | None, ends: int | None) -> Tier:
     schedule = (
         None
-        if raw_schedule is None
-        else _parse_schedule(raw_schedule, f"{field}.schedule", stock, starts, ends)
+        if tier.schedule is None
+        else _schedule(tier.schedule, f"{field}.schedule", tier.stock, starts, ends)
     )
-    return Tier(name, stock, weight, value, schedule)
+    return Tier(tier.name.strip(), tier.stock, tier.weight, tier.value_fen, schedule)
 
 
 def parse(data: Mapping[str, Any], campaign_id: str) -> Lottery:
     """Validate a lottery definition; 422 naming the first bad field (``tiers[1].stock``)."""
-    reject_unknown(data, LOTTERY_FIELDS)
-    name = get_str(data, "name", max_len=100)
-    starts = get_time_ms(data, "starts_at")
-    ends = get_time_ms(data, "ends_at")
+    definition = convert(data, LotteryDefinition)
+    starts = optional_time_ms(definition.starts_at, "starts_at")
+    ends = optional_time_ms(definition.ends_at, "ends_at")
     if starts is not None and ends is not None and ends <= starts:
         raise Invalid("ends_at", "ends_at must be after starts_at")
     tiers = tuple(
-        _parse_tier(raw, f"tiers[{i}]", starts, ends)
-        for i, raw in enumerate(_list(data.get("tiers"), "tiers", most=MAX_TIERS))
+        _tier(tier, f"tiers[{i}]", starts, ends) for i, tier in enumerate(definition.tiers)
     )
-    fallback = DEFAULT_FALLBACK
-    if data.get("fallback") is not None:
-        fallback = get_str(data, "fallback", max_len=MAX_TIER_NAME)
-    no_prize_weight = get_int(
-        data, "no_prize_weight", minimum=0, maximum=MAX_TOTAL_WEIGHT, default=0
-    )
+    fallback = DEFAULT_FALLBACK if definition.fallback is None else definition.fallback.strip()
+    no_prize_weight = definition.no_prize_weight or 0
     total_weight = no_prize_weight + sum(t.weight for t in tiers)
     if total_weight == 0:
         raise Invalid("tiers", "the weights of the tiers and no_prize_weight sum to 0")
     if total_weight > MAX_TOTAL_WEIGHT:
         raise Invalid("tiers", f"the weights must sum to at most {MAX_TOTAL_WEIGHT}")
-    # Absent means one draw per player; null means no lifetime cap (then a daily one is needed).
-    quota_total = get_optional_int(data, "quota_total", minimum=1, maximum=MAX_QUOTA)
-    if "quota_total" not in data:
-        quota_total = 1
-    quota_daily = get_optional_int(data, "quota_daily", minimum=1, maximum=MAX_QUOTA)
+    quota_total, quota_daily = definition.quota_total, definition.quota_daily
     if quota_total is None and quota_daily is None:
         raise Invalid("quota_total", "set quota_total, quota_daily or both")
     if quota_total is not None and quota_daily is not None and quota_daily > quota_total:
         raise Invalid("quota_daily", "quota_daily must not exceed quota_total")
-    when_out = data.get("when_out", "renormalise")
-    if when_out not in WHEN_OUT:
-        raise Invalid("when_out", "when_out must be 'renormalise' or 'fallback'")
-    spec = LotterySpec(tiers, fallback, no_prize_weight, quota_total, quota_daily, when_out)
+    spec = LotterySpec(
+        tiers, fallback, no_prize_weight, quota_total, quota_daily, definition.when_out
+    )
+    name = definition.name.strip()
     return Campaign(campaign_id, Kind.LOTTERY, name, starts, ends, spec)
 
 

@@ -4,20 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
+import msgspec
 
 from app.errors import Invalid
 from app.model import Campaign, Kind, optional_ms
 from app.records import Meta, decode_meta_common, encode_meta, meta_int
 from app.redpacket.split import MAX_COUNT, MAX_TOTAL_FEN
-from app.validation import get_int, get_optional_int, get_str, get_time_ms, reject_unknown
+from app.validation import VISIBLE_TEXT, Timestamp, convert, optional_time_ms
 
 MAX_NAME_LEN = 100
 # 5,000 万元 in one envelope is beyond any real campaign.
 MAX_ENVELOPE_FEN = 5_000_000_000
-FIELDS = {"kind", "name", "total_fen", "count", "min_fen", "max_fen", "starts_at", "ends_at"}
+
+CampaignName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LEN, pattern=VISIBLE_TEXT)
+]
+EnvelopeFen = Annotated[int, msgspec.Meta(ge=1, le=MAX_ENVELOPE_FEN)]
+
+
+class RedPacketDefinition(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind", tag="red_packet"
+):
+    """A red packet (拼手气红包): ``count`` envelopes of random amounts summing to
+    ``total_fen``; ``total_fen`` lies within ``[count * min_fen, count * max_fen]``."""
+
+    name: CampaignName
+    total_fen: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOTAL_FEN)]
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+    min_fen: EnvelopeFen | None = 1
+    max_fen: EnvelopeFen | None = None
+    starts_at: Timestamp | None = None
+    ends_at: Annotated[Timestamp | None, msgspec.Meta(description="after starts_at")] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +68,9 @@ RedPacket = Campaign[RedPacketSpec]
 
 def parse(data: Mapping[str, Any], campaign_id: str) -> RedPacket:
     """Validate a red-packet definition; 422 naming the first bad field."""
-    reject_unknown(data, FIELDS)
-    name = get_str(data, "name", max_len=MAX_NAME_LEN)
-    count = get_int(data, "count", minimum=1, maximum=MAX_COUNT)
-    total = get_int(data, "total_fen", minimum=1, maximum=MAX_TOTAL_FEN)
-    min_fen = get_int(data, "min_fen", minimum=1, maximum=MAX_ENVELOPE_FEN, default=1)
-    max_fen = get_optional_int(data, "max_fen", minimum=1, maximum=MAX_ENVELOPE_FEN)
+    definition = convert(data, RedPacketDefinition)
+    total, count = definition.total_fen, definition.count
+    min_fen, max_fen = definition.min_fen or 1, definition.max_fen
     if total < count * min_fen:
         raise Invalid("total_fen", "total_fen must be at least count * min_fen")
     if max_fen is not None:
@@ -61,11 +78,12 @@ def parse(data: Mapping[str, Any], campaign_id: str) -> RedPacket:
             raise Invalid("max_fen", "max_fen must be at least min_fen")
         if total > count * max_fen:
             raise Invalid("total_fen", "total_fen must be at most count * max_fen")
-    starts = get_time_ms(data, "starts_at")
-    ends = get_time_ms(data, "ends_at")
+    starts = optional_time_ms(definition.starts_at, "starts_at")
+    ends = optional_time_ms(definition.ends_at, "ends_at")
     if starts is not None and ends is not None and ends <= starts:
         raise Invalid("ends_at", "ends_at must be after starts_at")
     spec = RedPacketSpec(total, count, min_fen, max_fen)
+    name = definition.name.strip()
     return Campaign(campaign_id, Kind.RED_PACKET, name, starts, ends, spec)
 
 

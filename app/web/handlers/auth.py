@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
 from aiohttp import web
 
 from app.errors import Invalid, json_response
 from app.identity.sessions import COOKIE_NAME, Session
-from app.validation import get_str, read_json_object, reject_unknown
+from app.validation import convert, read_json_object
 from app.web.handlers.deps import session_token, set_session_cookie
 from app.web.keys import SESSIONS, SETTINGS
 
 MAX_OPENID_LEN = 64
 
 
+class DevLogin(msgspec.Struct, forbid_unknown_fields=True):
+    """Log in as ``openid`` (printable, no spaces inside; surrounding spaces are dropped)."""
+
+    openid: Annotated[
+        str, msgspec.Meta(max_length=MAX_OPENID_LEN, pattern=r"^\s*[^\s\x00-\x1f\x7f]+\s*$")
+    ]
+
+
 async def dev_login(request: web.Request) -> web.Response:
     """POST /auth/dev-login {"openid"}: a session without WeChat (local runs only)."""
-    data = await read_json_object(request)
-    reject_unknown(data, {"openid"})
-    openid = get_str(data, "openid", max_len=MAX_OPENID_LEN)
-    if not openid.isprintable() or " " in openid:
+    openid = convert(await read_json_object(request), DevLogin).openid.strip()
+    if not openid.isprintable():
         raise Invalid("openid", "openid must be printable without spaces")
     token = await request.app[SESSIONS].create(Session(openid))
     response = json_response({"openid": openid})
