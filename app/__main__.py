@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,6 +17,7 @@ import orjson
 import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.background.drainer import drain_process
 from app.campaigns import operations
@@ -25,7 +27,7 @@ from app.identity.sessions import SessionStore
 from app.local.fakewechat import FakeWeChat, create_fake_app
 from app.local.supervisor import DEFAULT_DATA_DIR, serve
 from app.model import Kind
-from app.settings import LedgerSettings, Settings, SettingsError, Stores
+from app.settings import LedgerSettings, Settings, SettingsError, Stores, session_keys_from_env
 from app.store import ledger
 from app.store.scripts import Scripts
 from app.web.factory import create_app
@@ -40,8 +42,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def _bounded(minimum: int, maximum: int | None = None) -> argparse._ActionsContainer:
-    raise NotImplementedError
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``minimum`` (to ``maximum``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {value}")
+        return value
+
+    return parse
+
+
+COUNT = _whole(1)
+PORT = _whole(1, 65535)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -73,7 +91,7 @@ def _fake_wechat(args: argparse.Namespace) -> int:
 async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
     redis = Redis.from_url(Stores.from_env().redis_url)
     try:
-        store = SessionStore(redis, ttl_s)
+        store = SessionStore(redis, ttl_s, keys=session_keys_from_env())
         openids = [f"{prefix}{i:08d}" for i in range(count)]
         tokens = await store.mint(openids)
     finally:
@@ -132,6 +150,13 @@ async def _operate(command: str, campaign_id: str) -> int:
     except OperationError as exc:
         print(f"hongbao {command}: {exc}", file=sys.stderr)
         return 2
+    except asyncpg.UndefinedTableError:
+        print(
+            f"hongbao {command}: PostgreSQL at {stores.database_url} has no hongbao tables "
+            "(is this the service's database?)",
+            file=sys.stderr,
+        )
+        return 2
     finally:
         await pool.close()
         await redis.aclose()
@@ -139,11 +164,11 @@ async def _operate(command: str, campaign_id: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    parser = argparse.ArgumentParser(prog="hongbao")
+    parser = _Parser(prog="hongbao")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the service (embedded Redis/PostgreSQL if unset)")
-    p_serve.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p_serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    p_serve.add_argument("--workers", type=COUNT, default=os.cpu_count() or 1)
+    p_serve.add_argument("--port", type=PORT, default=os.environ.get("PORT", "8080"))
     p_serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p_serve.add_argument(
         "--no-haproxy", action="store_true", help="workers share the port even if haproxy exists"
@@ -151,18 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="run one worker process (settings from the environment)")
     p_fake = sub.add_parser("fake-wechat", help="run the fake WeChat (WECHAT_APPID/SECRET)")
     p_fake.add_argument("--host", default="127.0.0.1")
-    p_fake.add_argument("--port", type=int, required=True)
+    p_fake.add_argument("--port", type=PORT, required=True)
     p_mint = sub.add_parser("mint-sessions", help="create N player sessions for load tests")
-    p_mint.add_argument("--count", type=int, required=True)
+    p_mint.add_argument("--count", type=COUNT, required=True)
     p_mint.add_argument("--out", type=Path, required=True)
     p_mint.add_argument("--prefix", default="load-")
-    p_mint.add_argument("--ttl", type=int, default=24 * 3600)
+    p_mint.add_argument("--ttl", type=COUNT, default=24 * 3600)
     p_create = sub.add_parser(
         "create-campaign", help="create a red packet from the shell, with load progress"
     )
     p_create.add_argument("--name", required=True)
     p_create.add_argument("--total-fen", type=int, required=True)
-    p_create.add_argument("--count", type=int, required=True)
+    p_create.add_argument("--count", type=COUNT, required=True)
     p_create.add_argument("--min-fen", type=int, default=1)
     p_create.add_argument("--max-fen", type=int, default=None)
     p_create.add_argument("--starts-at", default=None, help="RFC 3339")
@@ -175,6 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return _dispatch(args)
+    except (OSError, RedisError, SettingsError) as exc:
+        # Stores that do not answer, or settings that do not parse: one line, no traceback.
+        print(f"hongbao {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return serve(args.workers, args.port, args.data_dir, use_haproxy=not args.no_haproxy)
     if args.command == "worker":
@@ -207,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("reconcile", "rebuild"):
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_operate(args.command, args.campaign_id))
-    parser.error(f"unknown command {args.command}")
-    return 2
+    raise AssertionError(f"unknown command {args.command}")
 
 
 if __name__ == "__main__":
