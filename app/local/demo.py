@@ -46,17 +46,25 @@ def _call(method: str, url: str, token: str, body: dict[str, object] | None = No
         return json.loads(resp.read())
 
 
-def demo_page(base_url: str, admin_token: str, data_dir: Path, timeout: float = 60) -> str:
-    """The H5 page URL of the demo campaign, created on the first run (once workers answer)."""
+def wait_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
+    """Return once every URL (a worker's /readyz) answers 200; raise if a process exits."""
     deadline = time.monotonic() + timeout
-    while True:
+    pending = list(urls)
+    while pending:
+        if any(proc.poll() is not None for proc in procs):
+            raise RuntimeError("a worker exited during start-up (its error is above)")
         try:
-            urllib.request.urlopen(f"{base_url}/readyz", timeout=2).close()
-            break
+            urllib.request.urlopen(pending[0], timeout=2).close()
+            pending.pop(0)
+            continue
         except (urllib.error.URLError, OSError):
             if time.monotonic() > deadline:
-                raise RuntimeError("the workers did not become ready") from None
-            time.sleep(0.2)
+                raise RuntimeError(f"the workers were not ready within {timeout:.0f}s") from None
+        time.sleep(0.2)
+
+
+def demo_page(base_url: str, admin_token: str, data_dir: Path) -> str:
+    """The H5 page URL of the demo campaign, created on the first run (workers ready)."""
     saved = data_dir / "demo-campaign"
     if saved.exists():
         cid = saved.read_text().strip()

