@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import uvloop
@@ -35,7 +36,6 @@ from redis.asyncio import Redis
 from app.background.drainer import Drainer
 from app.campaigns.service import CampaignService
 from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from app.model import now_ms
 from app.settings import LedgerSettings
 from app.store import ledger
 from app.store.scripts import CampaignKeys, Scripts
@@ -86,7 +86,7 @@ async def bench(redis_url: str, database_url: str, count: int, batch_max: int) -
         cid = campaign.id
         users = [f"bench-{i:08d}" for i in range(count)]
         for start in range(0, count, SETTLE_BATCH):
-            await scripts.grab_envelope(cid, users[start : start + SETTLE_BATCH], now_ms())
+            await scripts.grab_envelope(cid, users[start : start + SETTLE_BATCH])
         stream = CampaignKeys.of(cid).ledger
         queued = await redis.xlen(stream)
         if queued != count:
@@ -99,7 +99,7 @@ async def bench(redis_url: str, database_url: str, count: int, batch_max: int) -
             await drainer.step()
         drained_s = time.perf_counter() - t0
         rows = [tuple(r) for r in await pool.fetch(SELECT_ROWS, cid)]
-        winners = await redis.hgetall(CampaignKeys.of(cid).winners)
+        winners = cast(dict[bytes, bytes], await redis.hgetall(CampaignKeys.of(cid).winners))
         recorded = {r[1]: f"{r[2]}:{r[3]}".encode() for r in rows}
         if {u.decode(): v for u, v in winners.items()} != recorded or len(rows) != count:
             raise RuntimeError("the ledger does not equal the Redis winners")

@@ -1,0 +1,142 @@
+"""The markdown report of a bench: the throughput table, the figures, the CPU table."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+
+from bench.measure import Result
+from bench.rounds import ALWAYS, GRAB, Measured, Pair
+from bench.stack import DRAIN_NICE
+
+CPU_COLUMNS = ("app", "floor", "drainer", "HAProxy", "Redis", "PostgreSQL", "wrk")
+FLOOR = "floor (minimal aiohttp handler)"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the bench ran, for the report's first line."""
+
+    workers: int
+    connections: int
+    seconds: int
+    rounds: int
+    players: int
+    drain: str
+
+
+def median_rps(pairs: list[Pair]) -> float:
+    """Median req/s of the path runs of ``pairs``."""
+    return statistics.median(p.rps for _, p in pairs)
+
+
+def summary(name: str, runs: list[Result], floors: list[Result] | None) -> str:
+    """One table row: medians over rounds; the ratio is the median of paired ratios."""
+    ratio = (
+        "—"
+        if floors is None
+        else f"{statistics.median(r.rps / f.rps for r, f in zip(runs, floors, strict=True)):.2f}"
+    )
+    return (
+        f"| {name} | {statistics.median(r.rps for r in runs):,.0f} "
+        f"| {statistics.median(r.p50_ms for r in runs):.2f} "
+        f"| {statistics.median(r.p99_ms for r in runs):.2f} | {ratio} "
+        f"| {sum(r.errors for r in runs)} |"
+    )
+
+
+def cpu_per_request(runs: list[Result]) -> list[float]:
+    """Mean CPU µs per request of each component (CPU_COLUMNS) over ``runs``."""
+    requests = sum(r.requests for r in runs) or 1
+    return [sum(r.cpu_s.get(c, 0.0) for r in runs) * 1e6 / requests for c in CPU_COLUMNS]
+
+
+def cpu_row(name: str, runs: list[Result], floors: list[Result] | None) -> str:
+    """CPU µs per request by component, the total, and the floor's total over it: the
+    throughput ratio the machine allows when CPU is what runs out (less noisy than
+    req/s of 5-second runs on a shared machine)."""
+    per = cpu_per_request(runs)
+    ratio = "—" if floors is None else f"{sum(cpu_per_request(floors)) / sum(per):.2f}"
+    cells = " | ".join(f"{max(v, 0.0):.0f}" for v in per)
+    return f"| {name} | {cells} | {sum(per):.0f} | {ratio} |"
+
+
+def throughput(setup: Setup, measured: Measured, floors: list[Result]) -> list[str]:
+    """The heading line and the req/s table."""
+    return [
+        f"{setup.workers} app workers and {setup.workers} floor workers, each set behind "
+        "HAProxy (haproxy/haproxy.cfg, rate limits lifted); "
+        f"wrk -t2 -c{setup.connections} -d{setup.seconds}s per run, {setup.rounds} rounds; "
+        f"{setup.players:,} players; {os.cpu_count()} cores shared by everything",
+        "",
+        "| path | req/s | p50 ms | p99 ms | ratio to floor | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+        summary(FLOOR, floors, None),
+        *(
+            summary(name, [p for _, p in pairs], [f for f, _ in pairs])
+            for name, pairs in measured.pairs.items()
+        ),
+        "",
+    ]
+
+
+def figures(setup: Setup, measured: Measured, ledger_ok: bool) -> list[str]:
+    """Script calls per grab, the cost of durability, the ledger's catch-up and check."""
+    lines = []
+    pairs = measured.pairs
+    if GRAB in pairs:
+        lines.append(
+            f"grab runs: {measured.grab_requests:,} requests, {measured.won:,} envelopes won, "
+            f"{measured.grab_calls:,} script calls: "
+            f"{measured.grab_calls / max(measured.grab_requests, 1):.3f} script calls per grab"
+        )
+    if GRAB in pairs and ALWAYS in pairs:
+        ratio = median_rps(pairs[ALWAYS]) / median_rps(pairs[GRAB])
+        lines.append(f"durability: appendfsync always / everysec = {ratio:.2f}")
+    drainer = (
+        f"one drainer process at nice {DRAIN_NICE}"
+        if setup.drain == "process"
+        else "a drainer in each worker"
+    )
+    for name, caught in measured.catch_ups.items():
+        lines.append(
+            f"ledger ({drainer}), {name}: at most {max(n for n, _ in caught):,} entries "
+            f"not yet in PostgreSQL when a run ended, all in within "
+            f"{max(t for _, t in caught):.1f} s"
+        )
+    if measured.catch_ups:
+        lines.append(
+            "PostgreSQL grants = Redis winners for every grab campaign: "
+            + ("yes" if ledger_ok else "**NO**")
+        )
+    return lines
+
+
+def cpu_table(measured: Measured, floors: list[Result]) -> list[str]:
+    """CPU per request by component, path by path."""
+    return [
+        "",
+        "CPU per request in µs, by component (all rounds; the machine's CPU is the sum), and",
+        "the floor's total over the path's (the ratio when CPU is what runs out):",
+        "",
+        "| path | " + " | ".join(CPU_COLUMNS) + " | total | CPU ratio |",
+        "|---|" + "---:|" * (len(CPU_COLUMNS) + 2),
+        cpu_row(FLOOR, floors, None),
+        *(
+            cpu_row(name, [p for _, p in pairs], [f for f, _ in pairs])
+            for name, pairs in measured.pairs.items()
+        ),
+    ]
+
+
+def render(setup: Setup, measured: Measured, ledger_ok: bool) -> str:
+    """The whole report."""
+    floors = [f for pairs in measured.pairs.values() for f, _ in pairs]
+    return "\n".join(
+        [
+            *throughput(setup, measured, floors),
+            *figures(setup, measured, ledger_ok),
+            *cpu_table(measured, floors),
+        ]
+    )
