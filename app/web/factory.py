@@ -6,6 +6,7 @@ from aiohttp import web
 
 from app.metrics import Metrics
 from app.settings import Settings
+from app.web import openapi
 from app.web.accesslog import AccessLog
 from app.web.edge import edge_middleware
 from app.web.handlers import admin, auth, h5, ops, page, wechat
@@ -49,4 +50,5 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     admin.setup(app)
     wechat.setup(app)
     page.setup(app)
+    openapi.setup(app)
     return app

@@ -29,5 +29,7 @@ ASSETS = web.AppKey("assets", Assets)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 READINESS = web.AppKey("readiness", Readiness)
+# The OpenAPI document (app.web.openapi), serialised once the routes are in place.
+OPENAPI = web.AppKey("openapi", bytes)
 # The openid of the request's session, once a handler has looked it up (for the access log).
 OPENID = web.RequestKey("openid", str)

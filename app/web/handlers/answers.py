@@ -1,0 +1,217 @@
+"""What the JSON routes answer, as msgspec structs.
+
+The handlers render plain dicts (the hot paths stay as they are); these structs state
+the shape of those bodies once, for the OpenAPI document (app.web.openapi), and the
+tests check every real answer against the schema made from them. Answers may gain
+fields (clients ignore those they do not know); requests may not (see app.validation).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Fen = Annotated[int, msgspec.Meta(ge=0, description="integer fen (1 元 = 100 fen)")]
+Tier = Annotated[int, msgspec.Meta(ge=0, description="the tier's index in the definition")]
+State = Literal["scheduled", "open", "sold_out", "ended"]
+Time = Annotated[datetime | None, msgspec.Meta(description="RFC 3339 in UTC; null: none")]
+
+
+class Error(msgspec.Struct, kw_only=True):
+    """Every error, from the workers and from HAProxy: a stable code and a message."""
+
+    error: str
+    message: str
+    field: Annotated[str, msgspec.Meta(description="422: the field, in full")] | UnsetType = UNSET
+    scope: Literal["total", "daily"] | UnsetType = UNSET
+    reason: str | UnsetType = UNSET
+
+
+class RedPacketView(msgspec.Struct, kw_only=True):
+    """A red packet as players see it."""
+
+    id: str
+    kind: Literal["red_packet"]
+    name: str
+    state: State
+    starts_at: Time
+    ends_at: Time
+    remaining_count: Count
+
+
+class Prize(msgspec.Struct, kw_only=True):
+    """A prize tier as players see it (never its stock or odds)."""
+
+    tier: Tier
+    name: str
+    value_fen: Annotated[int, msgspec.Meta(ge=1)] | None
+
+
+class LotteryView(msgspec.Struct, kw_only=True):
+    """A lottery as players see it."""
+
+    id: str
+    kind: Literal["lottery"]
+    name: str
+    state: Literal["scheduled", "open", "ended"]
+    starts_at: Time
+    ends_at: Time
+    prizes: list[Prize]
+    fallback: str
+    quota_total: Count | None
+    quota_daily: Count | None
+
+
+class Grabbed(msgspec.Struct, kw_only=True):
+    """This grab won an envelope, or the player had won one already."""
+
+    result: Literal["won", "already_won"]
+    amount_fen: Fen
+
+
+class SoldOut(msgspec.Struct, kw_only=True):
+    """No envelope is left."""
+
+    result: Literal["sold_out"]
+
+
+class EnvelopeWon(msgspec.Struct, kw_only=True):
+    """The player's envelope in a red packet."""
+
+    result: Literal["won"]
+    amount_fen: Fen
+
+
+class NothingWon(msgspec.Struct, kw_only=True):
+    """The player has no envelope in this red packet."""
+
+    result: Literal["none"]
+
+
+class PrizeWon(msgspec.Struct, kw_only=True):
+    """A prize the player won, and in which of their draws."""
+
+    draw_no: Annotated[int, msgspec.Meta(ge=1)]
+    tier: Tier
+    name: str
+    value_fen: Annotated[int, msgspec.Meta(ge=1)] | None
+
+
+class LotteryMine(msgspec.Struct, kw_only=True):
+    """The player's draws in a lottery (today: the day in Asia/Shanghai) and prizes."""
+
+    result: Literal["prizes", "none"]
+    draws: Count
+    draws_today: Count
+    quota_total: Count | None
+    quota_daily: Count | None
+    prizes: list[PrizeWon]
+
+
+class PrizeDrawn(msgspec.Struct, kw_only=True):
+    """This draw won a prize."""
+
+    result: Literal["prize"]
+    prize: Prize
+    draw_no: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class NoPrize(msgspec.Struct, kw_only=True):
+    """This draw won nothing; ``name`` is the lottery's fallback (谢谢参与)."""
+
+    result: Literal["no_prize"]
+    name: str
+    draw_no: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class RedPacketStats(msgspec.Struct, kw_only=True):
+    """A red packet's definition and live counters (``ledger_lag``: grabs not yet in
+    PostgreSQL)."""
+
+    id: str
+    kind: Literal["red_packet"]
+    name: str
+    state: State
+    starts_at: Time
+    ends_at: Time
+    total_fen: Fen
+    count: Count
+    min_fen: Fen
+    max_fen: Fen | None
+    remaining_count: Count
+    remaining_fen: Fen
+    won_count: Count
+    won_fen: Fen
+    ledger_lag: Count
+
+
+class TierStats(msgspec.Struct, kw_only=True):
+    """A tier's definition and counters: ``released`` by now, ``left`` = released - won."""
+
+    tier: Tier
+    name: str
+    value_fen: Annotated[int, msgspec.Meta(ge=1)] | None
+    weight: Count
+    stock: Count
+    released: Count
+    won: Count
+    left: int
+
+
+class LotteryStats(msgspec.Struct, kw_only=True):
+    """A lottery's definition and live counters; days are YYYYMMDD in Asia/Shanghai."""
+
+    id: str
+    kind: Literal["lottery"]
+    name: str
+    state: Literal["scheduled", "open", "ended"]
+    starts_at: Time
+    ends_at: Time
+    tiers: list[TierStats]
+    fallback: str
+    no_prize_weight: Count
+    quota_total: Count | None
+    quota_daily: Count | None
+    when_out: Literal["renormalise", "fallback"]
+    draws: Count
+    prizes_won: Count
+    draws_per_day: dict[str, Count]
+    prizes_per_day: dict[str, Count]
+    ledger_lag: Count
+
+
+class LoggedIn(msgspec.Struct, kw_only=True):
+    """A session for ``openid``; its token is in the ``hb_session`` cookie."""
+
+    openid: str
+
+
+class LoggedOut(msgspec.Struct, kw_only=True):
+    """The session is deleted and its cookie cleared."""
+
+    result: Literal["logged_out"]
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """The process is alive."""
+
+    status: Literal["ok"]
+
+
+class Readiness(msgspec.Struct, kw_only=True):
+    """Whether this worker can serve grabs; ``message`` names what failed."""
+
+    status: Literal["ready", "draining", "unavailable"]
+    message: str | UnsetType = UNSET
+
+
+class LedgerHealth(msgspec.Struct, kw_only=True):
+    """Whether PostgreSQL (the ledger) answers; when down, also an error code and message."""
+
+    ledger: Literal["up", "down"]
+    error: Literal["ledger_down"] | UnsetType = UNSET
+    message: str | UnsetType = UNSET
