@@ -57,6 +57,7 @@ case "$cmd" in
   test)  ensure_system_packages; ensure_venv; exec .venv/bin/python -m pytest "$@" ;;
   bench) ensure_venv; exec .venv/bin/python -m bench.run "$@" ;;
   bench-drain) ensure_venv; exec .venv/bin/python -m bench.drain "$@" ;;
+  chaos) ensure_venv; exec .venv/bin/python -m app chaos "$@" ;;
   lint)  ensure_venv; .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports && exec .venv/bin/mypy ;;
   help|-h|--help) echo "usage: ./hb serve [--workers N] [--port P] | ./hb test [pytest args] | ./hb lint | ./hb bench | ./hb bench-drain | ./hb <app command>" ;;
   *)     ensure_venv; exec .venv/bin/python -m app "$cmd" "$@" ;;

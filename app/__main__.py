@@ -24,6 +24,7 @@ from app.campaigns import operations
 from app.campaigns.service import CampaignService
 from app.errors import ApiError, OperationError
 from app.identity.sessions import SessionStore
+from app.local.chaos import chaos
 from app.local.fakewechat import FakeWeChat, create_fake_app
 from app.local.supervisor import DEFAULT_DATA_DIR, serve
 from app.model import Kind
@@ -197,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p_rec.add_argument("campaign_id")
     p_reb = sub.add_parser("rebuild", help="restore a campaign lost from Redis, from PostgreSQL")
     p_reb.add_argument("campaign_id")
+    p_chaos = sub.add_parser(
+        "chaos", help="kill and stall each part of a local stack under load; check the books"
+    )
+    p_chaos.add_argument("--appendfsync", choices=("always", "everysec"), default="always")
+    p_chaos.add_argument("--short", action="store_true", help="shorter faults (~1-2 min, CI)")
+    p_chaos.add_argument("--dir", type=Path, help="keep the run's data and logs here")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -238,6 +245,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(drain_process(stores.redis_url, stores.database_url, ledger_settings))
         return 0
+    if args.command == "chaos":
+        return chaos(args.appendfsync, args.short, args.dir)
     if args.command in ("reconcile", "rebuild"):
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_operate(args.command, args.campaign_id))

@@ -4,6 +4,7 @@ With ``haproxy`` on PATH, each worker listens on its own loopback port and HAPro
 (haproxy/haproxy.cfg) fronts them on the public port, as in production; without it,
 the workers share the public port with SO_REUSEPORT.
 
+A worker (or the fake WeChat) that dies is restarted with back-off (``Keeper``);
 Ctrl-C (or SIGTERM) stops the workers first (each drains), then HAProxy, then whatever
 services it started.
 """
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.local.demo import demo_page, start_fake_wechat, wait_ready
@@ -24,6 +26,11 @@ from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, edge_env, haproxy_binary,
 from app.settings import SettingsError, Stores
 
 DEFAULT_DATA_DIR = Path(".data")
+# A child that dies is started again after a back-off: RESTART_FIRST_S, doubling up to
+# RESTART_MAX_S; one that ran STABLE_AFTER_S before dying starts from the shortest again.
+RESTART_FIRST_S = 0.2
+RESTART_MAX_S = 10.0
+STABLE_AFTER_S = 30.0
 # Redis's own appendfsync values; see the README's durability paragraph.
 APPENDFSYNC_POLICIES = ("always", "everysec", "no")
 
@@ -62,6 +69,64 @@ def _busy_port(port: int, stores: Stores) -> str | None:
     return None
 
 
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str]
+    started: float = field(default_factory=time.monotonic)
+    failures: int = 0
+    due: float | None = None
+
+
+class Keeper:
+    """The children of a local run, each restarted with back-off when it dies.
+
+    One crashed worker never stops the service: HAProxy's health checks take it out of
+    rotation, the others serve, and it comes back on the same port. ``procs`` is the
+    supervisor's list of running children, kept current across restarts.
+    """
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]]) -> None:
+        self._procs = procs
+        self._children: list[_Child] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        """Start ``argv`` and keep it running."""
+        self.adopt(name, subprocess.Popen(argv, env=env), env)
+
+    def adopt(self, name: str, proc: subprocess.Popen[bytes], env: dict[str, str]) -> None:
+        """Keep an already started child running (restarted with the same argv and env)."""
+        self._children.append(_Child(name, proc, env))
+        self._procs.append(proc)
+
+    def check(self) -> None:
+        """Notice children that died; restart those whose back-off is over."""
+        now = time.monotonic()
+        for child in self._children:
+            if child.due is None:
+                code = child.proc.poll()
+                if code is None:
+                    continue
+                if now - child.started >= STABLE_AFTER_S:
+                    child.failures = 0
+                delay = min(RESTART_FIRST_S * 2**child.failures, RESTART_MAX_S)
+                child.failures += 1
+                child.due = now + delay
+                print(
+                    f"{child.name} (pid {child.proc.pid}) exited with code {code}; "
+                    f"restarting in {delay:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif now >= child.due:
+                old = child.proc
+                child.proc = subprocess.Popen(old.args, env=child.env)
+                self._procs[self._procs.index(old)] = child.proc
+                child.started, child.due = now, None
+                print(f"{child.name} restarted (pid {child.proc.pid})", file=sys.stderr, flush=True)
+
+
 def start_edge(data_dir: Path, public_port: int, worker_ports: list[int]) -> EdgeProxy:
     """Render haproxy.cfg for ``worker_ports`` into ``data_dir`` and start HAProxy."""
     config = data_dir / "haproxy.cfg"
@@ -87,6 +152,7 @@ def serve(
         return 2
     services: list[EmbeddedRedis | EmbeddedPostgres] = []
     procs: list[subprocess.Popen[bytes]] = []
+    keeper = Keeper(procs)
     edge: EdgeProxy | None = None
     stopping = False
 
@@ -118,14 +184,14 @@ def serve(
         env["PORT"] = str(port)
         fake = start_fake_wechat(env)
         if fake is not None:
-            procs.append(fake)
+            keeper.adopt("fake WeChat", fake, env)
             print(f"fake WeChat (web authorization) at {env['WECHAT_API_BASE']}", flush=True)
         if use_haproxy and haproxy_binary():
             worker_ports = _distinct_free_ports(workers)
             for worker_port in worker_ports:
                 worker_env = {**env, "HOST": "127.0.0.1", "PORT": str(worker_port)}
-                procs.append(
-                    subprocess.Popen([sys.executable, "-m", "app", "worker"], env=worker_env)
+                keeper.start(
+                    f"worker on :{worker_port}", [sys.executable, "-m", "app", "worker"], worker_env
                 )
             edge = start_edge(data_dir, port, worker_ports)
             stats = edge.env["HB_STATS_BIND"]
@@ -134,8 +200,8 @@ def serve(
                 f"HAProxy stats: http://{stats}/stats, metrics: http://{stats}/metrics", flush=True
             )
         else:
-            for _ in range(workers):
-                procs.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env))
+            for n in range(workers):
+                keeper.start(f"worker {n + 1}", [sys.executable, "-m", "app", "worker"], env)
             print("no HAProxy (not on PATH, or --no-haproxy): workers share the port", flush=True)
             worker_ports = []
         # The ready line comes once every worker (and the public port) answers /readyz.
@@ -147,10 +213,8 @@ def serve(
         print(f"open the H5 page (375x667 is the phone size): {page}", flush=True)
         print("Ctrl-C stops everything started here.", flush=True)
         while not stopping:
-            if any(p.poll() is not None for p in procs):
-                print("a worker exited; stopping", file=sys.stderr, flush=True)
-                return 1
-            time.sleep(0.2)
+            keeper.check()
+            time.sleep(0.1)
         return 0
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         # A service that cannot start (a missing binary, a port taken meanwhile): one line.

@@ -23,7 +23,7 @@ import asyncio
 import collections
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import hiredis
@@ -72,8 +72,8 @@ class _Protocol(asyncio.Protocol):
         self.timed_out = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCP transport is not an asyncio.Transport subclass, but is one.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
