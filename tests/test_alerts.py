@@ -73,7 +73,8 @@ def haproxy_metric_names(tmp: Path) -> set[str]:
 
 
 def rules() -> list[dict[str, object]]:
-    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
 
 
 @needs_promtool

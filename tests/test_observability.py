@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -16,7 +23,7 @@ from redis.asyncio import Redis
 from app.background.drainer import Drainer
 from app.background.lag import ledger_lag, watch_lag
 from app.background.tasks import stop_loop
-from app.local.embedded import free_port
+from app.local.embedded import EmbeddedRedis, free_port
 from app.metrics import Metrics, Pseudonyms
 from app.settings import Settings, SettingsError
 from app.store.scripts import CAMPAIGNS_SET
@@ -24,7 +31,7 @@ from app.web.accesslog import FLUSH_AFTER_S, FLUSH_LINES, AccessLog
 from app.web.edge import UNMATCHED
 from app.web.factory import create_app
 from app.web.keys import ACCESS_LOG, PG, READINESS, REDIS, SCRIPTS
-from tests.conftest import ADMIN, PAGE, create_campaign, login
+from tests.conftest import ADMIN, ADMIN_TOKEN, PAGE, create_campaign, login
 from tests.test_ledger import FAST, MANUAL
 
 GRAB_ROUTE = "/api/campaigns/{id}/grab"
@@ -349,3 +356,104 @@ async def test_access_lines_are_written_in_batches() -> None:
     log.flush()  # shutdown
     assert out.writes == 3
     assert len(out.getvalue().splitlines()) == 10 + FLUSH_LINES + 1
+
+
+LOG_KEYS = {"ts", "level", "pid", "request_id"}
+
+
+async def test_every_line_a_worker_process_writes_is_json_with_ts_level_pid_and_request_id(
+    tmp_path: Path, database_url: str, clean: None, private_redis_server: EmbeddedRedis
+) -> None:
+    """A real worker's stdout and stderr, start to stop, through a Redis outage: every
+    line is one JSON object; application lines logged during a request carry its id."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": private_redis_server.url,
+        "DATABASE_URL": database_url,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "DEV_LOGIN": "1",
+        "INSECURE_COOKIES": "1",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "DRAIN_DELAY_S": "0.2",
+        "SHUTDOWN_TIMEOUT_S": "5",
+    }
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "worker"], env=env, stdout=stdout, stderr=stderr
+        )
+    started = time.time()
+    try:
+        async with aiohttp.ClientSession(
+            f"http://127.0.0.1:{port}",
+            headers=PAGE,
+            timeout=aiohttp.ClientTimeout(total=10),
+            cookie_jar=aiohttp.CookieJar(unsafe=True),  # cookies from 127.0.0.1
+        ) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, err.read_text()
+                try:
+                    if (await http.get("/readyz")).status == 200:
+                        break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "worker never ready"
+                await asyncio.sleep(0.1)
+            resp = await http.post(
+                "/api/admin/campaigns",
+                json={"kind": "red_packet", "name": "日志", "total_fen": 100, "count": 1},
+                headers=ADMIN,
+            )
+            assert resp.status == 201, await resp.text()
+            cid = (await resp.json())["id"]
+            assert (await http.post("/auth/dev-login", json={"openid": "logs-1"})).status == 200
+            grab = f"/api/campaigns/{cid}/grab"
+            won = await http.post(grab, headers={"X-Request-ID": "req-won"})
+            assert (await won.json())["result"] == "won"
+            assert (await http.get("/no/such/page")).status == 404
+            private_redis_server.stop()
+            down = await http.post(grab, headers={"X-Request-ID": "req-redis-down"})
+            assert down.status == 503
+            assert (await down.json())["error"] == "unavailable"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, err.read_text()[-2000:]
+
+    lines = [
+        (name, line)
+        for name, path in (("stdout", out), ("stderr", err))
+        for line in path.read_text().splitlines()
+    ]
+    entries = []
+    for name, line in lines:
+        entry = orjson.loads(line)  # raises on any line that is not JSON
+        assert isinstance(entry, dict), line
+        assert entry.keys() >= LOG_KEYS, (name, line)
+        assert entry["pid"] == proc.pid, line
+        assert entry["level"] in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}, line
+        assert started - 1 <= entry["ts"] <= time.time(), line
+        entries.append(entry)
+    access = [e for e in entries if "route" in e]
+    app_lines = [e for e in entries if "route" not in e]
+    assert [
+        (e["request_id"], e["status"], e["level"])
+        for e in access
+        if e["route"] == grab.replace(cid, "{id}")
+    ] == [
+        ("req-won", 200, "INFO"),
+        ("req-redis-down", 503, "ERROR"),
+    ]
+    assert {"route", "method", "status", "duration_ms", "user"} <= access[0].keys()
+    # Start-up and shutdown lines belong to no request; the outage warning to its request.
+    messages = {e["message"]: e for e in app_lines}
+    assert any(m.startswith("worker ready on") for m in messages), messages
+    assert messages["stopped cleanly"]["request_id"] is None
+    (outage,) = [e for e in app_lines if e["message"].startswith("redis unavailable on POST")]
+    assert (outage["request_id"], outage["level"], outage["logger"]) == (
+        "req-redis-down",
+        "WARNING",
+        "hongbao.errors",
+    )

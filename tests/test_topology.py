@@ -141,7 +141,7 @@ class Topology:
         for line in (self.tmp / f"{name}.log").read_text().splitlines():
             if line.startswith("{"):
                 entry = orjson.loads(line)
-                count += entry["route"] == "/api/campaigns/{id}/grab"
+                count += entry.get("route") == "/api/campaigns/{id}/grab"
         return count
 
     def grabs_while_draining(self, name: str) -> int:

@@ -1,5 +1,10 @@
 """The JSON access log: one line per request, written in batches.
 
+The edge middleware builds each line: ``ts`` (unix seconds), ``level`` (INFO, ERROR for
+a 5xx), ``pid``, ``request_id``, ``route``, ``method``, ``status``, ``duration_ms`` and
+``user``; the first three are those of the application log lines (app.logs), so one log
+store query covers both.
+
 A line is serialised when the request ends and queued; the queue is written with one
 ``write`` FLUSH_AFTER_S after its first line (or as soon as it holds FLUSH_LINES), so a
 busy worker makes one system call for hundreds of requests instead of one each (a

@@ -7,7 +7,8 @@ every request, and the closed-window paths are mostly this fixed cost):
 - the CSRF same-origin check for unsafe player requests (app.web.csrf);
 - errors as JSON: ApiError, aiohttp's HTTP errors, stores that are down (503, with
   failed Redis calls counted) and crashes (500);
-- request metrics and one JSON access-log line, with the status the client gets.
+- request metrics and one JSON access-log line, with the status the client gets;
+- the request id in app.logs.CURRENT_REQUEST_ID, so application log lines carry it too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
 from app.errors import ApiError, http_error_response, json_response
+from app.logs import CURRENT_REQUEST_ID
 from app.metrics import Metrics, Pseudonyms
 from app.settings import Settings
 from app.web.accesslog import AccessLog
@@ -96,6 +98,7 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
     pseudonyms = Pseudonyms(settings.log_salt)
     log_requests = settings.access_log
     origin = configured_origin(settings.public_base_url)
+    pid = os.getpid()
 
     @web.middleware
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -104,6 +107,8 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
         if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
             request_id = request_ids()
         status = 500
+        # Application log lines written while this request is handled carry its id.
+        request_id_token = CURRENT_REQUEST_ID.set(request_id)
         try:
             response = await _respond(request, handler, metrics, origin)
             status = response.status
@@ -115,6 +120,7 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
             exc.headers[REQUEST_ID_HEADER] = request_id
             raise
         finally:
+            CURRENT_REQUEST_ID.reset(request_id_token)
             elapsed = time.perf_counter() - start
             route = route_template(request)
             metrics.observe_request(route, request.method, status, elapsed)
@@ -122,6 +128,9 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
                 openid = request.get(OPENID)
                 access_log.emit(
                     {
+                        "ts": time.time(),
+                        "level": "ERROR" if status >= 500 else "INFO",
+                        "pid": pid,
                         "request_id": request_id,
                         "route": route,
                         "method": request.method,
