@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app import logs
 from app.background.drainer import drain_process
 from app.campaigns import operations
 from app.campaigns.service import CampaignService
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p_chaos.add_argument("--dir", type=Path, help="keep the run's data and logs here")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     try:
         return _dispatch(args)
     except (OSError, RedisError, SettingsError) as exc:
