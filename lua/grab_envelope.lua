@@ -4,31 +4,36 @@
 -- KEYS[2] envelope pool (list of "seq:amount_fen")  hb:{<campaign>}:pool
 -- KEYS[3] winners (hash user -> "seq:amount_fen")  hb:{<campaign>}:winners
 -- KEYS[4] ledger stream (write-behind to Postgres)  hb:{<campaign>}:ledger
--- ARGV[1] now, unix milliseconds (the worker's clock)
--- ARGV[2..n] user ids (openids), one per grab
--- returns {status, remaining_count, code_1, amount_1, code_2, amount_2, ...}
+-- ARGV[1..n] user ids (openids), one per grab
+-- returns {status, remaining_count, now_ms, code_1, amount_1, code_2, amount_2, ...}
 --   status 0 settled, 1 no such campaign (or still loading), 2 not started, 3 ended
+--   now_ms: Redis's clock, which decided the window and stamps the ledger entries
 --   per user: code 0 won, 1 already won (same amount), 2 sold out; amount 0 when sold out
 
 local meta, pool, winners, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now = tonumber(ARGV[1])
+
+-- One clock for every worker: Redis's. Scripts replicate by their effects (Redis >= 5),
+-- so reading TIME before writing is allowed and replicas get the same entries.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local stamp = string.format('%d', now)
 
 -- The meta hash is written only after the whole pool is loaded, so its absence
 -- also means "not open yet": nobody can grab a half-loaded campaign.
 local window = redis.call('HMGET', meta, 'starts_at_ms', 'ends_at_ms')
 if not window[1] then
-  return {1, 0}
+  return {1, 0, now}
 end
 if now < tonumber(window[1]) then
-  return {2, redis.call('LLEN', pool)}
+  return {2, redis.call('LLEN', pool), now}
 end
 if now >= tonumber(window[2]) then
-  return {3, redis.call('LLEN', pool)}
+  return {3, redis.call('LLEN', pool), now}
 end
 
-local out = {0, 0}
+local out = {0, 0, now}
 local won_count, won_fen = 0, 0
-for i = 2, #ARGV do
+for i = 1, #ARGV do
   local user = ARGV[i]
   local prior = redis.call('HGET', winners, user)
   if prior then
@@ -40,7 +45,7 @@ for i = 2, #ARGV do
     if envelope then
       local _, _, seq, amount = string.find(envelope, '^(%d+):(%d+)$')
       redis.call('HSET', winners, user, envelope)
-      redis.call('XADD', ledger, '*', 'u', user, 's', seq, 'a', amount, 't', ARGV[1])
+      redis.call('XADD', ledger, '*', 'u', user, 's', seq, 'a', amount, 't', stamp)
       won_count = won_count + 1
       won_fen = won_fen + tonumber(amount)
       out[#out + 1] = 0

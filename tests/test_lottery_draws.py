@@ -1,7 +1,10 @@
 """Lottery draws below HTTP: odds, release schedules, quotas across days, randomness.
 
-The service runs on a test clock, so day and slot boundaries are crossed by setting the
-time rather than sleeping; the script is also called directly with chosen randomness.
+The scripts read Redis's clock, so these tests run on a private Redis whose clock they set
+(tests.frozen_redis: the real server under libfaketime): day and slot boundaries are
+crossed by setting Redis's time rather than sleeping, while the service keeps the
+machine's clock, months away from Redis's. The script is also called directly with
+chosen randomness.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
@@ -25,7 +29,16 @@ from app.lottery.spec import RANDOM_BITS
 from app.model import day_date, shanghai_day, to_datetime
 from app.records import DrawRecord, LedgerEntry, MalformedRecord
 from app.store import ledger
-from app.store.scripts import CampaignKeys, DrawCode, DrawStatus, Scripts, daily_key
+from app.store.scripts import (
+    CampaignKeys,
+    Draw,
+    DrawBatchResult,
+    DrawCode,
+    DrawStatus,
+    Scripts,
+    daily_key,
+)
+from tests.frozen_redis import FrozenRedis
 
 
 def ms(moment: str) -> int:
@@ -33,19 +46,25 @@ def ms(moment: str) -> int:
     return int(datetime.fromisoformat(moment).timestamp() * 1000)
 
 
-class Clock:
-    """A settable clock in unix milliseconds."""
-
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
+@pytest.fixture
+def clock(tmp_path: Path) -> Iterator[FrozenRedis]:
+    """A private Redis whose clock stands still at ``clock.now`` until the test sets it."""
+    server = FrozenRedis(tmp_path / "redis", ms("2027-02-09T12:00:00+08:00"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-async def stores(redis_url: str, database_url: str, clean: None) -> AsyncIterator[Any]:
-    redis = Redis.from_pool(BlockingConnectionPool.from_url(redis_url, max_connections=32))
+async def redis(clock: FrozenRedis) -> AsyncIterator[Redis]:
+    """A client on the frozen Redis, for asserting end state."""
+    client = Redis.from_url(clock.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def stores(clock: FrozenRedis, database_url: str, clean: None) -> AsyncIterator[Any]:
+    redis = Redis.from_pool(BlockingConnectionPool.from_url(clock.url, max_connections=32))
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     await ledger.migrate(pool)
     yield redis, pool
@@ -54,19 +73,22 @@ async def stores(redis_url: str, database_url: str, clean: None) -> AsyncIterato
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock(ms("2027-02-09T12:00:00+08:00"))
-
-
-@pytest.fixture
-def service(stores: Any, clock: Clock) -> CampaignService:
+def service(stores: Any) -> CampaignService:
+    """The service on the machine's clock: only Redis's may decide."""
     redis, pool = stores
-    return CampaignService(redis, pool, Scripts(redis), batch_max=128, clock=clock)
+    return CampaignService(redis, pool, Scripts(redis), batch_max=128)
 
 
 @pytest.fixture
 def scripts(stores: Any) -> Scripts:
     return Scripts(stores[0])
+
+
+async def settle(
+    scripts: Scripts, clock: FrozenRedis, cid: str, draws: list[tuple[str, int]]
+) -> DrawBatchResult:
+    """Call draw_prize directly at Redis's time ``clock.now``, guessing its day right."""
+    return await scripts.draw_prize(cid, shanghai_day(clock.now), [Draw(u, r) for u, r in draws])
 
 
 async def make(service: CampaignService, **fields: Any) -> str:
@@ -91,7 +113,7 @@ async def attempt(service: CampaignService, cid: str, openid: str) -> str:
 
 
 async def test_daily_quota_turns_over_at_midnight_in_shanghai(
-    service: CampaignService, clock: Clock, redis: Redis
+    service: CampaignService, clock: FrozenRedis, redis: Redis
 ) -> None:
     cid = await make(
         service,
@@ -134,7 +156,7 @@ def test_shanghai_day_boundaries() -> None:
 
 @pytest.mark.parametrize("when_out", ["renormalise", "fallback"])
 async def test_release_schedule_holds(
-    service: CampaignService, clock: Clock, redis: Redis, when_out: str
+    service: CampaignService, clock: FrozenRedis, redis: Redis, when_out: str
 ) -> None:
     """No tier gives out more than it has released by the time of the draw."""
     slots = [
@@ -180,7 +202,7 @@ async def test_release_schedule_holds(
 
 
 async def test_release_schedule_under_concurrent_script_calls(
-    service: CampaignService, scripts: Scripts, redis: Redis
+    service: CampaignService, scripts: Scripts, clock: FrozenRedis, redis: Redis
 ) -> None:
     cid = await make(
         service,
@@ -198,22 +220,20 @@ async def test_release_schedule_under_concurrent_script_calls(
         ],
         no_prize_weight=1,
     )
-    now = ms("2027-02-10T08:00:00+08:00")
+    clock.now = ms("2027-02-10T08:00:00+08:00")
     calls = [
-        scripts.draw_prize(
-            cid, now, shanghai_day(now), [(f"u{i}-{j}", secrets.randbits(RANDOM_BITS))]
-        )
+        settle(scripts, clock, cid, [(f"u{i}-{j}", secrets.randbits(RANDOM_BITS))])
         for i in range(50)
         for j in range(20)
     ]
     results = await asyncio.gather(*calls)
-    prizes = sum(1 for _, [r] in results if r.code is DrawCode.PRIZE)
+    prizes = sum(1 for b in results for r in b.results if r.code is DrawCode.PRIZE)
     assert prizes == 20
     assert await redis.hget(CampaignKeys.of(cid).tiers, "won:0") == b"20"
 
 
 async def test_empirical_odds_match_the_weights(
-    service: CampaignService, scripts: Scripts, redis: Redis
+    service: CampaignService, scripts: Scripts, clock: FrozenRedis, redis: Redis
 ) -> None:
     """Chi-square goodness of fit of 100,000 draws at significance 0.001."""
     weights = [1, 4, 15, 80, 150, 250]
@@ -227,16 +247,15 @@ async def test_empirical_odds_match_the_weights(
         no_prize_weight=no_prize,
         quota_total=1000,
     )
-    now = ms("2027-02-09T12:00:00+08:00")
     observed: Counter[int] = Counter()
     batch = 2000
     for start in range(0, 100_000, batch):
         draws = [
             (f"p{i % 100}", secrets.randbits(RANDOM_BITS)) for i in range(start, start + batch)
         ]
-        status, results = await scripts.draw_prize(cid, now, shanghai_day(now), draws)
-        assert status is DrawStatus.SETTLED
-        observed.update(r.tier for r in results)
+        batch_result = await settle(scripts, clock, cid, draws)
+        assert batch_result.status is DrawStatus.SETTLED
+        observed.update(r.tier for r in batch_result.results)
     total = sum(weights) + no_prize
     expected = {i: 100_000 * w / total for i, w in enumerate(weights)}
     expected[-1] = 100_000 * no_prize / total
@@ -250,7 +269,7 @@ async def test_empirical_odds_match_the_weights(
 
 
 async def test_pick_uses_the_randomness_passed_in(
-    service: CampaignService, scripts: Scripts
+    service: CampaignService, scripts: Scripts, clock: FrozenRedis
 ) -> None:
     """The tier is a function of ARGV's random number: rand mod total over the weights."""
     cid = await make(
@@ -261,21 +280,18 @@ async def test_pick_uses_the_randomness_passed_in(
         ],
         no_prize_weight=5,
     )
-    now = ms("2027-02-09T12:00:00+08:00")
     rands = [0, 1, 2, 4, 5, 9, 10, 2**52 - 1, 2**52 - 9, 2**51 + 3]
-    status, results = await scripts.draw_prize(
-        cid, now, shanghai_day(now), [(f"r{i}", r) for i, r in enumerate(rands)]
-    )
-    assert status is DrawStatus.SETTLED
+    picked = await settle(scripts, clock, cid, [(f"r{i}", r) for i, r in enumerate(rands)])
+    assert picked.status is DrawStatus.SETTLED
 
     def expected(rand: int) -> int:
         x = rand % 10
         return 0 if x < 2 else 1 if x < 5 else -1
 
-    assert [r.tier for r in results] == [expected(r) for r in rands]
+    assert [r.tier for r in picked.results] == [expected(r) for r in rands]
     # Same randomness, same pick; fresh randomness from the service varies per call.
-    _, again = await scripts.draw_prize(cid, now, shanghai_day(now), [("again", 2**52 - 1)])
-    assert again[0].tier == expected(2**52 - 1)
+    again = await settle(scripts, clock, cid, [("again", 2**52 - 1)])
+    assert again.results[0].tier == expected(2**52 - 1)
 
 
 async def test_service_draws_differ_per_call(service: CampaignService) -> None:
@@ -299,7 +315,7 @@ async def test_service_draws_differ_per_call(service: CampaignService) -> None:
     ("when_out", "second"), [("renormalise", 1), ("fallback", -1)], ids=["renormalise", "fallback"]
 )
 async def test_tier_out_of_stock(
-    service: CampaignService, scripts: Scripts, when_out: str, second: int
+    service: CampaignService, scripts: Scripts, clock: FrozenRedis, when_out: str, second: int
 ) -> None:
     """A picked tier with nothing left: renormalise over the rest, or give no prize."""
     cid = await make(
@@ -310,9 +326,7 @@ async def test_tier_out_of_stock(
         ],
         when_out=when_out,
     )
-    now = ms("2027-02-09T12:00:00+08:00")
-    day = shanghai_day(now)
-    _, results = await scripts.draw_prize(cid, now, day, [("a", 0), ("b", 0), ("c", 0)])
+    results = (await settle(scripts, clock, cid, [("a", 0), ("b", 0), ("c", 0)])).results
     assert [r.tier for r in results] == [0, second, -1]
     assert [r.code for r in results] == [
         DrawCode.PRIZE,
@@ -321,17 +335,23 @@ async def test_tier_out_of_stock(
     ]
 
 
-async def test_script_checks_kind_and_window(service: CampaignService, scripts: Scripts) -> None:
+async def test_script_checks_kind_and_window(
+    service: CampaignService, scripts: Scripts, clock: FrozenRedis
+) -> None:
     cid = await make(service, tiers=[{"name": "甲", "stock": 1, "weight": 1, "value_fen": 1}])
     packet = (
         await service.create({"kind": "red_packet", "name": "红包", "total_fen": 100, "count": 1})
     ).id
-    day = 20270209
-    before, after = ms("2027-02-08T23:59:59+08:00"), ms("2027-02-20T00:00:00+08:00")
-    assert (await scripts.draw_prize(cid, before, day, [("a", 0)]))[0] is DrawStatus.NOT_STARTED
-    assert (await scripts.draw_prize(cid, after, day, [("a", 0)]))[0] is DrawStatus.ENDED
-    assert (await scripts.draw_prize(packet, after, day, [("a", 0)]))[0] is DrawStatus.WRONG_KIND
-    assert (await scripts.draw_prize("nope", after, day, [("a", 0)]))[0] is DrawStatus.NOT_FOUND
+    clock.now = ms("2027-02-08T23:59:59.999+08:00")
+    assert (await settle(scripts, clock, cid, [("a", 0)])).status is DrawStatus.NOT_STARTED
+    clock.now += 1
+    assert (await settle(scripts, clock, cid, [("a", 0)])).status is DrawStatus.SETTLED
+    clock.now = ms("2027-02-19T23:59:59.999+08:00")
+    assert (await settle(scripts, clock, cid, [("b", 0)])).status is DrawStatus.SETTLED
+    clock.now += 1
+    assert (await settle(scripts, clock, cid, [("c", 0)])).status is DrawStatus.ENDED
+    assert (await settle(scripts, clock, packet, [("a", 0)])).status is DrawStatus.WRONG_KIND
+    assert (await settle(scripts, clock, "nope", [("a", 0)])).status is DrawStatus.NOT_FOUND
 
 
 async def _drain_into_ledger(redis: Redis, pool: asyncpg.Pool, cid: str) -> int:
@@ -350,7 +370,7 @@ async def _drain_into_ledger(redis: Redis, pool: asyncpg.Pool, cid: str) -> int:
 
 
 async def test_draws_reach_the_ledger_and_reconcile(
-    service: CampaignService, clock: Clock, stores: Any
+    service: CampaignService, clock: FrozenRedis, stores: Any
 ) -> None:
     redis, pool = stores
     cid = await make(

@@ -40,7 +40,7 @@ async def test_settles_grabs_like_redis_py_and_reloads_flushed_scripts(
         await redis.hset(keys.meta, mapping={"starts_at_ms": 0, "ends_at_ms": 2**50})
         await redis.rpush(keys.pool, "0:300", "1:200")
         await redis.script_flush()  # as after a failover: the line must load it again
-        result = await Scripts(redis, line).grab_envelope("line", ["a", "b", "a", "c"], 1)
+        result = await Scripts(redis, line).grab_envelope("line", ["a", "b", "a", "c"])
         assert result.status is GrabStatus.SETTLED
         assert result.remaining_count == 0
         assert result.outcomes == [

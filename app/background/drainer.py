@@ -13,6 +13,12 @@ COMMIT acknowledge and delete the entries (XACK + XDEL in one MULTI). So:
 * while PostgreSQL is unreachable the drainer retries with exponential back-off and
   acknowledges nothing; grabs never wait on it.
 
+Drainers (and the lag sampler) follow the campaigns in ``hb:campaigns``; a drainer
+removes a campaign from it once the campaign has ended by Redis's clock and its stream is
+empty. No entry can follow then (the scripts refuse after the end), so background work
+is proportional to live campaigns, not to history; PostgreSQL still knows every
+campaign for reconcile and rebuild, and a rebuild lists the campaign again.
+
 Entries carry their kind in field ``k`` (absent: a grab); the ledger (app.store.ledger)
 decodes and records each by its kind, and keeps an entry it cannot decode in
 ``ledger_rejects`` rather than lose it.
@@ -172,9 +178,10 @@ class Drainer:
         )
 
     async def _refresh(self) -> None:
-        """Pick up new campaigns: create their consumer group (from the stream's start)."""
+        """Pick up new campaigns: create their consumer group (from the stream's start);
+        let go of ended, drained ones."""
         members = cast(set[bytes], await self._redis.smembers(CAMPAIGNS_SET))
-        ids = sorted(m.decode() for m in members)
+        ids = await self._prune(sorted(m.decode() for m in members))
         new = {CampaignKeys.of(cid).ledger: cid for cid in ids}
         missing = [key for key in new if key not in self._streams]
         if missing:
@@ -186,6 +193,36 @@ class Drainer:
                 if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
                     raise result
         self._streams = new
+
+    async def _prune(self, ids: list[str]) -> list[str]:
+        """Remove from ``hb:campaigns`` the campaigns ended by Redis's clock whose stream
+        is empty; return the others. A campaign without meta (loading) stays."""
+        if not ids:
+            return ids
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for cid in ids:
+                keys = CampaignKeys.of(cid)
+                pipe.hget(keys.meta, "ends_at_ms")
+                pipe.xlen(keys.ledger)
+            reply = await pipe.execute()
+        seconds, micros = reply[0]
+        now = seconds * 1000 + micros // 1000
+        done = [
+            cid
+            for cid, ends, lag in zip(ids, reply[1::2], reply[2::2], strict=True)
+            if ends is not None and now >= int(ends) and int(lag) == 0
+        ]
+        if not done:
+            return ids
+        await self._redis.srem(CAMPAIGNS_SET, *done)
+        log.info(
+            "drainer %s: %d ended campaign(s) fully drained, no longer followed",
+            self.consumer,
+            len(done),
+        )
+        finished = set(done)
+        return [cid for cid in ids if cid not in finished]
 
     async def _claim(self) -> int:
         """Take over entries pending with other consumers for longer than claim_idle_ms."""

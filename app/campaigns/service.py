@@ -16,7 +16,7 @@ from app.lottery.service import DrawOutcome, Lotteries
 from app.model import Campaign, Kind, now_ms
 from app.redpacket.pool import Progress
 from app.redpacket.service import GrabOutcome, RedPackets
-from app.store.scripts import CampaignKeys, Scripts
+from app.store.scripts import CampaignKeys, RedisClock, Scripts
 
 KINDS = ", ".join(f"'{k}'" for k in Kind)
 
@@ -36,11 +36,13 @@ class CampaignService:
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._redis = redis
-        self._clock = clock
+        # ``clock`` is this worker's; every script reply corrects it to Redis's clock,
+        # the one that decides windows, release slots and the quota day.
+        self._clock = RedisClock(clock)
         self.red_packets = RedPackets(
-            redis, pg, scripts, batch_max=batch_max, events=events, clock=clock
+            redis, pg, scripts, batch_max=batch_max, events=events, clock=self._clock
         )
-        self.lotteries = Lotteries(redis, pg, scripts, batch_max=batch_max, clock=clock)
+        self.lotteries = Lotteries(redis, pg, scripts, batch_max=batch_max, clock=self._clock)
         self._cache: dict[str, Campaign[Any]] = {}
         self._fetching: dict[str, asyncio.Future[Campaign[Any]]] = {}
 
@@ -87,9 +89,14 @@ class CampaignService:
         """The campaign if its window is open now; 404 / 409 from the cached definition.
 
         Needs no Redis once the definition is cached, so ended and not-started
-        campaigns are answered before any session lookup.
+        campaigns are answered before any session lookup. "Now" is Redis's clock as the
+        last script reply showed it: only a hint, since the script checks the window
+        again by Redis's clock itself, so a worker whose clock is wrong grants nothing
+        outside it.
         """
         campaign = await self.get(campaign_id)
+        if not self._clock.synced:
+            await self._clock.sync(self._redis)
         now = self._clock()
         if now < campaign.opens_ms:
             raise NotStarted("the campaign has not started yet")
@@ -124,11 +131,15 @@ class CampaignService:
             raise WrongKind("this campaign is a lottery; draw instead")
         return await self.red_packets.grab(campaign, openid)
 
-    async def draw(self, campaign: Campaign[Any], openid: str) -> DrawOutcome:
-        """Settle one draw in an open campaign (see ensure_open); WrongKind for a red packet."""
+    async def draw(
+        self, campaign: Campaign[Any], openid: str, idempotency_key: str | None = None
+    ) -> DrawOutcome:
+        """Settle one draw in an open campaign (see ensure_open); WrongKind for a red packet.
+
+        A retry under the same ``idempotency_key`` answers the draw already made."""
         if campaign.kind is not Kind.LOTTERY:
             raise WrongKind("this campaign is not a lottery; grab it instead")
-        return await self.lotteries.draw(campaign, openid)
+        return await self.lotteries.draw(campaign, openid, idempotency_key)
 
     async def drain(self) -> None:
         """Finish grabs and draws in flight (graceful shutdown)."""

@@ -7,8 +7,9 @@ call, each draw carrying its own randomness from the OS CSPRNG.
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,19 +18,23 @@ from redis.asyncio import Redis
 
 from app.errors import Ended, NotFound, NotStarted, QuotaExhausted, WrongKind
 from app.lottery.spec import RANDOM_BITS, Lottery, LotterySpec, parse, to_meta
-from app.model import new_campaign_id, now_ms, shanghai_day
+from app.model import new_campaign_id, shanghai_day
 from app.records import decode_wins
 from app.store import ledger
 from app.store.batching import KeyedBatchers
 from app.store.scripts import (
     CAMPAIGNS_SET,
     CampaignKeys,
+    Draw,
     DrawCode,
     DrawResult,
     DrawStatus,
+    RedisClock,
     Scripts,
     daily_key,
 )
+
+log = logging.getLogger("hongbao.lottery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,23 +69,44 @@ class Lotteries:
         scripts: Scripts,
         *,
         batch_max: int,
-        clock: Callable[[], int] = now_ms,
+        clock: RedisClock | None = None,
     ) -> None:
         self._redis = redis
         self._pg = pg
         self._scripts = scripts
-        # Unix milliseconds; tests substitute a clock to cross day and slot boundaries.
-        self._clock = clock
-        self._draws: KeyedBatchers[str, tuple[DrawStatus, DrawResult]] = KeyedBatchers(
-            self._settle, max_size=batch_max
+        # Redis's clock as last seen, for views and the day's key; the script decides.
+        self._clock = clock or RedisClock()
+        self._draws: KeyedBatchers[tuple[str, str | None], tuple[DrawStatus, DrawResult]] = (
+            KeyedBatchers(self._settle, max_size=batch_max)
         )
 
     async def create(self, data: Mapping[str, Any], progress: object = None) -> Lottery:
-        """Validate, record in PostgreSQL, then load into Redis and open."""
+        """Validate, record in PostgreSQL, then load into Redis and open; all or nothing:
+        a failed load removes the recorded definition again."""
         campaign = parse(data, new_campaign_id())
         await ledger.insert_campaign(self._pg, campaign, config=campaign.spec.to_json())
-        await self.load(campaign)
+        try:
+            await self.load(campaign)
+        except BaseException:
+            await self._discard(campaign.id)
+            raise
         return campaign
+
+    async def _discard(self, campaign_id: str) -> None:
+        """Undo a failed creation in both stores, as far as each answers (the load is one
+        MULTI, so Redis holds all of it or none)."""
+        keys = CampaignKeys.of(campaign_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.meta, keys.tiers)
+                pipe.srem(CAMPAIGNS_SET, campaign_id)
+                await pipe.execute()
+        except Exception as exc:
+            log.warning("failed lottery %s not removed from Redis: %s", campaign_id, exc)
+        try:
+            await ledger.discard_campaign(self._pg, campaign_id)
+        except Exception as exc:
+            log.warning("failed lottery %s not removed from PostgreSQL: %s", campaign_id, exc)
 
     async def load(self, campaign: Lottery) -> None:
         """Write tiers, then meta (its presence opens the campaign), in one transaction."""
@@ -91,12 +117,15 @@ class Lotteries:
             pipe.sadd(CAMPAIGNS_SET, campaign.id)
             await pipe.execute()
 
-    async def draw(self, campaign: Lottery, openid: str) -> DrawOutcome:
+    async def draw(
+        self, campaign: Lottery, openid: str, idempotency_key: str | None = None
+    ) -> DrawOutcome:
         """Settle one draw of ``openid`` (the caller checked the window); raises on quota.
 
-        The script re-checks the window atomically.
+        The script re-checks the window atomically, by Redis's clock. A draw whose
+        ``idempotency_key`` was already drawn with answers that draw again.
         """
-        status, result = await self._draws.submit(campaign.id, openid)
+        status, result = await self._draws.submit(campaign.id, (openid, idempotency_key))
         if status is DrawStatus.NOT_FOUND:
             raise NotFound("no such campaign")
         if status is DrawStatus.NOT_STARTED:
@@ -112,16 +141,17 @@ class Lotteries:
         return DrawOutcome(result, campaign.spec)
 
     async def _settle(
-        self, campaign_id: str, users: list[str]
+        self, campaign_id: str, users: list[tuple[str, str | None]]
     ) -> list[tuple[DrawStatus, DrawResult]]:
-        # The batch is settled at one instant: its clock reading decides the quota day.
-        now = self._clock()
-        draws = [(user, secrets.randbits(RANDOM_BITS)) for user in users]
-        status, results = await self._scripts.draw_prize(campaign_id, now, shanghai_day(now), draws)
-        if status is not DrawStatus.SETTLED:
+        # The batch is settled at one instant of Redis's clock, which decides the quota
+        # day; the day guessed here only names the key, and Redis corrects a wrong guess.
+        draws = [Draw(user, secrets.randbits(RANDOM_BITS), key) for user, key in users]
+        batch = await self._scripts.draw_prize(campaign_id, shanghai_day(self._clock()), draws)
+        self._clock.observe(batch.now_ms)
+        if batch.status is not DrawStatus.SETTLED:
             refused = DrawResult(DrawCode.NO_PRIZE, -1, 0)
-            return [(status, refused)] * len(users)
-        return [(status, result) for result in results]
+            return [(batch.status, refused)] * len(users)
+        return [(batch.status, result) for result in batch.results]
 
     async def public_view(self, campaign: Lottery) -> dict[str, Any]:
         """Player-facing definition: prize names and values, quotas (no stock or odds)."""
@@ -157,14 +187,16 @@ class Lotteries:
     async def stats(self, campaign: Lottery) -> dict[str, Any]:
         """Operator view: per tier stock, released (now), won and left; draws per day."""
         spec = campaign.spec
-        now = self._clock()
         keys = CampaignKeys.of(campaign.id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(keys.tiers)
             pipe.hgetall(keys.days)
             # Drainers XDEL what they commit: the stream holds exactly the unrecorded draws.
             pipe.xlen(keys.ledger)
-            tiers_raw, days_raw, ledger_lag = await pipe.execute()
+            # "Released" by the clock the script releases by, at the same instant.
+            pipe.time()
+            tiers_raw, days_raw, ledger_lag, (seconds, micros) = await pipe.execute()
+        now = seconds * 1000 + micros // 1000
         counters = _ints({k: v for k, v in tiers_raw.items() if k.startswith(b"won:")})
         days = _ints(days_raw)
         tiers = []

@@ -2,7 +2,9 @@
 
 Creation and rebuild both come through here: the envelopes (and, for a rebuild, the
 winners recorded in PostgreSQL) go in pipelined chunks, and only then the meta hash,
-whose presence the grab script takes as "open".
+whose presence the grab script takes as "open". Until it opens, a pool being loaded
+expires (LOAD_TTL_S, renewed by every round trip): a load that dies half way, or whose
+creation failed and could not be cleaned up, is collected by Redis itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
 CHUNK = 10_000
 CHUNKS_PER_TRIP = 10
 Progress = Callable[[int, int], None]
+# A pool not opened within this long of its last loaded chunk is abandoned.
+LOAD_TTL_S = 600
 
 
 async def load(
@@ -42,6 +46,7 @@ async def load(
             for chunk in range(start, min(start + step, len(won)), CHUNK):
                 part = won[chunk : chunk + CHUNK]
                 pipe.hset(keys.winners, mapping={u: e.encode() for u, e in part})
+            pipe.expire(keys.winners, LOAD_TTL_S)
             await pipe.execute()
         done += min(step, len(won) - start)
         if progress is not None:
@@ -50,6 +55,7 @@ async def load(
         async with redis.pipeline(transaction=False) as pipe:
             for chunk in range(start, min(start + step, len(pool)), CHUNK):
                 pipe.rpush(keys.pool, *[e.encode() for e in pool[chunk : chunk + CHUNK]])
+            pipe.expire(keys.pool, LOAD_TTL_S)
             await pipe.execute()
         done += min(step, len(pool) - start)
         if progress is not None:
@@ -57,8 +63,21 @@ async def load(
 
 
 async def open_campaign(redis: Redis, campaign: RedPacket, won: Totals = Totals()) -> None:
-    """Write meta (the script treats its absence as "not open") and list the campaign."""
+    """Write meta (the script treats its absence as "not open"), keep the loaded pool and
+    winners for good, and list the campaign for the drainers."""
+    keys = CampaignKeys.of(campaign.id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(CampaignKeys.of(campaign.id).meta, mapping=to_meta(campaign, won.count, won.fen))
+        pipe.hset(keys.meta, mapping=to_meta(campaign, won.count, won.fen))
+        pipe.persist(keys.pool)
+        pipe.persist(keys.winners)
         pipe.sadd(CAMPAIGNS_SET, campaign.id)
+        await pipe.execute()
+
+
+async def discard(redis: Redis, campaign_id: str) -> None:
+    """Remove whatever a failed creation left of a campaign in Redis."""
+    keys = CampaignKeys.of(campaign_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.meta, keys.pool, keys.winners)
+        pipe.srem(CAMPAIGNS_SET, campaign_id)
         await pipe.execute()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -12,7 +14,7 @@ from redis.asyncio import Redis
 
 from app.background.events import Events
 from app.errors import Ended, NotFound, NotStarted
-from app.model import new_campaign_id, now_ms
+from app.model import new_campaign_id
 from app.records import Envelope
 from app.redpacket import pool
 from app.redpacket.soldout import SoldOut
@@ -20,7 +22,9 @@ from app.redpacket.spec import RedPacket, parse
 from app.redpacket.split import split_envelopes
 from app.store import ledger
 from app.store.batching import KeyedBatchers
-from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
+from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, RedisClock, Scripts
+
+log = logging.getLogger("hongbao.redpacket")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +49,13 @@ class RedPackets:
         *,
         batch_max: int,
         events: Events | None = None,
-        clock: Callable[[], int] = now_ms,
+        clock: RedisClock | None = None,
     ) -> None:
         self._redis = redis
         self._pg = pg
         self._scripts = scripts
-        self._clock = clock
+        # Redis's clock as last seen, for views; the script decides the window.
+        self._clock = clock or RedisClock()
         self._grabs: KeyedBatchers[str, tuple[GrabStatus, GrabOutcome]] = KeyedBatchers(
             self._settle, max_size=batch_max
         )
@@ -62,19 +67,44 @@ class RedPackets:
     async def create(
         self, data: Mapping[str, Any], progress: pool.Progress | None = None
     ) -> RedPacket:
-        """Validate, split, record in PostgreSQL and load into Redis side by side, then open."""
+        """Validate, split, record in PostgreSQL and load into Redis side by side, then open;
+        all or nothing: a failure of either half leaves neither behind."""
         campaign = parse(data, new_campaign_id())
         spec = campaign.spec
         amounts = await asyncio.get_running_loop().run_in_executor(
             None, split_envelopes, spec.total_fen, spec.count, spec.min_fen, spec.max_fen
         )
         envelopes = [Envelope(seq, amount) for seq, amount in enumerate(amounts)]
-        await asyncio.gather(
-            ledger.insert_campaign(self._pg, campaign, columns=spec.columns(), amounts=amounts),
-            pool.load(self._redis, campaign, envelopes, progress=progress),
+        loaded = asyncio.ensure_future(
+            pool.load(self._redis, campaign, envelopes, progress=progress)
         )
-        await pool.open_campaign(self._redis, campaign)
+        try:
+            # PostgreSQL commits only once the Redis half has loaded: a failed load rolls
+            # the insert back.
+            await ledger.insert_campaign(
+                self._pg, campaign, columns=spec.columns(), amounts=amounts, commit_after=loaded
+            )
+            await pool.open_campaign(self._redis, campaign)
+        except BaseException:
+            await self._discard(campaign.id, loaded)
+            raise
         return campaign
+
+    async def _discard(self, campaign_id: str, loaded: asyncio.Future[None]) -> None:
+        """Undo a failed creation in both stores, as far as each answers; a pool Redis
+        keeps anyway expires (pool.LOAD_TTL_S)."""
+        if not loaded.done():
+            loaded.cancel()
+        with contextlib.suppress(BaseException):
+            await loaded
+        try:
+            await pool.discard(self._redis, campaign_id)
+        except Exception as exc:
+            log.warning("failed campaign %s not removed from Redis: %s", campaign_id, exc)
+        try:
+            await ledger.discard_campaign(self._pg, campaign_id)
+        except Exception as exc:
+            log.warning("failed campaign %s not removed from PostgreSQL: %s", campaign_id, exc)
 
     async def grab(self, campaign: RedPacket, openid: str) -> GrabOutcome:
         """Settle one player's grab in an open campaign; raises NotFound / NotStarted /
@@ -99,7 +129,8 @@ class RedPackets:
     async def _settle(
         self, campaign_id: str, users: list[str]
     ) -> list[tuple[GrabStatus, GrabOutcome]]:
-        result = await self._scripts.grab_envelope(campaign_id, users, self._clock())
+        result = await self._scripts.grab_envelope(campaign_id, users)
+        self._clock.observe(result.now_ms)
         if result.status is not GrabStatus.SETTLED:
             return [(result.status, SOLD_OUT)] * len(users)
         if result.remaining_count == 0 and self._sold_out is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,20 +33,25 @@ INSERT INTO campaigns (id, kind, name, total_fen, count, min_fen, max_fen,
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
 
-# Draws arrive at least once from the ledger stream. One statement, as WRITE_GRABS: a draw
-# already recorded exactly (a redelivery after a drainer died between COMMIT and XACK) is
-# skipped; one that contradicts the recorded draw of that number (possible only after
-# Redis lost acknowledged writes) is kept in ledger_rejects instead of being dropped.
-WRITE_DRAWS = """
+# Draws arrive at least once from the ledger stream, and two drainers may hold the same
+# entry (one claimed it while the other was still writing). Two statements, as for grabs:
+# the INSERT skips a draw already recorded, waiting for a concurrent writer's transaction
+# to end if it holds the row; the reject check then runs in its own statement, whose fresh
+# snapshot sees that writer's commit, so only a true contradiction of the recorded draw of
+# that number (possible only after Redis lost acknowledged writes) becomes a reject.
+INSERT_DRAWS = """
+INSERT INTO draws (campaign_id, openid, draw_no, tier, value_fen, day, drawn_at, stream_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::bigint[],
+                     $6::date[], $7::timestamptz[], $8::text[])
+ON CONFLICT (campaign_id, openid, draw_no) DO NOTHING
+RETURNING campaign_id, stream_id
+"""
+
+REJECT_DRAWS = """
 WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::smallint[], $5::bigint[],
                          $6::date[], $7::timestamptz[], $8::text[])
         AS b (campaign_id, openid, draw_no, tier, value_fen, day, drawn_at, stream_id)
-), inserted AS (
-    INSERT INTO draws (campaign_id, openid, draw_no, tier, value_fen, day, drawn_at, stream_id)
-    SELECT * FROM batch
-    ON CONFLICT (campaign_id, openid, draw_no) DO NOTHING
-    RETURNING *
 ), rejected AS (
     INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
     SELECT b.campaign_id, b.stream_id, 'draw',
@@ -55,10 +60,7 @@ WITH batch AS (
                               'd', to_char(b.day, 'YYYYMMDD')),
            'contradicts the recorded draw of the same player and number'
     FROM batch b
-    WHERE NOT EXISTS (SELECT 1 FROM inserted i
-                      WHERE i.campaign_id = b.campaign_id AND i.stream_id = b.stream_id)
-      -- the statement's snapshot does not show its own inserts: look in both
-      AND NOT EXISTS (SELECT 1 FROM (SELECT * FROM draws UNION ALL SELECT * FROM inserted) d
+    WHERE NOT EXISTS (SELECT 1 FROM draws d
                       WHERE d.campaign_id = b.campaign_id AND d.openid = b.openid
                         AND d.draw_no = b.draw_no AND d.tier IS NOT DISTINCT FROM b.tier
                         AND d.value_fen = b.value_fen AND d.day = b.day
@@ -66,7 +68,7 @@ WITH batch AS (
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM rejected) AS rejected
+SELECT count(*) AS rejected FROM rejected
 """
 
 SELECT_DRAWS = """
@@ -119,9 +121,11 @@ async def insert_campaign(
     columns: Mapping[str, int | None] | None = None,
     config: Mapping[str, Any] | None = None,
     amounts: Sequence[int] = (),
+    commit_after: Awaitable[object] | None = None,
 ) -> None:
     """Record a campaign definition (``columns``: a red packet's budget, ``config``: a
-    lottery's definition) and its envelopes, in one transaction."""
+    lottery's definition) and its envelopes, in one transaction; with ``commit_after``
+    (work running beside, such as the Redis load), commit only once it has succeeded."""
     budget = columns or {}
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
@@ -143,26 +147,43 @@ async def insert_campaign(
                 records=((campaign.id, seq, amount) for seq, amount in enumerate(amounts)),
                 columns=["campaign_id", "seq", "amount_fen"],
             )
+        if commit_after is not None:
+            # Its failure raises here, inside the transaction, which then rolls back.
+            await commit_after
+
+
+async def discard_campaign(pool: asyncpg.Pool, campaign_id: str) -> None:
+    """Delete a campaign whose creation failed, with its envelopes (nothing if absent)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM envelopes WHERE campaign_id = $1", campaign_id)
+        await conn.execute("DELETE FROM campaigns WHERE id = $1", campaign_id)
 
 
 async def write_draws(conn: Conn, records: Sequence[DrawRecord]) -> Written:
-    """Write drained draws in one statement: new ones inserted, exact replays skipped,
-    contradictions of a recorded draw kept as rejects."""
+    """Write drained draws: new ones inserted, exact replays skipped, contradictions of a
+    recorded draw kept as rejects (a second statement, only when something was skipped)."""
     if not records:
         return Written()
-    row = await conn.fetchrow(
-        WRITE_DRAWS,
-        [r.campaign_id for r in records],
-        [r.openid for r in records],
-        [r.draw_no for r in records],
-        [r.tier for r in records],
-        [r.value_fen for r in records],
-        [day_date(r.day) for r in records],
-        [to_datetime(r.at_ms) for r in records],
-        [r.stream_id for r in records],
-    )
-    assert row is not None
-    return Written(int(row["inserted"]), int(row["rejected"]))
+
+    def columns(batch: Sequence[DrawRecord]) -> list[list[Any]]:
+        return [
+            [r.campaign_id for r in batch],
+            [r.openid for r in batch],
+            [r.draw_no for r in batch],
+            [r.tier for r in batch],
+            [r.value_fen for r in batch],
+            [day_date(r.day) for r in batch],
+            [to_datetime(r.at_ms) for r in batch],
+            [r.stream_id for r in batch],
+        ]
+
+    rows = await conn.fetch(INSERT_DRAWS, *columns(records))
+    inserted = {(r["campaign_id"], r["stream_id"]) for r in rows}
+    skipped = [r for r in records if (r.campaign_id, r.stream_id) not in inserted]
+    if not skipped:
+        return Written(len(inserted))
+    rejected = await conn.fetchval(REJECT_DRAWS, *columns(skipped))
+    return Written(len(inserted), int(rejected))
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,20 +216,30 @@ async def fetch_draws(
 
 # --- The write-behind ledger: stream entries recorded by the drainers -------------------
 
-# One statement, so one round trip and atomic without an explicit transaction. A grant
-# already recorded (the same player, envelope and amount: a redelivery after a drainer
-# died between COMMIT and XACK) is skipped; a grant that contradicts a recorded one is
-# kept in ledger_rejects instead of being dropped.
-WRITE_GRABS = """
+# Grants arrive at least once, and two drainers may hold the same entry: a drainer
+# claims entries another has read but not yet acknowledged once they are idle for
+# LEDGER_CLAIM_IDLE_MS, and under a PostgreSQL stall the first may still be writing them.
+# So two statements. The INSERT skips a grant already recorded; when the row is held by
+# a concurrent writer's open transaction it waits for that transaction to end. The reject
+# check then runs as a statement of its own: in READ COMMITTED its snapshot is taken
+# after the INSERT returned, so it sees the concurrent commit, and only a grant that truly
+# contradicts a recorded one (another envelope or amount for the player, or another
+# player on the envelope) is kept in ledger_rejects instead of being dropped. The common
+# case, every entry new, is the INSERT alone: one round trip. Both statements are
+# idempotent, so a drainer that dies between them leaves nothing a retry cannot finish.
+INSERT_GRABS = """
+INSERT INTO grabs (campaign_id, stream_id, openid, seq, amount_fen, granted_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::bigint[],
+                     $6::timestamptz[])
+ON CONFLICT DO NOTHING
+RETURNING campaign_id, stream_id
+"""
+
+REJECT_GRABS = """
 WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::bigint[],
                          $6::timestamptz[])
         AS b (campaign_id, stream_id, openid, seq, amount_fen, granted_at)
-), inserted AS (
-    INSERT INTO grabs (campaign_id, openid, seq, amount_fen, granted_at, stream_id)
-    SELECT campaign_id, openid, seq, amount_fen, granted_at, stream_id FROM batch
-    ON CONFLICT DO NOTHING
-    RETURNING campaign_id, stream_id
 ), rejected AS (
     INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
     SELECT b.campaign_id, b.stream_id, 'grab',
@@ -216,15 +247,13 @@ WITH batch AS (
                               't', b.granted_at),
            'contradicts a recorded grab of the same player or envelope'
     FROM batch b
-    WHERE NOT EXISTS (SELECT 1 FROM inserted i
-                      WHERE i.campaign_id = b.campaign_id AND i.stream_id = b.stream_id)
-      AND NOT EXISTS (SELECT 1 FROM grabs g
+    WHERE NOT EXISTS (SELECT 1 FROM grabs g
                       WHERE g.campaign_id = b.campaign_id AND g.openid = b.openid
                         AND g.seq = b.seq AND g.amount_fen = b.amount_fen)
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM rejected) AS rejected
+SELECT count(*) AS rejected FROM rejected
 """
 
 INSERT_REJECTS = """
@@ -267,21 +296,28 @@ class Written:
 
 
 async def write_grabs(conn: Conn, records: Sequence[GrabRecord]) -> Written:
-    """Record grants in one statement: new ones inserted, exact replays skipped,
-    contradictions of a recorded grant kept as rejects."""
+    """Record grants: new ones inserted, exact replays skipped, contradictions of a
+    recorded grant kept as rejects (a second statement, only when something was skipped)."""
     if not records:
         return Written()
-    row = await conn.fetchrow(
-        WRITE_GRABS,
-        [r.campaign_id for r in records],
-        [r.stream_id for r in records],
-        [r.openid for r in records],
-        [r.seq for r in records],
-        [r.amount_fen for r in records],
-        [to_datetime(r.at_ms) for r in records],
-    )
-    assert row is not None
-    return Written(int(row["inserted"]), int(row["rejected"]))
+
+    def columns(batch: Sequence[GrabRecord]) -> list[list[Any]]:
+        return [
+            [r.campaign_id for r in batch],
+            [r.stream_id for r in batch],
+            [r.openid for r in batch],
+            [r.seq for r in batch],
+            [r.amount_fen for r in batch],
+            [to_datetime(r.at_ms) for r in batch],
+        ]
+
+    rows = await conn.fetch(INSERT_GRABS, *columns(records))
+    inserted = {(r["campaign_id"], r["stream_id"]) for r in rows}
+    skipped = [r for r in records if (r.campaign_id, r.stream_id) not in inserted]
+    if not skipped:
+        return Written(len(inserted))
+    rejected = await conn.fetchval(REJECT_GRABS, *columns(skipped))
+    return Written(len(inserted), int(rejected))
 
 
 async def insert_rejects(conn: Conn, rejects: Sequence[tuple[LedgerEntry, str]]) -> Written:
@@ -298,8 +334,8 @@ async def insert_rejects(conn: Conn, rejects: Sequence[tuple[LedgerEntry, str]])
 
 
 async def record(pool: asyncpg.Pool, entries: Sequence[LedgerEntry]) -> Written:
-    """Record a drained batch of any kinds atomically: each entry decoded and written by
-    its kind, malformed ones kept as rejects; one statement, or one transaction for several."""
+    """Record a drained batch of any kinds: each entry decoded and written by its kind,
+    malformed ones kept as rejects; several kinds or rejects in one transaction."""
     grabs: list[GrabRecord] = []
     draws: list[DrawRecord] = []
     bad: list[tuple[LedgerEntry, str]] = []

@@ -12,11 +12,19 @@ each script touches a single Redis Cluster slot:
     hb:{<cid>}:daily:<d> hash   lottery: openid -> draws on day d (YYYYMMDD, Asia/Shanghai)
     hb:{<cid>}:days      hash   lottery: d -> draws that day, won:d -> prizes that day
     hb:{<cid>}:wins      hash   lottery: openid -> "draw_no:tier,..." prizes won
-    hb:campaigns         set    ids of every campaign (read by drainers and operators)
+    hb:{<cid>}:replay:<openid>:<key>
+                         string lottery: the draw made under one Idempotency-Key,
+                                "code:tier:draw_no", kept DRAW_REPLAY_TTL_S
+    hb:campaigns         set    ids of the campaigns whose ledger streams drainers follow:
+                                listed when opened, removed by a drainer once the campaign
+                                has ended and its stream is drained (PostgreSQL keeps all)
     hb:sess:<sid>        string session JSON, with a TTL (the token names the sid)
     hb:session-key       string the key that signs session tokens, shared by every worker
     hb:revoked           zset   sids of sessions ended early -> their token's expiry (unix s)
     hb:login:{<state>}   hash   one WeChat login in progress: browser hash, next, code, token
+    hb:{payout}:rate:<call>  string  payout rate limit (GCRA), per WeChat Pay call kind
+    hb:{payout}:pause    string set with a TTL: every payout process waits (rate limited, no balance)
+    hb:{payout}:nonce:<n> string a WeChat Pay notification nonce seen, kept past its freshness
 
 Pub/sub channel ``hb:events`` (app.background.events) carries revocations and sold-out news.
 
@@ -26,6 +34,7 @@ Python builds key names here and nowhere else.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -33,9 +42,21 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from app.model import now_ms
 from app.store.scriptline import ScriptLine
 
 CAMPAIGNS_SET = "hb:campaigns"
+# The payout processes' shared rate limit (one key per call kind) and pause.
+PAYOUT_RATE_KEY = "hb:{payout}:rate:"
+PAYOUT_PAUSE_KEY = "hb:{payout}:pause"
+# Notification nonces already seen (hash tag: their own slot; one key per nonce).
+PAYOUT_NONCE_KEY = "hb:{payout}:nonce:"
+# How long a draw's answer is kept for retries under the same Idempotency-Key: a day,
+# well past any client's retry, and each record is a few dozen bytes.
+DRAW_REPLAY_TTL_S = 86_400
+# draw_prize is called again when the worker guessed the day wrong; the second call
+# carries Redis's own day, so a third is needed only if midnight passed in between.
+DRAW_DAY_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +91,11 @@ class CampaignKeys:
 def daily_key(campaign_id: str, day: int) -> str:
     """Per-player lottery draw counts of one day (YYYYMMDD in Asia/Shanghai)."""
     return f"hb:{{{campaign_id}}}:daily:{day}"
+
+
+def replay_key(campaign_id: str, openid: str, idempotency_key: str) -> str:
+    """Where draw_prize records the draw made under one player's idempotency key."""
+    return f"hb:{{{campaign_id}}}:replay:{openid}:{idempotency_key}"
 
 
 def session_key(sid: str) -> str:
@@ -134,6 +160,7 @@ class GrabBatchResult:
     status: GrabStatus
     remaining_count: int
     outcomes: list[tuple[GrabCode, int]]
+    now_ms: int  # Redis's clock, which decided the window
 
 
 class DrawStatus(enum.IntEnum):
@@ -144,6 +171,7 @@ class DrawStatus(enum.IntEnum):
     NOT_STARTED = 2
     ENDED = 3
     WRONG_KIND = 4
+    WRONG_DAY = 5
 
 
 class DrawCode(enum.IntEnum):
@@ -162,6 +190,49 @@ class DrawResult:
     code: DrawCode
     tier: int
     draw_no: int
+
+
+@dataclass(frozen=True, slots=True)
+class Draw:
+    """One draw to settle: the player, its randomness, its idempotency key if any."""
+
+    openid: str
+    rand: int
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DrawBatchResult:
+    """What draw_prize answered for one batch, and the clock and day that decided it."""
+
+    status: DrawStatus
+    results: list[DrawResult]
+    now_ms: int
+    day: int  # YYYYMMDD in Asia/Shanghai, of now_ms
+
+
+class RedisClock:
+    """Redis's clock as this worker last saw it: the local clock plus the offset the
+    latest script reply showed. A hint for views and pre-checks; the scripts decide."""
+
+    def __init__(self, local: Callable[[], int] = now_ms) -> None:
+        self._local = local
+        self._offset = 0
+        self.synced = False
+
+    def observe(self, redis_ms: int) -> None:
+        """Take the time a script reply reported as Redis's now."""
+        self._offset = redis_ms - self._local()
+        self.synced = True
+
+    async def sync(self, redis: Redis) -> None:
+        """Read Redis's clock (TIME) once, before any script reply has shown it."""
+        seconds, micros = await redis.time()
+        self.observe(seconds * 1000 + micros // 1000)
+
+    def __call__(self) -> int:
+        """Unix milliseconds, by Redis's clock as last seen."""
+        return self._local() + self._offset
 
 
 def load_lua(name: str) -> str:
@@ -224,34 +295,45 @@ class Scripts:
         token = raw[2].decode() if len(raw) > 2 else None
         return Redeemed(code, nxt, token)
 
-    async def grab_envelope(
-        self, campaign_id: str, users: list[str], now_ms: int
-    ) -> GrabBatchResult:
-        """Settle grabs of ``users`` (distinct or not) on one campaign atomically."""
+    async def grab_envelope(self, campaign_id: str, users: list[str]) -> GrabBatchResult:
+        """Settle grabs of ``users`` (distinct or not) on one campaign atomically, at
+        Redis's time."""
         k = CampaignKeys.of(campaign_id)
         raw = cast(
             list[Any],
             await self._settle(
-                "grab_envelope", self._grab, [k.meta, k.pool, k.winners, k.ledger], [now_ms, *users]
+                "grab_envelope", self._grab, [k.meta, k.pool, k.winners, k.ledger], users
             ),
         )
         status = GrabStatus(int(raw[0]))
-        outcomes = [(GrabCode(int(raw[i])), int(raw[i + 1])) for i in range(2, len(raw), 2)]
-        return GrabBatchResult(status, int(raw[1]), outcomes)
+        outcomes = [(GrabCode(int(raw[i])), int(raw[i + 1])) for i in range(3, len(raw), 2)]
+        return GrabBatchResult(status, int(raw[1]), outcomes, int(raw[2]))
 
-    async def draw_prize(
-        self, campaign_id: str, now_ms: int, day: int, draws: list[tuple[str, int]]
-    ) -> tuple[DrawStatus, list[DrawResult]]:
-        """Settle ``(openid, random)`` draws on a lottery atomically; ``day`` is ``now_ms``'s."""
+    async def draw_prize(self, campaign_id: str, day: int, draws: list[Draw]) -> DrawBatchResult:
+        """Settle draws on a lottery atomically at Redis's time; ``day`` (YYYYMMDD) is the
+        caller's guess of Redis's day in Asia/Shanghai, corrected by Redis when wrong."""
         k = CampaignKeys.of(campaign_id)
-        keys = [k.meta, k.tiers, k.draws, daily_key(campaign_id, day), k.days, k.wins, k.ledger]
-        args: list[str | int] = [now_ms, day]
-        for openid, rand in draws:
-            args += [openid, rand]
-        raw = cast(list[Any], await self._settle("draw_prize", self._draw, keys, args))
-        status = DrawStatus(int(raw[0]))
-        results = [
-            DrawResult(DrawCode(int(raw[i])), int(raw[i + 1]), int(raw[i + 2]))
-            for i in range(1, len(raw), 3)
-        ]
-        return status, results
+        replays: list[str] = []
+        per_draw: list[str | int] = []
+        for draw in draws:
+            at = 0
+            if draw.idempotency_key is not None:
+                replays.append(replay_key(campaign_id, draw.openid, draw.idempotency_key))
+                at = 7 + len(replays)  # its index in KEYS (1-based, after the 7 fixed keys)
+            per_draw += [draw.openid, draw.rand, at]
+        for _ in range(DRAW_DAY_ATTEMPTS):
+            keys = [k.meta, k.tiers, k.draws, daily_key(campaign_id, day), k.days, k.wins]
+            args: list[str | int] = [day, DRAW_REPLAY_TTL_S, *per_draw]
+            raw = cast(
+                list[Any],
+                await self._settle("draw_prize", self._draw, [*keys, k.ledger, *replays], args),
+            )
+            status, redis_ms, redis_day = DrawStatus(int(raw[0])), int(raw[1]), int(raw[2])
+            if status is not DrawStatus.WRONG_DAY:
+                results = [
+                    DrawResult(DrawCode(int(raw[i])), int(raw[i + 1]), int(raw[i + 2]))
+                    for i in range(3, len(raw), 3)
+                ]
+                return DrawBatchResult(status, results, redis_ms, redis_day)
+            day = redis_day
+        raise RuntimeError(f"Redis's day changed {DRAW_DAY_ATTEMPTS} times during one draw")

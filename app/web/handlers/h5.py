@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
-from app.errors import QuotaExhausted, json_response
+from app.errors import Invalid, QuotaExhausted, json_response
 from app.store.scripts import GrabCode
 from app.web.handlers.deps import current_session, playing_session
 from app.web.keys import CAMPAIGNS, METRICS
+
+# A UUID fits, and so does any other client's token of this alphabet; no braces, so the
+# key stays inside the campaign's hash tag.
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _RESULTS = {
     GrabCode.WON: "won",
@@ -43,15 +49,25 @@ async def my_result(request: web.Request) -> web.Response:
     return json_response(view)
 
 
+def idempotency_key(request: web.Request) -> str | None:
+    """The request's Idempotency-Key header, if any (422 when malformed)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and IDEMPOTENCY_KEY.fullmatch(key) is None:
+        raise Invalid("Idempotency-Key", "Idempotency-Key must be 1 to 64 of A-Z a-z 0-9 _ -")
+    return key
+
+
 async def draw(request: web.Request) -> web.Response:
-    """POST /api/campaigns/{id}/draw: one lottery draw, settled in Redis."""
+    """POST /api/campaigns/{id}/draw: one lottery draw, settled in Redis; a retry under the
+    same Idempotency-Key answers the same draw."""
     campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
+    key = idempotency_key(request)
     # As for grabs, 404 / 409 need no session.
     campaign = await campaigns.ensure_open(campaign_id)
     session = await playing_session(request)
     metrics = request.app[METRICS]
     try:
-        outcome = await campaigns.draw(campaign, session.openid)
+        outcome = await campaigns.draw(campaign, session.openid, key)
     except QuotaExhausted:
         metrics.count_draw(QuotaExhausted.code)
         raise
