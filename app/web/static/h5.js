@@ -19,10 +19,18 @@
     return whole + '.' + String(f % 100).padStart(2, '0');
   }
 
-  async function api(method, path) {
+  // One idempotency key per draw: made on a tap, kept while the answer is unknown (a lost
+  // reply, a 5xx), so the retry tap cannot draw a second time.
+  function newDrawKey() {
+    var bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, function (b) { return b.toString(16).padStart(2, '0'); }).join('');
+  }
+
+  async function api(method, path, extra) {
     var resp;
     try {
-      resp = await fetch(path, { method: method, headers: HEADERS, credentials: 'same-origin', cache: 'no-store' });
+      var headers = extra ? Object.assign({}, HEADERS, extra) : HEADERS;
+      resp = await fetch(path, { method: method, headers: headers, credentials: 'same-origin', cache: 'no-store' });
     } catch (e) {
       return { status: 0, data: { error: 'network' }, headers: new Headers() };
     }
@@ -223,7 +231,14 @@
     ui.action.disabled = true;
     ui.action.classList.add('is-spinning');
     var started = Date.now();
-    var res = await api('POST', '/api/campaigns/' + encodeURIComponent(page.id) + '/' + page.mode.action);
+    var extra = null;
+    if (page.mode.action === 'draw') {
+      page.drawKey = page.drawKey || newDrawKey();
+      extra = { 'Idempotency-Key': page.drawKey };
+    }
+    var res = await api('POST', '/api/campaigns/' + encodeURIComponent(page.id) + '/' + page.mode.action, extra);
+    // Only an unknown outcome (no reply, a 5xx) keeps the key: the retry may find the draw made.
+    if (res.status !== 0 && res.status < 500) page.drawKey = null;
     // Let the coin turn at least once: the moment is part of the product.
     var rest = 700 - (Date.now() - started);
     if (rest > 0) await new Promise(function (r) { setTimeout(r, rest); });
