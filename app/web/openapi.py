@@ -251,6 +251,16 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "get",
+        "/favicon.ico",
+        "The icon browsers show in tabs and bookmarks",
+        (
+            Answer(200, "the icon", {"type": "string"}, media="image/x-icon"),
+            Answer(304, "not modified", media=""),
+        ),
+        tags=("page",),
+    ),
+    Operation(
+        "get",
         "/healthz",
         "Liveness: the process answers (no store consulted)",
         (Answer(200, "alive", a.Health),),
