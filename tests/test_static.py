@@ -8,6 +8,7 @@ HAProxy is a system package; .ci/run installs it, so CI never skips those checks
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -70,8 +71,14 @@ def test_kubernetes_manifests_validate_strictly() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _haproxy_check(config: Path) -> None:
-    result = run("haproxy", "-c", "-f", config)
+# The replicas' peers on loopback, so `haproxy -c` resolves them anywhere.
+PEER_ENV = {"HB_PEER_0": "127.0.0.1:10000", "HB_PEER_1": "127.0.0.1:10001"}
+PEERS = ("haproxy-0", "haproxy-1")
+
+
+def _haproxy_check(config: Path, local_peer: str | None = None) -> None:
+    peer = ("-L", local_peer) if local_peer else ()
+    result = run("haproxy", "-c", *peer, "-f", config, env={**os.environ, **PEER_ENV})
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     # Without any network (e.g. an offline sandbox) the resolver socket cannot be opened;
@@ -85,9 +92,49 @@ def _haproxy_check(config: Path) -> None:
 
 
 @needs_haproxy
-@pytest.mark.parametrize("config", [LOCAL_CONFIG, COMPOSE_CONFIG], ids=["local", "compose"])
-def test_haproxy_configs_are_valid(config: Path) -> None:
-    _haproxy_check(config)
+def test_local_haproxy_config_is_valid() -> None:
+    _haproxy_check(LOCAL_CONFIG)
+
+
+@needs_haproxy
+@pytest.mark.parametrize("peer", PEERS)
+def test_compose_haproxy_config_is_valid_as_each_peer(peer: str) -> None:
+    _haproxy_check(COMPOSE_CONFIG, peer)
+
+
+@needs_haproxy
+@pytest.mark.parametrize("peer", PEERS)
+def test_kubernetes_embedded_haproxy_config_is_valid_as_each_peer(
+    tmp_path: Path, peer: str
+) -> None:
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(k8s("ConfigMap", "haproxy-config")["data"]["haproxy.cfg"])
+    _haproxy_check(path, peer)
+
+
+def test_replicas_share_every_stick_table_through_peers() -> None:
+    config = COMPOSE_CONFIG.read_text()
+    tables = re.findall(r"^\s+stick-table .*$", config, re.M)
+    assert len(tables) >= 2
+    assert all(t.endswith(" peers hongbao") for t in tables), tables
+    section = re.search(r"^peers hongbao\n(.*?)\n\n", config, re.M | re.S)
+    assert section, "no peers section"
+    peers = re.findall(r"^\s+peer (\S+) ", section.group(1), re.M)
+    assert tuple(peers) == PEERS
+    # Compose: each replica's hostname is its peer name, and the other finds it by name.
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    first, second = services["haproxy"], services["haproxy-1"]
+    assert (first["hostname"], second["hostname"]) == PEERS
+    assert "haproxy-0" in first["networks"]["default"]["aliases"]
+    assert first["volumes"] == second["volumes"]
+    assert first["environment"] == second["environment"]
+    # Kubernetes: a StatefulSet names the pods haproxy-0/-1; a Service per pod is the
+    # stable address its peer connects to.
+    sts = k8s("StatefulSet", "haproxy")
+    assert sts["spec"]["replicas"] == len(PEERS)
+    for peer in PEERS:
+        selector = k8s("Service", peer)["spec"]["selector"]
+        assert selector == {"statefulset.kubernetes.io/pod-name": peer}
 
 
 @needs_haproxy
@@ -107,6 +154,8 @@ def _without_discovery(text: str) -> str:
     """A config minus its header comment, resolvers section and servers block."""
     text = text[text.index("\nglobal\n") :]
     text = re.sub(r"\nresolvers .*?\n\n", "\n", text, flags=re.S)
+    # Replicas share stick tables; the local topology has one HAProxy.
+    text = re.sub(r"\npeers .*?\n\n", "\n", text, flags=re.S).replace(" peers hongbao\n", "\n")
     return re.sub(r"# workers: begin\n.*?" + END_MARK, "", text, flags=re.S)
 
 

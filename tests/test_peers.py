@@ -1,0 +1,138 @@
+"""Two real HAProxy replicas of haproxy/haproxy-compose.cfg, peers on loopback: the
+per-IP rate limit is one shared count, not one per replica.
+
+The replicas have no workers behind them: the limit is HAProxy's alone (a request it
+admits is answered 503 "no worker"), and what is checked is HAProxy's own table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from app.local.embedded import free_port
+from app.local.haproxy import COMPOSE_CONFIG, haproxy_binary
+
+pytestmark = pytest.mark.skipif(
+    haproxy_binary() is None, reason="haproxy not installed (./hb test installs it)"
+)
+
+IP_RATE = 30
+PEERS = ("haproxy-0", "haproxy-1")
+
+
+class Replica:
+    """One HAProxy process playing peer ``name``."""
+
+    def __init__(self, name: str, tmp: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.port, stats = free_port(), free_port()
+        self.socket = tmp / f"{name}.sock"
+        env = {
+            **env,
+            "HB_BIND": f"127.0.0.1:{self.port}",
+            "HB_STATS_BIND": f"127.0.0.1:{stats}",
+            "HB_STATS_SOCKET": str(self.socket),
+        }
+        with (tmp / f"{name}.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(haproxy_binary()), "-W", "-db", "-L", name, "-f", str(COMPOSE_CONFIG)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def admin(self, command: str) -> str:
+        """One command on the admin socket, its whole answer."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.socket))
+            sock.sendall(command.encode() + b"\n")
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        return raw.decode()
+
+    def get(self, path: str) -> tuple[int, dict[str, object]]:
+        """GET through this replica: status and JSON body."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, orjson.loads(exc.read())
+
+    def request_rate(self) -> int:
+        """http_req_rate of 127.0.0.1 in this replica's per-IP table."""
+        match = re.search(r"http_req_rate\(\d+\)=(\d+)", self.admin("show table st_ip"))
+        return int(match.group(1)) if match else 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[tuple[Replica, Replica]]:
+    """Two peered replicas, started, connected to each other, stopped afterwards."""
+    env = {
+        **os.environ,
+        "HB_PEER_0": f"127.0.0.1:{free_port()}",
+        "HB_PEER_1": f"127.0.0.1:{free_port()}",
+        "HB_APP_ADDR": f"127.0.0.1:{free_port()}",
+        "HB_IP_RATE": str(IP_RATE),
+    }
+    started = [Replica(name, tmp_path, env) for name in PEERS]
+    try:
+        deadline = time.monotonic() + 15
+        for replica in started:
+            while True:
+                assert replica.proc.poll() is None, (tmp_path / f"{replica.name}.log").read_text()
+                try:
+                    if "ESTA" in replica.admin("show peers"):
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, replica.admin("show peers")
+                time.sleep(0.05)
+        yield started[0], started[1]
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+def test_a_client_rate_is_counted_across_both_replicas(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    first, second = replicas
+    sent = 3 * IP_RATE
+    answers: Counter[tuple[str, int]] = Counter()
+    for n in range(sent):
+        replica = replicas[n % 2]
+        status, body = replica.get("/healthz")
+        assert (status, body["error"]) in {(429, "rate_limited"), (503, "unavailable")}, body
+        answers[replica.name, status] += 1
+        # Let the update reach the other peer before the next request (the sync is
+        # asynchronous; a received entry replaces the local one).
+        time.sleep(0.02)
+    admitted = answers[first.name, 503] + answers[second.name, 503]
+    # One shared count: exactly IP_RATE admitted in all. Separate tables would each
+    # admit IP_RATE, 2 * IP_RATE in all.
+    assert admitted == IP_RATE, answers
+    assert answers[first.name, 429] and answers[second.name, 429], answers
+    # Both tables hold every request of the client, whichever replica it went to.
+    deadline = time.monotonic() + 5
+    while {first.request_rate(), second.request_rate()} != {sent}:
+        assert time.monotonic() < deadline, (first.request_rate(), second.request_rate())
+        time.sleep(0.05)
