@@ -1,0 +1,1 @@
+"""Payouts through WeChat Pay's merchant transfer: the outbox, the API v3 client, the worker."""
