@@ -16,12 +16,15 @@ import hashlib
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "Metrics", "Pseudonyms"]
 
+# Campaigns labelled in hongbao_campaign_ledger_lag at most: the label set is read from
+# Redis by the lag sampler, never from requests, and only campaigns with entries waiting.
+CAMPAIGN_SERIES_MAX = 50
 # Grabs settle in about a millisecond; the tail that matters is 5 ms .. 1 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # The "le" label of each bucket, as Prometheus clients write them ("0.001" .. "+Inf").
@@ -90,10 +93,19 @@ class Metrics:
         self.grabs: dict[str, int] = {}
         self.draws: dict[str, int] = {}
         self.registry.register(_HotPath(self))
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+        ProcessCollector(registry=self.registry)
         self._ledger_lag = Gauge(
             "hongbao_ledger_lag",
             "Settled ledger entries in Redis streams not yet written to PostgreSQL, all "
             "campaigns (every worker samples the same total: take max, not sum).",
+            registry=self.registry,
+        )
+        self._campaign_ledger_lag = Gauge(
+            "hongbao_campaign_ledger_lag",
+            "Ledger entries of one campaign not yet in PostgreSQL; only campaigns with entries "
+            "waiting, at most CAMPAIGN_SERIES_MAX of them (take max, not sum).",
+            labelnames=["campaign"],
             registry=self.registry,
         )
         self._events_live = Gauge(
@@ -142,6 +154,13 @@ class Metrics:
     def count_draw(self, result: str) -> None:
         """Count one lottery draw outcome."""
         self.draws[result] = self.draws.get(result, 0) + 1
+
+    def set_campaign_ledger_lag(self, by_campaign: dict[str, int]) -> None:
+        """Report the lag of each campaign with entries waiting (the largest few only)."""
+        self._campaign_ledger_lag.clear()
+        waiting = sorted((n, cid) for cid, n in by_campaign.items() if n > 0)
+        for n, cid in waiting[-CAMPAIGN_SERIES_MAX:]:
+            self._campaign_ledger_lag.labels(cid).set(n)
 
     def set_ledger_lag(self, entries: int) -> None:
         """Report how many settled entries still wait to be written to PostgreSQL."""

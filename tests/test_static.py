@@ -25,7 +25,8 @@ from app.local.haproxy import (
     haproxy_binary,
     render_local_config,
 )
-from app.metrics import Metrics
+from app.metrics import CAMPAIGN_SERIES_MAX, Metrics
+from tests.test_alerts import app_metric_names, haproxy_metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -210,20 +211,46 @@ def test_compose_waits_for_healthy_stores() -> None:
         assert services[name]["profiles"] == ["monitoring"]
 
 
-def test_dashboard_queries_only_metrics_the_app_exports() -> None:
+@needs_haproxy
+def test_dashboard_queries_only_metrics_that_exist(tmp_path: Path) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    used = {m for e in exprs for m in re.findall(r"\b(hongbao_[a-z_]+)", e)}
-    exported = set()
-    for family in Metrics().registry.collect():
-        exported.update(sample.name for sample in family.samples)
-        exported.add(family.name + ("_total" if family.type == "counter" else ""))
-    # Labelled series appear once observed; their names are known from the families.
-    exported.update(
-        f"hongbao_http_request_duration_seconds_{s}" for s in ("bucket", "sum", "count")
-    )
+    (variable,) = dashboard["templating"]["list"]
+    assert (variable["name"], variable["type"]) == ("campaign", "query")
+    exprs.append(variable["query"]["query"])
+    used = {m for e in exprs for m in re.findall(r"\b((?:hongbao|haproxy|process)_[a-z_]+)", e)}
+    # Names the workers' registry and a running HAProxy's exporter really serve.
+    exported = app_metric_names() | haproxy_metric_names(tmp_path)
     assert used, "the dashboard queries nothing"
     assert used <= exported, used - exported
+    assert {"hongbao_events_live", "process_cpu_seconds_total"} <= used
+    assert "process_resident_memory_bytes" in used
     titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
-    for needed in ("grabs per second", "outcomes", "p99", "ledger lag"):
+    for needed in ("grabs per second", "outcomes", "p99", "ledger lag", "events", "cpu", "memory"):
         assert needed in titles
+    per_campaign = [
+        panel for panel in dashboard["panels"] if "$campaign" in json.dumps(panel["targets"])
+    ]
+    assert per_campaign, "no panel follows the campaign variable"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_per_campaign_lag_is_labelled_only_for_campaigns_waiting() -> None:
+    metrics = Metrics()
+    lags = {f"c{i}": i for i in range(CAMPAIGN_SERIES_MAX + 10)}
+    metrics.set_campaign_ledger_lag(lags)
+    samples = {
+        s.labels["campaign"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "hongbao_campaign_ledger_lag"
+        for s in family.samples
+    }
+    # The largest CAMPAIGN_SERIES_MAX, none at zero: the series count stays bounded.
+    assert len(samples) == CAMPAIGN_SERIES_MAX
+    assert min(samples.values()) == 10
+    assert "c0" not in samples
+    metrics.set_campaign_ledger_lag({"c1": 0})
+    assert (
+        metrics.registry.get_sample_value("hongbao_campaign_ledger_lag", {"campaign": "c1"}) is None
+    )

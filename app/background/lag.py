@@ -21,13 +21,18 @@ LAG_SAMPLE_S = 1.0
 
 async def ledger_lag(redis: Redis) -> int:
     """Entries in every campaign's ledger stream: settled, not yet in PostgreSQL."""
-    members = cast(set[bytes], await redis.smembers(CAMPAIGNS_SET))
+    return sum((await ledger_lag_by_campaign(redis)).values())
+
+
+async def ledger_lag_by_campaign(redis: Redis) -> dict[str, int]:
+    """Entries in each campaign's ledger stream, by campaign id."""
+    members = [m.decode() for m in cast(set[bytes], await redis.smembers(CAMPAIGNS_SET))]
     if not members:
-        return 0
+        return {}
     async with redis.pipeline(transaction=False) as pipe:
         for cid in members:
-            pipe.xlen(CampaignKeys.of(cid.decode()).ledger)
-        return sum(int(n) for n in await pipe.execute())
+            pipe.xlen(CampaignKeys.of(cid).ledger)
+        return dict(zip(members, map(int, await pipe.execute()), strict=True))
 
 
 async def watch_lag(
@@ -40,7 +45,9 @@ async def watch_lag(
     """
     while not stop.is_set():
         try:
-            metrics.set_ledger_lag(await ledger_lag(redis))
+            by_campaign = await ledger_lag_by_campaign(redis)
+            metrics.set_ledger_lag(sum(by_campaign.values()))
+            metrics.set_campaign_ledger_lag(by_campaign)
         except RedisError as exc:
             metrics.count_redis_error()
             log.warning("ledger lag not sampled: %s", f"{type(exc).__name__}: {exc}")
