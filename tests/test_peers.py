@@ -130,7 +130,9 @@ def test_a_client_rate_is_counted_across_both_replicas(
     # One shared count: exactly IP_RATE admitted in all. Separate tables would each
     # admit IP_RATE, 2 * IP_RATE in all.
     assert admitted == IP_RATE, answers
-    assert answers[first.name, 429] and answers[second.name, 429], answers
+    # Neither replica admitted the whole limit by itself: each refused some.
+    assert answers[first.name, 429] > 0, answers
+    assert answers[second.name, 429] > 0, answers
     # Both tables hold every request of the client, whichever replica it went to.
     deadline = time.monotonic() + 5
     while {first.request_rate(), second.request_rate()} != {sent}:
