@@ -26,9 +26,20 @@ from app.errors import ApiError, OperationError
 from app.identity.sessions import SessionStore
 from app.local.chaos import chaos
 from app.local.fakewechat import FakeWeChat, create_fake_app
+from app.local.fakewechatpay import create_fake_pay_app, fake_from_env
 from app.local.supervisor import DEFAULT_DATA_DIR, serve
 from app.model import Kind
-from app.settings import LedgerSettings, Settings, SettingsError, Stores, session_keys_from_env
+from app.payout import commands as payout_commands
+from app.payout.client import open_client
+from app.payout.worker import payout_process
+from app.settings import (
+    LedgerSettings,
+    PayoutSettings,
+    Settings,
+    SettingsError,
+    Stores,
+    session_keys_from_env,
+)
 from app.store import ledger
 from app.store.scripts import Scripts
 from app.web.factory import create_app
@@ -71,6 +82,41 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(run_worker(create_app(settings), settings))
+
+
+def _fake_wechatpay(args: argparse.Namespace) -> int:
+    try:
+        fake = fake_from_env()
+    except (KeyError, OSError, ValueError) as exc:
+        print(
+            f"hongbao: fake-wechatpay needs the keys ./hb serve provisions ({exc})", file=sys.stderr
+        )
+        return 2
+    web.run_app(
+        create_fake_pay_app(fake),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+    )
+    return 0
+
+
+def _payout(args: argparse.Namespace) -> int:
+    stores, settings = Stores.from_env(), PayoutSettings.from_env()
+    if args.command == "payout-retry":
+        numbers = asyncio.run(payout_commands.retry(stores.database_url, args.campaign_id))
+        print(f"{len(numbers)} failed or cancelled bill(s) of {args.campaign_id} queued again")
+        for number in numbers:
+            print(f"  {number}")
+        return 0
+    if not settings.enabled:
+        print("hongbao payout: set WECHATPAY_MCHID and the WeChat Pay keys", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(payout_process(stores.redis_url, stores.database_url, settings))
+    return 0
 
 
 def _fake_wechat(args: argparse.Namespace) -> int:
@@ -143,7 +189,8 @@ async def _operate(command: str, campaign_id: str) -> int:
     pool = await asyncpg.create_pool(stores.database_url, min_size=1, max_size=2)
     try:
         if command == "reconcile":
-            report = await operations.reconcile(redis, pool, campaign_id)
+            async with open_client(redis, PayoutSettings.from_env()) as wechat:
+                report = await operations.reconcile(redis, pool, campaign_id, wechat)
             print(report.render())
             return 0 if report.ok else 1
         print((await operations.rebuild(redis, pool, campaign_id)).render())
@@ -178,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     p_fake = sub.add_parser("fake-wechat", help="run the fake WeChat (WECHAT_APPID/SECRET)")
     p_fake.add_argument("--host", default="127.0.0.1")
     p_fake.add_argument("--port", type=PORT, required=True)
+    p_pay = sub.add_parser("fake-wechatpay", help="run the fake WeChat Pay (keys: ./hb serve)")
+    p_pay.add_argument("--host", default="127.0.0.1")
+    p_pay.add_argument("--port", type=PORT, required=True)
+    sub.add_parser("payout", help="run one payout worker (outbox -> WeChat Pay transfer bills)")
+    p_retry = sub.add_parser("payout-retry", help="retry a campaign's failed or cancelled bills")
+    p_retry.add_argument("campaign_id")
     p_mint = sub.add_parser("mint-sessions", help="create N player sessions for load tests")
     p_mint.add_argument("--count", type=COUNT, required=True)
     p_mint.add_argument("--out", type=Path, required=True)
@@ -222,6 +275,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _worker(args)
     if args.command == "fake-wechat":
         return _fake_wechat(args)
+    if args.command == "fake-wechatpay":
+        return _fake_wechatpay(args)
+    if args.command in ("payout", "payout-retry"):
+        return _payout(args)
     if args.command == "mint-sessions":
         pairs = asyncio.run(_mint(args.count, args.prefix, args.ttl))
         args.out.write_text("".join(f"{openid}\t{token}\n" for openid, token in pairs))

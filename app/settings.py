@@ -172,6 +172,116 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+WECHATPAY_API_BASE = "https://api.mch.weixin.qq.com"
+
+
+def _read_file(env: Mapping[str, str], name: str) -> bytes:
+    """The bytes of the file a setting names (b"" when unset); the path, never the bytes,
+    appears in an error."""
+    path = env.get(name, "")
+    if not path:
+        return b""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path!r} ({exc.strerror})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutSettings:
+    """Payouts through WeChat Pay's merchant transfer (WECHATPAY_*, PAYOUT_*). No mchid:
+    payouts are off (grants still get their outbox rows)."""
+
+    mchid: str = ""
+    # The AppID the players' openids belong to (default: WECHAT_APPID).
+    appid: str = ""
+    api_base: str = WECHATPAY_API_BASE
+    # The merchant API certificate's serial and its private key (apiclient_key.pem).
+    merchant_serial: str = ""
+    merchant_key_pem: bytes = field(default=b"", repr=False)
+    # WeChat Pay's public key id (PUB_KEY_ID_...) and key (pub_key.pem).
+    platform_key_id: str = ""
+    platform_key_pem: bytes = field(default=b"", repr=False)
+    apiv3_key: bytes = field(default=b"", repr=False)
+    # Where WeChat Pay posts results: our POST /api/wechatpay/notify, reachable from WeChat.
+    notify_url: str = ""
+    # Local runs only: the fake WeChat Pay's confirm page, opened instead of
+    # wx.requestMerchantTransfer outside WeChat. Empty in production.
+    confirm_url: str = ""
+    # 1000 is 现金营销 (cash marketing); its report infos are 活动名称 and 奖励说明.
+    scene_id: str = "1000"
+    remark: str = "活动奖励"
+    perception: str = "活动奖励"
+    # Calls per second to WeChat Pay, per call kind (create, query, cancel), shared by
+    # every payout process through Redis; WeChat allows 100 bill creations per second.
+    rate_per_s: int = 80
+    # A bill waiting this long for the player's confirmation is cancelled.
+    confirm_timeout_s: int = 43_200
+    # How often a bill in flight is queried when no notification has settled it.
+    poll_s: int = 30
+    # Back-off ceiling after an unclear answer, a 5xx or a pause.
+    retry_max_s: int = 300
+    # A worker holds the bills it works on this long; a killed worker's are taken over.
+    lease_s: int = 30
+    batch_max: int = 50
+    http_timeout_s: int = 10
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a merchant is configured."""
+        return bool(self.mchid)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PayoutSettings:
+        """Read WECHATPAY_* and PAYOUT_* variables; fail loudly on bad or partial ones."""
+        env = os.environ if env is None else env
+        d = cls()
+        apiv3 = env.get("WECHATPAY_APIV3_KEY", "").encode()
+        built = cls(
+            mchid=env.get("WECHATPAY_MCHID", ""),
+            appid=env.get("WECHATPAY_APPID") or env.get("WECHAT_APPID", ""),
+            api_base=_url(env, "WECHATPAY_API_BASE", d.api_base),
+            merchant_serial=env.get("WECHATPAY_SERIAL_NO", ""),
+            merchant_key_pem=_read_file(env, "WECHATPAY_PRIVATE_KEY_FILE"),
+            platform_key_id=env.get("WECHATPAY_PUBLIC_KEY_ID", ""),
+            platform_key_pem=_read_file(env, "WECHATPAY_PUBLIC_KEY_FILE"),
+            apiv3_key=apiv3,
+            notify_url=env.get("WECHATPAY_NOTIFY_URL", ""),
+            confirm_url=env.get("WECHATPAY_CONFIRM_URL", ""),
+            scene_id=env.get("PAYOUT_SCENE_ID") or d.scene_id,
+            remark=env.get("PAYOUT_REMARK") or d.remark,
+            perception=env.get("PAYOUT_PERCEPTION") or d.perception,
+            rate_per_s=_int(env, "PAYOUT_RATE_PER_S", d.rate_per_s, minimum=1, maximum=1000),
+            confirm_timeout_s=_int(
+                env, "PAYOUT_CONFIRM_TIMEOUT_S", d.confirm_timeout_s, minimum=1
+            ),
+            poll_s=_int(env, "PAYOUT_POLL_S", d.poll_s, minimum=1),
+            retry_max_s=_int(env, "PAYOUT_RETRY_MAX_S", d.retry_max_s, minimum=1),
+            lease_s=_int(env, "PAYOUT_LEASE_S", d.lease_s, minimum=1),
+            batch_max=_int(env, "PAYOUT_BATCH_MAX", d.batch_max, minimum=1),
+            http_timeout_s=_int(env, "PAYOUT_HTTP_TIMEOUT_S", d.http_timeout_s, minimum=1),
+        )
+        if built.enabled:
+            missing = [
+                name
+                for name, value in (
+                    ("WECHATPAY_APPID or WECHAT_APPID", built.appid),
+                    ("WECHATPAY_SERIAL_NO", built.merchant_serial),
+                    ("WECHATPAY_PRIVATE_KEY_FILE", built.merchant_key_pem),
+                    ("WECHATPAY_PUBLIC_KEY_ID", built.platform_key_id),
+                    ("WECHATPAY_PUBLIC_KEY_FILE", built.platform_key_pem),
+                    ("WECHATPAY_NOTIFY_URL", built.notify_url),
+                )
+                if not value
+            ]
+            if missing:
+                raise SettingsError(f"WECHATPAY_MCHID is set: {', '.join(missing)} required too")
+            if len(apiv3) != 32:
+                raise SettingsError("WECHATPAY_APIV3_KEY must be 32 characters")
+        return built
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a worker needs to know; immutable once the app is built."""
@@ -204,6 +314,7 @@ class Settings:
     # and the CSRF same-origin check. Empty: the origin of each request (local runs, tests).
     public_base_url: str = ""
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    payout: PayoutSettings = field(default_factory=PayoutSettings)
     # After SIGTERM a worker answers /readyz with 503 but keeps serving this long, so the
     # load balancer's health checks take it out of rotation before it stops accepting.
     drain_delay_s: float = 3.0
@@ -261,6 +372,7 @@ class Settings:
             wechat_scope=wechat_scope,
             public_base_url=_origin(env, "PUBLIC_BASE_URL"),
             ledger=LedgerSettings.from_env(env),
+            payout=PayoutSettings.from_env(env),
             drain_delay_s=_float(env, "DRAIN_DELAY_S", d("drain_delay_s")),
             log_salt=env.get("LOG_SALT", ""),
             access_log=_bool(env, "ACCESS_LOG", d("access_log")),

@@ -31,6 +31,8 @@ from app.campaigns import definitions
 from app.errors import OperationError
 from app.lottery import reconcile as lottery
 from app.model import Campaign, Kind
+from app.payout import reconcile as payout
+from app.payout.client import WeChatPayClient
 from app.records import MalformedRecord
 from app.redpacket import rebuild as red_packet_rebuild
 from app.redpacket import reconcile as red_packet
@@ -61,12 +63,36 @@ async def definition(pg: asyncpg.Pool, campaign_id: str) -> Campaign[Any]:
         raise OperationError(str(exc)) from None
 
 
-async def reconcile(redis: Redis, pg: asyncpg.Pool, campaign_id: str) -> Report:
-    """Compare a campaign in Redis and PostgreSQL (see the module docstring)."""
+class WithPayouts:
+    """A kind's report followed by the payouts' (app.payout.reconcile)."""
+
+    def __init__(self, grants: Report, payouts: payout.PayoutReport) -> None:
+        self.grants = grants
+        self.payouts = payouts
+        self.mismatches = [*grants.mismatches, *payouts.mismatches]
+
+    @property
+    def ok(self) -> bool:
+        """True when neither report found anything wrong."""
+        return not self.mismatches
+
+    def render(self) -> str:
+        """Both reports, the grants' first."""
+        return f"{self.grants.render()}\n\n{self.payouts.render()}"
+
+
+async def reconcile(
+    redis: Redis, pg: asyncpg.Pool, campaign_id: str, wechat: WeChatPayClient | None = None
+) -> Report:
+    """Compare a campaign in Redis and PostgreSQL (see the module docstring), then its
+    payouts with its grants and, given a client, with WeChat Pay."""
     campaign = await definition(pg, campaign_id)
+    grants: Report
     if campaign.kind is Kind.LOTTERY:
-        return await lottery.reconcile(redis, pg, campaign)
-    return await red_packet.reconcile(redis, pg, campaign)
+        grants = await lottery.reconcile(redis, pg, campaign)
+    else:
+        grants = await red_packet.reconcile(redis, pg, campaign)
+    return WithPayouts(grants, await payout.reconcile(pg, campaign_id, wechat))
 
 
 async def rebuild(

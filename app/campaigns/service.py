@@ -14,6 +14,7 @@ from app.campaigns import definitions
 from app.errors import Ended, Invalid, NotFound, NotStarted, WrongKind
 from app.lottery.service import DrawOutcome, Lotteries
 from app.model import Campaign, Kind, now_ms
+from app.payout.service import PayoutService
 from app.redpacket.pool import Progress
 from app.redpacket.service import GrabOutcome, RedPackets
 from app.store.scripts import CampaignKeys, RedisClock, Scripts
@@ -34,8 +35,10 @@ class CampaignService:
         batch_max: int,
         events: Events | None = None,
         clock: Callable[[], int] = now_ms,
+        payouts: PayoutService | None = None,
     ) -> None:
         self._redis = redis
+        self._payouts = payouts
         # ``clock`` is this worker's; every script reply corrects it to Redis's clock,
         # the one that decides windows, release slots and the quota day.
         self._clock = RedisClock(clock)
@@ -115,15 +118,24 @@ class CampaignService:
         """Live operator statistics."""
         campaign = await self.get(campaign_id)
         if campaign.kind is Kind.LOTTERY:
-            return await self.lotteries.stats(campaign)
-        return await self.red_packets.stats(campaign)
+            stats = await self.lotteries.stats(campaign)
+        else:
+            stats = await self.red_packets.stats(campaign)
+        if self._payouts is not None:
+            stats["payouts"] = await self._payouts.totals(campaign_id)
+        return stats
 
     async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
         """What ``openid`` has won in a campaign, as the player sees it."""
         campaign = await self.get(campaign_id)
         if campaign.kind is Kind.LOTTERY:
-            return await self.lotteries.player_view(campaign, openid)
-        return await self.red_packets.player_view(campaign, openid)
+            view = await self.lotteries.player_view(campaign, openid)
+        else:
+            view = await self.red_packets.player_view(campaign, openid)
+        if self._payouts is not None:
+            # Null until the grant reaches PostgreSQL (the ledger lag), then its bills.
+            view["payout"] = await self._payouts.player_view(campaign_id, openid)
+        return view
 
     async def grab(self, campaign: Campaign[Any], openid: str) -> GrabOutcome:
         """Settle one grab in an open campaign (see ensure_open); WrongKind for a lottery."""

@@ -325,7 +325,7 @@ async def create_bill(request: web.Request) -> web.Response:
         amount = body["transfer_amount"]
         openid, appid = body["openid"], body["appid"]
         remark, notify_url = body["transfer_remark"], body.get("notify_url", "")
-        body["transfer_scene_id"]  # noqa: B018 -- required
+        body["transfer_scene_id"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return fake.error(400, "PARAM_ERROR", "参数错误")
     if (
@@ -346,7 +346,7 @@ async def create_bill(request: web.Request) -> web.Response:
         if amount > balance:
             return fake.error(403, "NOT_ENOUGH", "商户账户余额不足")
         fake.faults.balance_fen = balance - amount
-    now = _now()
+    created = _now()
     bill = FakeBill(
         out_bill_no,
         f"1330000{secrets.randbelow(10**20):020d}",
@@ -357,8 +357,8 @@ async def create_bill(request: web.Request) -> web.Response:
         notify_url,
         "WAIT_USER_CONFIRM",
         f"ABBQO{secrets.token_urlsafe(24)}",
-        now,
-        now,
+        created,
+        created,
     )
     fake.bills[out_bill_no] = bill
     if fake.faults.auto_confirm:

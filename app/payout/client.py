@@ -7,11 +7,13 @@ bill may or may not exist, and only a query under the same out_bill_no can tell.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
+from redis.asyncio import Redis
 
 from app.payout.ratelimit import SharedLimit
 from app.payout.wechatpay import (
@@ -129,7 +131,7 @@ class WeChatPayClient:
             ) as resp:
                 status, answer = resp.status, await resp.text()
                 signed = {k: v for k, v in resp.headers.items() if k.startswith("Wechatpay-")}
-        except (TimeoutError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise Unclear(f"{method} {path}: {exc!r}") from None
         if status >= 500:
             raise Unclear(f"{method} {path}: HTTP {status}")
@@ -146,3 +148,16 @@ class WeChatPayClient:
         if status >= 400:
             raise Refused(status, str(parsed.get("code", "")), str(parsed.get("message", "")))
         return parsed
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    redis: Redis, settings: PayoutSettings
+) -> AsyncIterator[WeChatPayClient | None]:
+    """A client for one command's duration (None when payouts are not configured)."""
+    if not settings.enabled:
+        yield None
+        return
+    limit = SharedLimit(redis, settings.rate_per_s)
+    async with aiohttp.ClientSession() as http:
+        yield WeChatPayClient(http, settings, limit)

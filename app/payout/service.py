@@ -187,9 +187,10 @@ class PayoutService:
         bill = await payouts.bill(self._pg, out_bill_no)
         if bill is None:
             raise NotificationRefused(404, "no such bill")
-        if result.get("transfer_amount", bill.amount_fen) != bill.amount_fen or result.get(
-            "openid", bill.openid
-        ) != bill.openid:
+        if (
+            result.get("transfer_amount", bill.amount_fen) != bill.amount_fen
+            or result.get("openid", bill.openid) != bill.openid
+        ):
             log.error("notification for %s disagrees with the bill; ignored", out_bill_no)
             raise NotificationRefused(400, "notification disagrees with the bill")
         await payouts.advance(

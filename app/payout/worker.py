@@ -41,7 +41,7 @@ IDLE_S = 0.5
 
 def back_off(attempts: int, ceiling_s: float) -> float:
     """Seconds before the next try after ``attempts`` failed ones (jittered, capped)."""
-    return min(ceiling_s, 0.5 * 2 ** min(attempts, 16)) * random.uniform(0.5, 1.0)
+    return float(min(ceiling_s, 0.5 * 2 ** min(attempts, 16)) * random.uniform(0.5, 1.0))
 
 
 class PayoutWorker:
@@ -218,10 +218,8 @@ def _text(value: object) -> str | None:
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
 
 
 async def payout_process(redis_url: str, database_url: str, settings: PayoutSettings) -> None:

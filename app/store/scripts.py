@@ -22,8 +22,8 @@ each script touches a single Redis Cluster slot:
     hb:session-key       string the key that signs session tokens, shared by every worker
     hb:revoked           zset   sids of sessions ended early -> their token's expiry (unix s)
     hb:login:{<state>}   hash   one WeChat login in progress: browser hash, next, code, token
-    hb:{payout}:rate:<call>  string  payout rate limit (GCRA), per WeChat Pay call kind
-    hb:{payout}:pause    string set with a TTL: every payout process waits (rate limited, no balance)
+    hb:{payout}:rate:<call> string payout rate limit (GCRA), per WeChat Pay call kind
+    hb:{payout}:pause    string set with a TTL: every payout process waits (rate limit, no balance)
     hb:{payout}:nonce:<n> string a WeChat Pay notification nonce seen, kept past its freshness
 
 Pub/sub channel ``hb:events`` (app.background.events) carries revocations and sold-out news.

@@ -21,7 +21,8 @@ from app.web.keys import SETTINGS
 PAGE_HEADER = "X-Requested-With"
 PAGE_HEADER_VALUE = "hongbao"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_EXEMPT_PREFIXES = ("/api/admin/",)
+# WeChat Pay's notifications carry its signature instead of a cookie.
+_EXEMPT_PREFIXES = ("/api/admin/", "/api/wechatpay/")
 
 
 def public_origin(request: web.Request) -> str:

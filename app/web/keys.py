@@ -11,6 +11,7 @@ from app.campaigns.service import CampaignService
 from app.identity.login import LoginService
 from app.identity.sessions import SessionStore
 from app.metrics import Metrics
+from app.payout.service import PayoutService
 from app.settings import Settings
 from app.store.scripts import Scripts
 from app.web.accesslog import AccessLog
@@ -25,6 +26,7 @@ EVENTS = web.AppKey("events", Events)
 SESSIONS = web.AppKey("sessions", SessionStore)
 CAMPAIGNS = web.AppKey("campaigns", CampaignService)
 LOGINS = web.AppKey("logins", LoginService)
+PAYOUTS = web.AppKey("payouts", PayoutService)
 ASSETS = web.AppKey("assets", Assets)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

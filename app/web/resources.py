@@ -21,6 +21,7 @@ from app.campaigns.service import CampaignService
 from app.identity.login import LoginService
 from app.identity.sessions import SessionStore
 from app.identity.wechat import WeChatClient
+from app.payout.service import PayoutService
 from app.store import ledger
 from app.store.scriptline import ScriptLine, keepalive_options
 from app.store.scripts import Scripts
@@ -31,6 +32,7 @@ from app.web.keys import (
     EVENTS,
     LOGINS,
     METRICS,
+    PAYOUTS,
     PG,
     REDIS,
     SCRIPTS,
@@ -88,13 +90,16 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     events = Events(app[REDIS], app[METRICS])
     sessions = SessionStore(app[REDIS], settings.session_ttl_s, events=events)
+    payouts = PayoutService(app[PG], app[REDIS], settings.payout)
     campaigns = CampaignService(
         app[REDIS],
         app[PG],
         app[SCRIPTS],
         batch_max=settings.grab_batch_max,
         events=events,
+        payouts=payouts,
     )
+    app[PAYOUTS] = payouts
     app[EVENTS] = events
     app[SESSIONS] = sessions
     app[CAMPAIGNS] = campaigns

@@ -9,7 +9,7 @@ from aiohttp import web
 from app.errors import Invalid, QuotaExhausted, json_response
 from app.store.scripts import GrabCode
 from app.web.handlers.deps import current_session, playing_session
-from app.web.keys import CAMPAIGNS, METRICS
+from app.web.keys import CAMPAIGNS, METRICS, PAYOUTS
 
 # A UUID fits, and so does any other client's token of this alphabet; no braces, so the
 # key stays inside the campaign's hash tag.
@@ -49,6 +49,14 @@ async def my_result(request: web.Request) -> web.Response:
     return json_response(view)
 
 
+async def claim(request: web.Request) -> web.Response:
+    """POST /api/campaigns/{id}/claim: what the page needs to open the confirmation of
+    the player's transfer to 零钱 (package_info, mch id, app id)."""
+    campaign = await request.app[CAMPAIGNS].get(request.match_info["id"])
+    session = await playing_session(request)
+    return json_response(await request.app[PAYOUTS].claim(campaign.id, session.openid))
+
+
 def idempotency_key(request: web.Request) -> str | None:
     """The request's Idempotency-Key header, if any (422 when malformed)."""
     key = request.headers.get("Idempotency-Key")
@@ -82,3 +90,4 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/api/campaigns/{id}/grab", grab, name="grab")
     app.router.add_get("/api/campaigns/{id}/me", my_result, name="me")
     app.router.add_post("/api/campaigns/{id}/draw", draw, name="draw")
+    app.router.add_post("/api/campaigns/{id}/claim", claim, name="claim")
