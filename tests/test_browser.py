@@ -7,6 +7,7 @@ async API; Playwright's own browser download is never used.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -347,3 +349,161 @@ async def test_lottery_draw_prize_then_quota_in_chromium(
     finally:
         await conn.close()
     assert [tuple(r) for r in rows] == [("e2e-lucky", 1, 0, 88_800)]
+
+
+# Amount-coloured pixels (#c9302c) differ from the flap's (#e25b4f) by ~60 in RGB distance.
+AMOUNT_RGB = (201, 48, 44)
+NEAR_AMOUNT = 24
+SLOW_MOTION = 0.5
+MIN_TAP_PX = 44
+
+# Geometry of one frozen frame: the flap's box, the amount's box (when shown), and how
+# opaque the result that holds the amount is at this instant.
+FRAME_JS = """() => {
+    const box = (el) => { const r = el.getBoundingClientRect();
+        return {x: r.x, y: r.y, width: r.width, height: r.height}; };
+    const amount = document.getElementById('result-amount');
+    const shown = !amount.closest('[hidden]') && amount.getClientRects().length > 0;
+    return {
+        flap: box(document.querySelector('.packet__flap')),
+        amount: shown ? box(amount) : null,
+        opacity: parseFloat(getComputedStyle(document.getElementById('result')).opacity),
+        opened: document.getElementById('stage').hasAttribute('data-opened'),
+        running: document.getAnimations().filter(a => a.playState === 'running').length,
+    };
+}"""
+
+# Counts pixels near ``rgb`` in a PNG, decoded by the browser itself (on about:blank).
+COUNT_PIXELS_JS = """async ([b64, rgb, near]) => {
+    const img = new Image();
+    img.src = 'data:image/png;base64,' + b64;
+    await img.decode();
+    const canvas = document.createElement('canvas');
+    canvas.width = img.width; canvas.height = img.height;
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const data = ctx.getImageData(0, 0, img.width, img.height).data;
+    let count = 0;
+    for (let i = 0; i < data.length; i += 4) {
+        const d = Math.hypot(data[i] - rgb[0], data[i + 1] - rgb[1], data[i + 2] - rgb[2]);
+        if (d < near) count += 1;
+    }
+    return count;
+}"""
+
+
+def _overlap(a: dict[str, float], b: dict[str, float]) -> dict[str, float] | None:
+    x, y = max(a["x"], b["x"]), max(a["y"], b["y"])
+    right = min(a["x"] + a["width"], b["x"] + b["width"])
+    bottom = min(a["y"] + a["height"], b["y"] + b["height"])
+    if right - x < 1 or bottom - y < 1:
+        return None
+    return {"x": x, "y": y, "width": right - x, "height": bottom - y}
+
+
+async def _small_tap_targets(page: Page) -> list[str]:
+    """Visible buttons and links smaller than MIN_TAP_PX in either direction."""
+    boxes = await page.evaluate(
+        """() => [...document.querySelectorAll('button, a, [role=button]')]
+            .filter(el => el.getClientRects().length > 0)
+            .map(el => { const r = el.getBoundingClientRect();
+                return [el.textContent.trim(), r.width, r.height]; })"""
+    )
+    assert boxes, "no tap target on the page"
+    return [f"{t!r} {w:.0f}x{h:.0f}" for t, w, h in boxes if min(w, h) < MIN_TAP_PX]
+
+
+async def test_opening_reveals_the_amount_only_past_the_flap(
+    service: Service, browser: Browser, redis_url: str
+) -> None:
+    await _ready(service)
+    cid = await _create_campaign(service, total_fen=66_600, count=1)
+    page = await _phone(browser)
+    analyser = await page.context.new_page()
+    ARTIFACTS.mkdir(exist_ok=True)
+    for old in ARTIFACTS.glob("h5-open-*.png"):
+        old.unlink()
+    await page.goto(f"{service.base}/c/{cid}")
+    assert await _small_tap_targets(page) == []
+    await _log_in(page, service.base, cid, "e2e-opener")
+    await expect(page.locator("#action")).to_have_text("開")
+    # Logged in: the 開 button and the logout button both at least 44x44.
+    assert await _small_tap_targets(page) == []
+
+    # Slow the page's animations down and freeze them for each frame of the sequence.
+    cdp = await page.context.new_cdp_session(page)
+    await cdp.send("Animation.enable")
+    await cdp.send("Animation.setPlaybackRate", {"playbackRate": SLOW_MOTION})
+    await page.locator("#action").click()
+    frames: list[dict[str, Any]] = []
+    deadline = asyncio.get_running_loop().time() + 90
+    while True:
+        await cdp.send("Animation.setPlaybackRate", {"playbackRate": 0})
+        frame = await page.evaluate(FRAME_JS)
+        n = len(frames)
+        await page.screenshot(path=ARTIFACTS / f"h5-open-{n:02d}.png", scale="css")
+        over = frame["amount"] and _overlap(frame["flap"], frame["amount"])
+        if over:
+            # Where the amount's box meets the flap, nothing of the amount is drawn yet.
+            assert frame["opacity"] == 0, f"frame {n}: amount at opacity {frame['opacity']}"
+            clip = base64.b64encode(await page.screenshot(clip=over, scale="css")).decode()
+            near = await analyser.evaluate(COUNT_PIXELS_JS, [clip, AMOUNT_RGB, NEAR_AMOUNT])
+            assert near == 0, f"frame {n}: {near} amount-coloured pixels over the flap"
+        frame["over"] = bool(over)
+        frames.append(frame)
+        await cdp.send("Animation.setPlaybackRate", {"playbackRate": SLOW_MOTION})
+        if frame["opened"] and not frame["running"] and frame["opacity"] == 1:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "the envelope never opened"
+        await asyncio.sleep(0.1)
+
+    # The sequence really shows the opening: frames with the flap on its way up, and
+    # some with the amount's box still under it.
+    assert len({round(f["flap"]["y"]) for f in frames if f["opened"]}) >= 3, frames
+    assert any(f["over"] for f in frames), "no frame caught the amount under the moving flap"
+    final = frames[-1]
+    assert final["amount"] is not None
+    assert _overlap(final["flap"], final["amount"]) is None
+    # The last frame shows the amount, in its own colour, clear of the flap.
+    amount_shot = await page.locator("#amount").screenshot()
+    assert await analyser.evaluate(
+        COUNT_PIXELS_JS, [base64.b64encode(amount_shot).decode(), AMOUNT_RGB, NEAR_AMOUNT]
+    )
+    await expect(page.locator("#amount")).to_have_text("666.00")
+    assert await _small_tap_targets(page) == []
+    redis = Redis.from_url(redis_url)
+    try:
+        won = await redis.hget(CampaignKeys.of(cid).winners, "e2e-opener")
+    finally:
+        await redis.aclose()
+    assert won is not None
+    assert int(won.split(b":")[1]) == 66_600
+
+
+async def test_home_page_and_favicon(service: Service, browser: Browser) -> None:
+    await _ready(service)
+    page = await _phone(browser)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.goto(f"{service.base}/")
+    await expect(page.locator("#name")).to_have_text("欢迎来抢红包")
+    await expect(page.locator("#action")).to_be_hidden()
+    text = await page.locator("body").inner_text()
+    # Written for players: no developer hint about URL shapes.
+    for hint in ("/c/", "链接形如", "活动编号"):
+        assert hint not in text, text
+    await settled(page)
+    await page.screenshot(path=ARTIFACTS / "h5-12-home.png")
+
+    icon = await page.request.get(f"{service.base}/favicon.ico")
+    assert icon.status == 200
+    assert icon.headers["content-type"] == "image/x-icon"
+    assert "max-age=" in icon.headers["cache-control"]
+    body = await icon.body()
+    assert body[:4] == b"\x00\x00\x01\x00"  # an ICO file
+    assert await page.locator("link[rel=icon]").get_attribute("href") == "/favicon.ico"
+    # The browser itself decodes it as an image.
+    size = await page.evaluate(
+        """async () => { const img = new Image(); img.src = '/favicon.ico';
+            await img.decode(); return [img.naturalWidth, img.naturalHeight]; }"""
+    )
+    assert min(size) >= 16

@@ -2,7 +2,8 @@
 
 Assets are served as ``/static/h5.<hash>.css`` with a year-long immutable cache; the
 HTML names them and is itself ``no-cache``, so a deploy reaches players on their next
-page load while the assets stay cached until they change.
+page load while the assets stay cached until they change. ``/favicon.ico`` keeps the
+name browsers ask for, so it is cached for a day instead.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ _TYPES = {
     ".css": "text/css",
     ".js": "text/javascript",
     ".html": "text/html",
+    ".ico": "image/x-icon",
 }
 _ASSETS = ("h5.css", "h5.js")
 _PAGE = "h5.html"
+_FAVICON = "favicon.ico"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +43,11 @@ class Asset:
 
 @dataclass(frozen=True, slots=True)
 class Assets:
-    """The page and the assets it names, by public file name."""
+    """The page, the assets it names (by public file name) and the favicon."""
 
     page: Asset
     files: dict[str, Asset]
+    favicon: Asset
 
     @classmethod
     def load(cls, directory: Path = STATIC_DIR) -> Assets:
@@ -57,4 +61,5 @@ class Assets:
             public = f"{stem}.{hashlib.sha256(body).hexdigest()[:12]}{ext}"
             files[public] = Asset.of(body, _TYPES[ext])
             html = html.replace("{{" + name + "}}", f"/static/{public}")
-        return cls(Asset.of(html.encode(), _TYPES[".html"]), files)
+        favicon = Asset.of((directory / _FAVICON).read_bytes(), _TYPES[".ico"])
+        return cls(Asset.of(html.encode(), _TYPES[".html"]), files, favicon)

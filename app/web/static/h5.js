@@ -292,8 +292,11 @@
     }
     var m = location.pathname.match(/^\/c\/([A-Za-z0-9_-]{1,64})\/?$/);
     if (!m) {
-      ui.name.textContent = '请从活动链接进入';
-      setStatus('链接形如 /c/活动编号');
+      // The home page: what a player who came without a campaign link can do.
+      ui.stage.setAttribute('data-state', 'home');
+      ui.name.textContent = '欢迎来抢红包';
+      setStatus('从群聊或公众号打开活动，就能参与');
+      ui.foot.textContent = '抢红包 · 抽好礼 · 好运连连';
       ui.action.hidden = true;
       return;
     }
