@@ -26,6 +26,7 @@ from app.local.haproxy import (
     render_local_config,
 )
 from app.metrics import CAMPAIGN_SERIES_MAX, Metrics
+from app.settings import Settings
 from tests.test_alerts import app_metric_names, haproxy_metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,102 @@ def test_compose_file_matches_compose_spec() -> None:
         BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Compose's variable syntax: $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}.
+_COMPOSE_VAR = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+COMPOSE_LOCAL_ENV = ROOT / "deploy" / "compose-local.env"
+
+
+def _compose(env: dict[str, str]) -> dict[str, Any]:
+    """docker-compose.yml as Compose reads it with ``env``: variables replaced, required
+    ones missing raise ValueError with Compose's message."""
+
+    def value(match: re.Match[str]) -> str:
+        name, op, arg = match.groups()
+        if name is None:
+            return "$"
+        given = env.get(name)
+        if op is None:
+            return given or ""
+        unset = given is None or (op.startswith(":") and given == "")
+        if op.endswith("?"):
+            if unset:
+                raise ValueError(f"required variable {name} is missing a value: {arg}")
+            return str(given)
+        return arg if unset else str(given)
+
+    parsed = yaml.safe_load(_COMPOSE_VAR.sub(value, (ROOT / "docker-compose.yml").read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def _app_settings(compose: dict[str, Any]) -> Settings:
+    """The app service's environment read by the service's own settings parser."""
+    env = {k: str(v) for k, v in compose["services"]["app"]["environment"].items()}
+    return Settings.from_env(env)
+
+
+def test_compose_requires_an_admin_token() -> None:
+    with pytest.raises(ValueError, match="ADMIN_TOKEN"):
+        _compose({})
+    with pytest.raises(ValueError, match="ADMIN_TOKEN"):
+        _compose({"ADMIN_TOKEN": ""})
+    settings = _app_settings(_compose({"ADMIN_TOKEN": "a-secret-of-our-own-0123"}))
+    assert settings.admin_token == "a-secret-of-our-own-0123"
+
+
+def test_compose_publishes_on_loopback_unless_told_otherwise() -> None:
+    def published(env: dict[str, str]) -> list[str]:
+        services = _compose({"ADMIN_TOKEN": "x" * 20, **env})["services"]
+        return [str(p) for svc in services.values() for p in svc.get("ports", [])]
+
+    default = published({})
+    assert "127.0.0.1:8080:8080" in default
+    assert all(p.startswith("127.0.0.1:") for p in default), default
+    # Also with the local profile's settings: the fake WeChat is on loopback too.
+    assert all(p.startswith("127.0.0.1:") for p in published(_env_file(COMPOSE_LOCAL_ENV)))
+    everywhere = published({"HB_PUBLISH_ADDR": "0.0.0.0"})
+    assert "0.0.0.0:8080:8080" in everywhere
+    assert all(p.startswith("127.0.0.1:") for p in everywhere if not p.endswith(":8080"))
+
+
+def test_compose_dev_login_and_fake_wechat_only_in_the_local_profile() -> None:
+    plain = _compose({"ADMIN_TOKEN": "x" * 20})
+    settings = _app_settings(plain)
+    assert settings.dev_login is False
+    assert settings.wechat_appid == ""
+    assert "local" not in plain["services"]["app"].get("profiles", [])
+
+    local_env = _env_file(COMPOSE_LOCAL_ENV)
+    assert local_env["COMPOSE_PROFILES"] == "local"
+    local = _compose({"ADMIN_TOKEN": "x" * 20, **local_env})
+    services = local["services"]
+    fake = services["fake-wechat"]
+    assert fake["profiles"] == ["local"]
+    command = fake["command"]
+    assert command[:4] == ["python", "-m", "app", "fake-wechat"]
+    port = int(command[command.index("--port") + 1])
+    # The workers exchange codes with the fake inside the network, under the same appid.
+    settings = _app_settings(local)
+    assert settings.dev_login is True
+    assert settings.wechat_api_base == f"http://fake-wechat:{port}"
+    assert settings.wechat_appid == fake["environment"]["WECHAT_APPID"]
+    assert settings.wechat_secret == fake["environment"]["WECHAT_SECRET"]
+    assert settings.wechat_appid
+    # The browser reaches the fake's consent page on the port it is published on.
+    (mapping,) = fake["ports"]
+    host, host_port, container_port = str(mapping).split(":")
+    assert (host, container_port) == ("127.0.0.1", str(port))
+    assert settings.wechat_authorize_url == (
+        f"http://localhost:{host_port}/connect/oauth2/authorize"
+    )
+    assert fake["image"] == services["app"]["image"]
 
 
 def test_kubernetes_manifests_validate_strictly() -> None:
