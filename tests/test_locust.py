@@ -1,17 +1,24 @@
-"""The locust scenario runs headless against a real server and enforces its invariants."""
+"""The locust scenario runs headless against a real server and enforces its invariants:
+in one process, distributed (a master and two workers), and not at all (web UI closed)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from app.local.embedded import free_port
 from app.settings import Settings
 from app.store.scripts import CampaignKeys
 from app.web.factory import create_app
@@ -53,6 +60,17 @@ async def _run_locust(
     return proc.returncode, out.decode()
 
 
+async def _mint(redis_url: str, path: Path, count: int) -> Path:
+    """``count`` sessions minted by ``./hb mint-sessions`` into ``path``."""
+    mint = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "app", "mint-sessions", "--count", str(count), "--out", str(path)),
+        cwd=ROOT,
+        env=dict(os.environ, REDIS_URL=redis_url),
+    )
+    assert await mint.wait() == 0
+    return path
+
+
 async def _server(settings: Settings) -> TestServer:
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
@@ -60,8 +78,6 @@ async def _server(settings: Settings) -> TestServer:
 
 
 async def _create(base: str, total: int, count: int) -> str:
-    import aiohttp
-
     async with (
         aiohttp.ClientSession() as http,
         http.post(
@@ -88,8 +104,6 @@ LOTTERY = {
 
 
 async def _create_lottery(base: str) -> str:
-    import aiohttp
-
     async with (
         aiohttp.ClientSession() as http,
         http.post(
@@ -123,7 +137,10 @@ async def test_locust_run_passes_invariants(
         await server.close()
     assert code == 0, out
     assert "invariants: OK" in out
-    assert out.count("result: OK") == 2, out
+    assert "INVARIANT VIOLATED" not in out
+    # Both reconcile reports ran (their problems would be violations).
+    assert f"campaign {campaign} " in out, out
+    assert f"campaign {lottery} " in out, out
     # The 40 players sold the campaign out; what they heard is what Redis holds.
     assert await redis.llen(CampaignKeys.of(campaign).pool) == 0
     assert await redis.hlen(CampaignKeys.of(campaign).winners) == 25
@@ -145,20 +162,7 @@ async def test_locust_fails_on_a_broken_invariant(
         base = str(server.make_url("")).rstrip("/")
         campaign = await _create(base, 10_000, 100)
         # Bulk sessions, as a big run would use them.
-        sessions = tmp_path / "sessions.tsv"
-        mint = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "app",
-            "mint-sessions",
-            "--count",
-            "60",
-            "--out",
-            str(sessions),
-            cwd=ROOT,
-            env=dict(os.environ, REDIS_URL=redis_url),
-        )
-        assert await mint.wait() == 0
+        sessions = await _mint(redis_url, tmp_path / "sessions.tsv", 60)
         # Books cooked behind the service's back: a fen appears from nowhere, and a
         # lottery tier says it gave out more gold than it had.
         await redis.hincrby(CampaignKeys.of(campaign).meta, "won_fen", 1)
@@ -171,3 +175,139 @@ async def test_locust_fails_on_a_broken_invariant(
     assert "INVARIANT VIOLATED: no request failed, yet service says" in out
     assert "INVARIANT VIOLATED: tier 0: " in out
     assert ", stock 3, released 3" in out
+
+
+def _without_hb_env() -> dict[str, str]:
+    """This environment without HB_* variables: options come from the command line."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HB_")}
+
+
+async def _finish(proc: asyncio.subprocess.Process, timeout: float) -> str:
+    """Wait for ``proc`` (killed past ``timeout``); its merged output."""
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+    return out.decode()
+
+
+async def test_distributed_run_shares_one_campaign_and_checks_on_the_master(
+    settings: Settings, redis: Redis, redis_url: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A master and two workers on loopback: the master creates one red packet, both
+    workers' players grab it with their own half of the sessions, under the opening
+    spike shape and only the tagged tasks; the master checks every worker's book."""
+    server = await _server(settings)
+    files = f"{ROOT / 'loadtest/locustfile.py'},{ROOT / 'loadtest/spike.py'}"
+    master_port = free_port()
+    env = dict(_without_hb_env(), REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url)
+    workers: list[asyncio.subprocess.Process] = []
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        sessions = await _mint(redis_url, tmp_path / "sessions.tsv", 60)
+        lottery = await _create_lottery(base)
+        master = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "locust", "-f", files, "--headless", "--only-summary"),
+            *("--master", "--master-bind-host", "127.0.0.1"),
+            *("--master-bind-port", str(master_port), "--expect-workers", "2"),
+            *("--expect-workers-max-wait", "60", "-H", base, "-u", "30"),
+            *("--hb-spike-hold", "4", "--hb-spike-tail", "2", "--tags", "view", "grab", "draw"),
+            *("--hb-admin-token", ADMIN_TOKEN, "--hb-total-fen", "4321", "--hb-count", "25"),
+            *("--hb-lottery", lottery, "--hb-sessions", str(sessions), "--hb-reconcile"),
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        for _ in range(2):
+            workers.append(
+                await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "locust", "-f", files, "--worker"),
+                    *("--master-host", "127.0.0.1", "--master-port", str(master_port)),
+                    cwd=ROOT,
+                    env=env,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+            )
+        out = await _finish(master, 120)
+        worker_outs = [await _finish(w, 30) for w in workers]
+    finally:
+        for proc in workers:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await server.close()
+    assert master.returncode == 0, "\n".join([out, *worker_outs])
+    assert "invariants: OK" in out, out
+    assert "books of 2 worker(s) merged" in out, out
+    assert "Shape test completed" in out, out
+    assert f"campaign {lottery} " in out, out
+    # Only the tagged tasks ran.
+    assert "/api/campaigns/[id]/grab" in out
+    assert "/api/campaigns/[id]/draw" in out
+    assert "/api/campaigns/[id]/me" not in out
+    # One campaign, created by the master, grabbed by the players of both workers.
+    found = re.findall(r"players grab red packet (\S+)", out)
+    assert len(found) == 1, out
+    campaign = found[0]
+    for worker_out in worker_outs:
+        assert re.findall(r"players grab red packet (\S+)", worker_out) == [campaign], worker_out
+    # 30 players sold out its 25 envelopes; the money adds up in Redis and PostgreSQL.
+    keys = CampaignKeys.of(campaign)
+    assert await redis.llen(keys.pool) == 0
+    winners = await redis.hgetall(keys.winners)
+    assert len(winners) == 25
+    assert sum(int(v.split(b":")[1]) for v in winners.values()) == 4321
+    count, fen = await pg.fetchrow(
+        "SELECT count(*), sum(amount_fen) FROM grabs WHERE campaign_id = $1", campaign
+    )
+    assert (count, fen) == (25, 4321)
+    # Every winner is a minted player (the sessions were split, none ran short).
+    minted = {line.split("\t")[0] for line in sessions.read_text().splitlines()}
+    assert {k.decode() for k in winners} <= minted
+
+
+async def test_web_ui_shows_the_options_and_closes_without_a_traceback() -> None:
+    """Opened and closed without a test: the options are in the start form, no check
+    runs, nothing crashes."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest/locustfile.py")),
+        *("--web-host", "127.0.0.1", "--web-port", str(port), "-H", "http://127.0.0.1:9"),
+        cwd=ROOT,
+        env=_without_hb_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        page = ""
+        deadline = time.monotonic() + 60
+        async with aiohttp.ClientSession() as http:
+            while not page and time.monotonic() < deadline:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/") as resp:
+                        page = await resp.text()
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out = await _finish(proc, 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    start = page.index("window.templateArgs = ") + len("window.templateArgs = ")
+    options = json.JSONDecoder().raw_decode(page[start:])[0]["extra_options"]
+    assert {
+        "hb_admin_token",
+        "hb_campaign",
+        "hb_lottery",
+        "hb_sessions",
+        "hb_reconcile",
+        "hb_check_players",
+    } <= set(options)
+    assert options["hb_admin_token"]["is_secret"] is True
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+    assert "invariants: no test ran, nothing to check" in out, out
