@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -111,6 +113,37 @@ def _origin(env: Mapping[str, str], name: str) -> str:
     if raw and not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?", raw):
         raise SettingsError(f"{name} must look like https://host[:port], got {raw!r}")
     return raw
+
+
+# A session key id: short, and safe inside a token's dot-separated fields.
+_KID = re.compile(r"[A-Za-z0-9_-]{1,16}")
+MIN_SESSION_KEY_BYTES = 16
+
+
+def session_keys_from_env(env: Mapping[str, str] | None = None) -> tuple[tuple[str, bytes], ...]:
+    """SESSION_KEYS (``kid:base64key,kid:base64key``, the first signs) as ``(kid, key)``
+    pairs; empty when unset (the Redis-shared key of local runs)."""
+    env = os.environ if env is None else env
+    keys: list[tuple[str, bytes]] = []
+    for entry in filter(None, (e.strip() for e in env.get("SESSION_KEYS", "").split(","))):
+        kid, colon, encoded = entry.partition(":")
+        if not colon or not _KID.fullmatch(kid):
+            raise SettingsError("SESSION_KEYS entries are kid:base64key, kid of [A-Za-z0-9_-]")
+        try:
+            key = base64.b64decode(
+                encoded.replace("-", "+").replace("_", "/") + "=" * (-len(encoded) % 4),
+                validate=True,
+            )
+        except binascii.Error:
+            raise SettingsError(f"SESSION_KEYS: the key of {kid!r} is not base64") from None
+        if len(key) < MIN_SESSION_KEY_BYTES:
+            raise SettingsError(
+                f"SESSION_KEYS: the key of {kid!r} must be at least {MIN_SESSION_KEY_BYTES} bytes"
+            )
+        if any(kid == known for known, _ in keys):
+            raise SettingsError(f"SESSION_KEYS: key id {kid!r} is listed twice")
+        keys.append((kid, key))
+    return tuple(keys)
 
 
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
@@ -295,6 +328,9 @@ class Settings:
     # Cookies are Secure unless the service is explicitly run over plain HTTP locally.
     insecure_cookies: bool = False
     session_ttl_s: int = 7 * 24 * 3600
+    # (key id, key) pairs that sign and verify session tokens, the first signing; empty:
+    # one key shared through Redis (zero-config local runs only; see the README's security).
+    session_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
     client_max_size: int = 64 * 1024
     redis_max_connections: int = 64
     # Bound on connecting to Redis and on waiting for any reply (script line and pools):
@@ -355,6 +391,7 @@ class Settings:
             dev_login=_bool(env, "DEV_LOGIN", d("dev_login")),
             insecure_cookies=_bool(env, "INSECURE_COOKIES", d("insecure_cookies")),
             session_ttl_s=_int(env, "SESSION_TTL_S", d("session_ttl_s"), minimum=60),
+            session_keys=session_keys_from_env(env),
             client_max_size=_int(env, "CLIENT_MAX_SIZE", d("client_max_size"), minimum=1024),
             redis_max_connections=_int(
                 env, "REDIS_MAX_CONNECTIONS", d("redis_max_connections"), minimum=2

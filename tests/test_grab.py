@@ -158,7 +158,8 @@ async def test_session_cookie_attributes(client: TestClient, settings) -> None: 
     assert "SameSite=Lax" in header
     assert "Max-Age=604800" in header
     token = resp.cookies["hb_session"].value
-    sid, expires, snapshot, openid, mac = token.split(".")
+    sid, expires, snapshot, openid, kid, mac = token.split(".")
+    assert kid == "r"  # the Redis-shared key: no SESSION_KEYS in tests
     assert len(sid) == 22  # 128 random bits, URL-safe base64
     assert len(mac) == 22  # 128 bits of HMAC-SHA256
     assert (snapshot, openid) == ("0", "Y29va2llLWNoZWNr")  # base64url("cookie-check")

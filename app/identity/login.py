@@ -4,11 +4,17 @@
 and where to go afterwards. ``finish`` (the callback) claims that login for one code
 from the same browser, exchanges the code and creates the session; WeChat's habit of
 calling the callback twice with one code ends in the same session both times.
+
+Login starts need no session, so what one stores is kept to what the callback needs
+(a 128-bit browser digest and the path to return to: about 200 bytes of Redis memory
+with the key and its expiry) for ``LOGIN_TTL_S``; HAProxy bounds how many one client
+address may start (HB_LOGIN_RATE).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import re
 import secrets
@@ -27,8 +33,9 @@ from app.identity.wechat import (
 )
 from app.store.scripts import RedeemCode, Scripts, login_key
 
-# From /auth/wechat/login to the callback: WeChat's page, the player reading it.
-LOGIN_TTL_S = 600
+# From /auth/wechat/login to the callback: WeChat's page, the player reading it (the
+# code WeChat hands back lives five minutes too).
+LOGIN_TTL_S = 300
 # How long a finished login still answers a repeated callback with its session.
 DONE_TTL_S = 300
 PENDING_WAIT_S = 5.0
@@ -84,7 +91,8 @@ def browser_cookie_ok(value: str | None) -> bool:
 
 
 def _digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
+    """128 bits of SHA-256, base64url: enough to bind a login, small to store."""
+    return base64.urlsafe_b64encode(hashlib.sha256(value.encode()).digest()[:16]).decode()[:22]
 
 
 class LoginService:

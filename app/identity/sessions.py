@@ -3,16 +3,23 @@
 A session is created in Redis (``hb:sess:<sid>``, with the TTL of the session) and the
 player gets a token that names it and signs what the hot path needs::
 
-    <sid>.<expires, unix s>.<snapshot 0|1>.<openid, base64url>.<MAC, 128 bits>
+    <sid>.<expires, unix s>.<snapshot 0|1>.<openid, base64url>.<key id>.<MAC, 128 bits>
 
-so any worker can tell who a request belongs to without a Redis call. The MAC is keyed
-BLAKE2b (a MAC by design, and a few times cheaper per token than HMAC-SHA256). The key
-is shared through Redis (``hb:session-key``, made by the first worker that needs it),
-so it has the trust boundary of the sessions themselves. Logout deletes the session,
+The MAC is keyed BLAKE2b (a MAC by design, and a few times cheaper per token than
+HMAC-SHA256). The keys come from a secret (SESSION_KEYS: ``kid:base64key,...``; the
+first signs, every one listed verifies, so a rotation lists the new key first and the
+old one second until the old tokens have expired). Only without SESSION_KEYS (a local
+run) is the key shared through Redis (``hb:session-key``, key id ``r``, made by the
+first worker that needs it), with the trust boundary of Redis itself.
+
+A token is good when its key id is known, its MAC holds, it has not expired and its
+expiry is no later than a fresh token's (issue + TTL: a token minted with a longer life
+is forged), and its session exists in Redis: each worker asks that once per session
+(coalesced into one MGET) and remembers the answer. Logout deletes the session,
 records the sid in ``hb:revoked`` until the token would have expired, and publishes
-the revocation (app.background.events); a worker trusts its own memory of revocations only while
-its event listener is live, and otherwise asks Redis whether the session still exists
-(coalesced into one MGET).
+the revocation (app.background.events); a worker trusts its own memory of revocations
+and known sessions only while its event listener is live, and otherwise asks Redis
+whether the session still exists on every request.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import secrets
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import orjson
@@ -35,9 +44,17 @@ from app.store.scripts import REVOKED_SET, SESSION_SIGNING_KEY, session_key
 COOKIE_NAME = "hb_session"
 # A token is about 100 characters; anything much longer is not ours.
 MAX_TOKEN_LEN = 256
-# After a signature fails, the key is re-read from Redis at most this often (it changes
-# only if Redis lost it).
+# After a signature by the Redis-shared key fails, that key is re-read from Redis at
+# most this often (it changes only if Redis lost it).
 KEY_RELOAD_S = 1.0
+# Key id of the Redis-shared key (zero-config local runs only).
+SHARED_KID = "r"
+# Workers' clocks may differ this much: a token from a worker whose clock runs ahead
+# still has an expiry within issue + TTL for the others.
+CLOCK_SLACK_S = 60
+# Sessions a worker has seen in Redis, remembered up to this many (then the oldest half
+# is forgotten and asked about again).
+KNOWN_MAX = 100_000
 # The revocations a worker remembers are pruned of expired tokens when they reach twice
 # the count left by the last pruning (and at least this many).
 PRUNE_MIN = 1024
@@ -89,25 +106,33 @@ class Claims(NamedTuple):
     session: Session
 
 
-def issue(key: bytes, session: Session, expires_s: int) -> tuple[str, str]:
-    """A new ``(sid, token)`` for ``session``, valid until ``expires_s``."""
+def issue(key: bytes, session: Session, expires_s: int, kid: str = SHARED_KID) -> tuple[str, str]:
+    """A new ``(sid, token)`` for ``session``, signed by ``key`` (id ``kid``), valid
+    until ``expires_s``."""
     sid = secrets.token_urlsafe(16)
     snapshot = "1" if session.snapshot else "0"
-    body = f"{sid}.{expires_s}.{snapshot}.{_b64(session.openid.encode())}"
+    body = f"{sid}.{expires_s}.{snapshot}.{_b64(session.openid.encode())}.{kid}"
     return sid, f"{body}.{_mac(key, body)}"
 
 
-def read(key: bytes, token: str) -> Claims | None:
-    """The claims of ``token`` if ``key`` signed it, else None (expiry not checked)."""
+def kid_of(token: str) -> str:
+    """The key id a token names (its signature unchecked)."""
+    parts = token.split(".")
+    return parts[4] if len(parts) == 6 else ""
+
+
+def read(keys: Mapping[str, bytes], token: str) -> Claims | None:
+    """The claims of ``token`` if the key it names in ``keys`` signed it, else None
+    (expiry not checked)."""
     if len(token) > MAX_TOKEN_LEN or not token.isascii():
         return None
     body, _, mac = token.rpartition(".")
-    if not hmac.compare_digest(mac.encode(), _mac(key, body).encode()):
-        return None
     parts = body.split(".")
-    if len(parts) != 4:
+    if len(parts) != 5 or parts[4] not in keys:
         return None
-    sid, expires, snapshot, openid = parts
+    if not hmac.compare_digest(mac.encode(), _mac(keys[parts[4]], body).encode()):
+        return None
+    sid, expires, snapshot, openid, _ = parts
     try:
         return Claims(sid, int(expires), Session(_unb64(openid).decode(), None, snapshot == "1"))
     except (ValueError, binascii.Error):
@@ -127,16 +152,22 @@ class SessionStore:
         redis: Redis,
         ttl_s: int,
         *,
+        keys: Sequence[tuple[str, bytes]] = (),
         events: Events | None = None,
         batch_max: int = 256,
     ) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
         self._events = events
-        self._key: bytes | None = None
+        # Configured keys (the first signs); none: the Redis-shared key, read when needed.
+        self._shared = not keys
+        self._keys: dict[str, bytes] = dict(keys)
+        self._signing_kid = keys[0][0] if keys else SHARED_KID
         self._key_read_at = 0.0
         # sid -> expiry (unix s) of every revoked session whose token has not expired.
         self._revoked: dict[str, int] = {}
+        # sids this worker has seen exist in Redis (insertion-ordered: oldest first).
+        self._known: dict[str, None] = {}
         self._prune_at = PRUNE_MIN
         self._exists: Batcher[str, int] = Batcher(self._count, max_size=batch_max)
         if events is not None:
@@ -148,31 +179,40 @@ class SessionStore:
         return [0 if value is None else 1 for value in values]
 
     async def _load_key(self) -> bytes:
-        """The shared signing key, made here if no worker has made it yet."""
+        """The Redis-shared signing key, made here if no worker has made it yet."""
         await self._redis.set(SESSION_SIGNING_KEY, secrets.token_bytes(32), nx=True)
         key = cast(bytes, await self._redis.get(SESSION_SIGNING_KEY))
-        self._key, self._key_read_at = key, time.monotonic()
+        self._keys[SHARED_KID], self._key_read_at = key, time.monotonic()
         return key
 
     async def _signing_key(self) -> bytes:
-        return self._key if self._key is not None else await self._load_key()
+        key = self._keys.get(self._signing_kid)
+        return key if key is not None else await self._load_key()
 
     async def create(self, session: Session) -> str:
         """Store ``session`` and return its token."""
         expires_s = int(time.time()) + self._ttl_s
-        sid, token = issue(await self._signing_key(), session, expires_s)
+        sid, token = issue(await self._signing_key(), session, expires_s, self._signing_kid)
         await self._redis.set(session_key(sid), session.to_json(), ex=self._ttl_s)
         return token
 
     async def verify(self, token: str) -> Claims | None:
-        """The claims of ``token`` if we signed it and it has not expired (no Redis call
-        once the key is known)."""
-        key = self._key if self._key is not None else await self._load_key()
-        claims = read(key, token)
-        if claims is None and time.monotonic() - self._key_read_at >= KEY_RELOAD_S:
+        """The claims of ``token`` if one of our keys signed it, it has not expired and
+        it expires no later than a token issued now (no Redis call once keys are known)."""
+        if self._shared and SHARED_KID not in self._keys:
+            await self._load_key()
+        claims = read(self._keys, token)
+        if (
+            claims is None
+            and self._shared
+            and kid_of(token) == SHARED_KID
+            and time.monotonic() - self._key_read_at >= KEY_RELOAD_S
+        ):
             # Redis may have lost the key and another worker made a new one.
-            claims = read(await self._load_key(), token)
-        if claims is None or claims.expires_s <= time.time():
+            await self._load_key()
+            claims = read(self._keys, token)
+        now = time.time()
+        if claims is None or not now < claims.expires_s <= now + self._ttl_s + CLOCK_SLACK_S:
             return None
         return claims
 
@@ -182,9 +222,24 @@ class SessionStore:
         if claims is None:
             return None
         if self._events is not None and self._events.live:
-            return None if claims.sid in self._revoked else claims.session
+            # Coherent memory: revocations arrive as events, and a session known to
+            # exist is not asked about again.
+            if claims.sid in self._revoked:
+                return None
+            if claims.sid in self._known:
+                return claims.session
+            if not await self._exists.submit(claims.sid):
+                return None
+            self._remember(claims.sid)
+            return claims.session
         # No coherent memory of revocations: Redis says whether the session lives.
         return claims.session if await self._exists.submit(claims.sid) else None
+
+    def _remember(self, sid: str) -> None:
+        if len(self._known) >= KNOWN_MAX:
+            for old in list(itertools.islice(self._known, KNOWN_MAX // 2)):
+                del self._known[old]
+        self._known[sid] = None
 
     async def delete(self, token: str) -> None:
         """End the session of ``token`` everywhere."""
@@ -206,14 +261,18 @@ class SessionStore:
     def _on_revoke(self, argument: str) -> None:
         sid, _, expires = argument.partition(" ")
         self._revoked[sid] = int(expires)
+        self._known.pop(sid, None)
         if len(self._revoked) >= self._prune_at:
             now = int(time.time())
             self._revoked = {s: e for s, e in self._revoked.items() if e > now}
             self._prune_at = 2 * len(self._revoked) + PRUNE_MIN
 
     async def _resync(self) -> None:
-        """Reload the key and the revocations (after a (re)subscription)."""
-        await self._load_key()
+        """Reload the shared key and the revocations (after a (re)subscription)."""
+        if self._shared:
+            await self._load_key()
+        # Sessions lost while not listening are asked about again.
+        self._known.clear()
         now = int(time.time())
         revoked = cast(
             list[tuple[bytes, float]],
@@ -230,7 +289,7 @@ class SessionStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for openid in openids[start : start + chunk]:
                     session = Session(openid)
-                    sid, token = issue(key, session, expires_s)
+                    sid, token = issue(key, session, expires_s, self._signing_kid)
                     tokens.append(token)
                     pipe.set(session_key(sid), session.to_json(), ex=self._ttl_s)
                 await pipe.execute()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import time
 
 import asyncpg
@@ -36,6 +37,9 @@ log = logging.getLogger("hongbao.errors")
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client-chosen request id longer than this is replaced (it ends up in every log line).
 MAX_REQUEST_ID_LEN = 64
+# ... as is one with other characters: it is echoed in a response header, which must
+# encode (a settled grab is always answered with its result), and written to logs.
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_LEN}}}")
 # Route label of requests that matched no route: one value, not one per scanned path.
 UNMATCHED = "unmatched"
 # Health checks and scrapes arrive every few seconds from every balancer and Prometheus;
@@ -104,7 +108,7 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID_HEADER)
-        if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = request_ids()
         status = 500
         # Application log lines written while this request is handled carry its id.

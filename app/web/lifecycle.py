@@ -16,13 +16,68 @@ import asyncio
 import gc
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
+from app.errors import json_response
 from app.settings import Settings
 from app.web.keys import READINESS
 
 log = logging.getLogger("hongbao.lifecycle")
+
+# What aiohttp answers itself, outside every middleware: unparsable requests (bad
+# request line, oversized or undecodable headers, bad chunking), handler timeouts and
+# failures while a response is written.
+_PROTOCOL_ERRORS = {
+    400: ("bad_request", "malformed HTTP request"),
+    413: ("payload_too_large", "request too large"),
+    431: ("headers_too_large", "request headers too large"),
+    500: ("internal", "internal error"),
+    504: ("timeout", "the request took too long"),
+}
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, its own error answers in the API's JSON shape."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Log as aiohttp does, answer ``{"error", "message"}`` and close the connection."""
+        super().handle_error(request, status, exc, message)
+        code, text = _PROTOCOL_ERRORS.get(status, ("http_error", "request failed"))
+        response = json_response({"error": code, "message": text}, status=status)
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    """An aiohttp server whose connections are ``_JsonErrorHandler``s."""
+
+    def __init__(self, made: web.Server, **kwargs: Any) -> None:
+        super().__init__(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            **kwargs,
+        )
+        self._handler_kwargs = kwargs
+
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=asyncio.get_running_loop(), **self._handler_kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """``web.AppRunner`` whose server answers protocol-level errors in JSON."""
+
+    async def _make_server(self) -> web.Server:
+        return _JsonErrorServer(await super()._make_server(), access_log=None)
 
 
 async def run_worker(app: web.Application, settings: Settings) -> int:
@@ -31,10 +86,9 @@ async def run_worker(app: web.Application, settings: Settings) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(
+    runner = JsonErrorRunner(
         app,
         handle_signals=False,
-        access_log=None,
         # Requests in flight get at most half of what remains after the drain delay;
         # the other half is for the cleanup contexts (batchers, ledger flush).
         shutdown_timeout=(settings.shutdown_timeout_s - settings.drain_delay_s) / 2,

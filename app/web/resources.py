@@ -89,7 +89,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     """Domain services over Redis and PostgreSQL; in-flight batches finish on shutdown."""
     settings = app[SETTINGS]
     events = Events(app[REDIS], app[METRICS])
-    sessions = SessionStore(app[REDIS], settings.session_ttl_s, events=events)
+    sessions = SessionStore(
+        app[REDIS], settings.session_ttl_s, keys=settings.session_keys, events=events
+    )
     payouts = PayoutService(app[PG], app[REDIS], settings.payout)
     campaigns = CampaignService(
         app[REDIS],

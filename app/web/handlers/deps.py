@@ -6,25 +6,28 @@ import hmac
 
 from aiohttp import web
 
-from app.errors import Forbidden, Unauthenticated
+from app.errors import ApiError, Forbidden, Unauthenticated
 from app.identity.sessions import COOKIE_NAME, Session
 from app.web.keys import OPENID, SESSIONS, SETTINGS
 
 
 def session_token(request: web.Request) -> str | None:
-    """The session cookie's value, or None.
+    """The session cookie's value, or None; 400 if the request carries more than one.
 
     Our tokens never need quoting, so the Cookie header is scanned for the one cookie
     we want (``request.cookies`` parses every cookie into a Morsel first: a tenth of a
-    sold-out grab's CPU). The first of duplicate names wins, as RFC 6265 orders them
-    most specific first.
+    sold-out grab's CPU). One identity per request: with two session cookies HAProxy's
+    per-session rate limit and this worker could read different ones.
     """
+    token: str | None = None
     for header in request.headers.getall("Cookie", ()):
         for part in header.split(";"):
             name, eq, value = part.strip().partition("=")
             if eq and name == COOKIE_NAME:
-                return value
-    return None
+                if token is not None:
+                    raise ApiError("more than one session cookie")
+                token = value
+    return token
 
 
 async def current_session(request: web.Request) -> Session:
@@ -51,9 +54,10 @@ async def playing_session(request: web.Request) -> Session:
 
 def require_admin(request: web.Request) -> None:
     """401 unless the request carries ``Authorization: Bearer <ADMIN_TOKEN>``."""
-    header = request.headers.get("Authorization", "")
+    # aiohttp keeps undecodable header bytes as surrogates: compare the bytes sent.
+    header = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
     expected = f"Bearer {request.app[SETTINGS].admin_token}"
-    if not hmac.compare_digest(header.encode(), expected.encode()):
+    if not hmac.compare_digest(header, expected.encode()):
         raise Unauthenticated("admin token missing or wrong")
 
 
