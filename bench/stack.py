@@ -111,6 +111,48 @@ def app_env(redis_url: str, database_url: str, public_port: int, drain: str) -> 
     )
 
 
+@dataclass
+class Processes:
+    """The app workers, the floor workers and the drainer (if one runs apart)."""
+
+    app: list[subprocess.Popen[bytes]]
+    floor: list[subprocess.Popen[bytes]]
+    drainer: list[subprocess.Popen[bytes]]
+
+
+def start_processes(
+    work: Path, env: dict[str, str], app_ports: list[int], floor_ports: list[int], drain: str
+) -> Processes:
+    """Start the workers on their ports, and one drainer unless they drain themselves."""
+    # Access logs go to files, as a log collector would take them.
+    app = [
+        spawn(
+            [sys.executable, "-m", "app", "worker"],
+            {**env, "PORT": str(port)},
+            work / f"worker-{port}.log",
+        )
+        for port in app_ports
+    ]
+    floor = [
+        spawn([sys.executable, str(ROOT / "bench/floor.py")], {**env, "PORT": str(port)})
+        for port in floor_ports
+    ]
+    # One drainer process at lower CPU priority: at the peak the workers get the
+    # CPU and the ledger lag grows; it is drained between runs.
+    drainer = (
+        [
+            spawn(
+                [sys.executable, "-m", "app", "drain"],
+                {**env, "LEDGER_DRAIN_NICE": str(DRAIN_NICE)},
+                work / "drainer.log",
+            )
+        ]
+        if drain == "process"
+        else []
+    )
+    return Processes(app=app, floor=floor, drainer=drainer)
+
+
 @asynccontextmanager
 async def running(workers: int, drain: str) -> AsyncIterator[Stack]:
     """Start the stack (``drain``: "process" or "worker"); stop all of it on exit."""
@@ -125,37 +167,14 @@ async def running(workers: int, drain: str) -> AsyncIterator[Stack]:
         floor_ports = [free_port() for _ in range(workers)]
         app_public, floor_public = free_port(), free_port()
         env = app_env(redis_srv.url, pg_srv.url, app_public, drain)
-        # Access logs go to files, as a log collector would take them.
-        app_procs = [
-            spawn(
-                [sys.executable, "-m", "app", "worker"],
-                {**env, "PORT": str(port)},
-                work / f"worker-{port}.log",
-            )
-            for port in app_ports
-        ]
-        floor_procs = [
-            spawn([sys.executable, str(ROOT / "bench/floor.py")], {**env, "PORT": str(port)})
-            for port in floor_ports
-        ]
-        # One drainer process at lower CPU priority: at the peak the workers get the
-        # CPU and the ledger lag grows; it is drained between runs.
-        drain_procs = (
-            [
-                spawn(
-                    [sys.executable, "-m", "app", "drain"],
-                    {**env, "LEDGER_DRAIN_NICE": str(DRAIN_NICE)},
-                    work / "drainer.log",
-                )
-            ]
-            if drain == "process"
-            else []
-        )
-        procs += [*app_procs, *floor_procs, *drain_procs]
+        started = start_processes(work, env, app_ports, floor_ports, drain)
+        procs += [*started.app, *started.floor, *started.drainer]
         for port in [*app_ports, *floor_ports]:
             await wait_ready(f"http://127.0.0.1:{port}/readyz")
-        app_proxy = edge(work, "app", app_public, app_ports, exits)
-        floor_proxy = edge(work, "floor", floor_public, floor_ports, exits)
+        proxies = [
+            edge(work, "app", app_public, app_ports, exits),
+            edge(work, "floor", floor_public, floor_ports, exits),
+        ]
         base = f"http://127.0.0.1:{app_public}"
         await wait_ready(f"{base}/readyz")
         await wait_ready(f"http://127.0.0.1:{floor_public}/readyz")
@@ -168,10 +187,10 @@ async def running(workers: int, drain: str) -> AsyncIterator[Stack]:
                 redis=redis,
                 database_url=pg_srv.url,
                 components={
-                    "app": [p.pid for p in app_procs],
-                    "floor": [p.pid for p in floor_procs],
-                    "drainer": [p.pid for p in drain_procs],
-                    "HAProxy": [p.proc.pid for p in (app_proxy, floor_proxy) if p.proc],
+                    "app": [p.pid for p in started.app],
+                    "floor": [p.pid for p in started.floor],
+                    "drainer": [p.pid for p in started.drainer],
+                    "HAProxy": [p.proc.pid for p in proxies if p.proc],
                     "Redis": [redis_srv.proc.pid] if redis_srv.proc else [],
                     "PostgreSQL": [pg_srv.proc.pid] if pg_srv.proc else [],
                 },
