@@ -123,9 +123,14 @@ def test_a_client_rate_is_counted_across_both_replicas(
         status, body = replica.get("/healthz")
         assert (status, body["error"]) in {(429, "rate_limited"), (503, "unavailable")}, body
         answers[replica.name, status] += 1
-        # Let the update reach the other peer before the next request (the sync is
-        # asynchronous; a received entry replaces the local one).
-        time.sleep(0.02)
+        # The next request goes to the other replica once the update has reached it: the
+        # sync is asynchronous and a received entry replaces the local one, so requests
+        # closer together than the sync would each count from the same old value.
+        other = replicas[(n + 1) % 2]
+        deadline = time.monotonic() + 5
+        while other.request_rate() != n + 1:
+            assert time.monotonic() < deadline, f"request {n + 1} never reached {other.name}"
+            time.sleep(0.002)
     admitted = answers[first.name, 503] + answers[second.name, 503]
     # One shared count: exactly IP_RATE admitted in all. Separate tables would each
     # admit IP_RATE, 2 * IP_RATE in all.
@@ -134,7 +139,4 @@ def test_a_client_rate_is_counted_across_both_replicas(
     assert answers[first.name, 429] > 0, answers
     assert answers[second.name, 429] > 0, answers
     # Both tables hold every request of the client, whichever replica it went to.
-    deadline = time.monotonic() + 5
-    while {first.request_rate(), second.request_rate()} != {sent}:
-        assert time.monotonic() < deadline, (first.request_rate(), second.request_rate())
-        time.sleep(0.05)
+    assert (first.request_rate(), second.request_rate()) == (sent, sent)
