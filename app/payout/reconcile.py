@@ -139,7 +139,8 @@ async def _against_wechat(
     current = await payouts.bill(pg, bill.out_bill_no) or bill
     theirs = None if found is None else found.get("state")
     if theirs is None:
-        if current.state != "NEW":
+        # Fine for a bill not created yet, or whose create WeChat Pay refused outright.
+        if current.transfer_bill_no is not None or current.state not in ("NEW", "FAIL"):
             report.mismatches.append(
                 f"bill {current.out_bill_no}: {current.state} here, unknown to WeChat Pay"
             )

@@ -32,10 +32,10 @@ log = logging.getLogger("hongbao.payout")
 
 # WeChat's answer to too many requests: every process waits this long.
 RATE_LIMITED_PAUSE_S = 1.0
-# 商户余额不足: retry the same bill once the merchant has topped up; all wait meanwhile.
-NO_BALANCE_PAUSE_S = 60.0
-# Codes after which the same request can succeed later (pause, keep the bill as it is).
-_PAUSE_CODES = {"FREQUENCY_LIMITED": RATE_LIMITED_PAUSE_S, "NOT_ENOUGH": NO_BALANCE_PAUSE_S}
+# Codes after which the same request can succeed later: every process pauses and the
+# bill stays as it is. 商户余额不足 (NOT_ENOUGH): WeChat says to retry the same bill once
+# the merchant has topped up; we look again every PAYOUT_RETRY_MAX_S.
+_PAUSE_CODES = ("FREQUENCY_LIMITED", "NOT_ENOUGH")
 IDLE_S = 0.5
 
 
@@ -185,9 +185,11 @@ class PayoutWorker:
         await payouts.reschedule(self._pool, bill.out_bill_no, delay)
 
     async def _refused(self, bill: Bill, exc: Refused) -> None:
-        pause = _PAUSE_CODES.get(exc.code)
-        if pause is None and exc.status == 429:
+        pause: float | None = None
+        if exc.code == "FREQUENCY_LIMITED" or exc.status == 429:
             pause = RATE_LIMITED_PAUSE_S
+        elif exc.code == "NOT_ENOUGH":
+            pause = self._settings.retry_max_s
         if pause is None and exc.status == 401:
             # Our signature or merchant configuration is wrong: nothing works until fixed.
             pause = self._settings.retry_max_s
