@@ -26,7 +26,7 @@ from app.errors import ApiError, OperationError
 from app.identity.sessions import SessionStore
 from app.local.chaos import chaos
 from app.local.fakewechat import FakeWeChat, create_fake_app
-from app.local.fakewechatpay import create_fake_pay_app, fake_from_env
+from app.local.fakewechatpay import create_fake_pay_app, fake_from_env, local_payout_env
 from app.local.supervisor import DEFAULT_DATA_DIR, serve
 from app.model import Kind
 from app.payout import commands as payout_commands
@@ -189,7 +189,10 @@ async def _operate(command: str, campaign_id: str) -> int:
     pool = await asyncpg.create_pool(stores.database_url, min_size=1, max_size=2)
     try:
         if command == "reconcile":
-            async with open_client(redis, PayoutSettings.from_env()) as wechat:
+            # Against the embedded stores, the local run's fake WeChat Pay answers queries.
+            local = {} if stores.database_given else local_payout_env(DEFAULT_DATA_DIR)
+            payout_settings = PayoutSettings.from_env({**local, **os.environ})
+            async with open_client(redis, payout_settings) as wechat:
                 report = await operations.reconcile(redis, pool, campaign_id, wechat)
             print(report.render())
             return 0 if report.ok else 1

@@ -31,6 +31,8 @@ import os
 import random
 import re
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, fields
@@ -44,6 +46,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
+from app.local.embedded import _wait_port, free_port
 from app.payout.wechatpay import (
     ApiV3Cipher,
     Authorization,
@@ -545,6 +548,7 @@ def create_fake_pay_app(fake: FakeWeChatPay) -> web.Application:
 # --- key material and settings for local runs and tests --------------------------------
 
 MERCHANT_PUBLIC_FILE = "merchant-public.pem"
+LOCAL_ENV_FILE = "env.json"
 PLATFORM_PRIVATE_FILE = "platform-private.pem"
 
 
@@ -591,3 +595,37 @@ def fake_from_env(env: dict[str, str] | None = None) -> FakeWeChatPay:
         platform_private=load_private((keys / PLATFORM_PRIVATE_FILE).read_bytes()),
         apiv3_key=env["WECHATPAY_APIV3_KEY"].encode(),
     )
+
+
+def start_fake_wechatpay(env: dict[str, str], data_dir: Path) -> subprocess.Popen[bytes] | None:
+    """Start the fake WeChat Pay with fresh keys (in ``data_dir``/wechatpay, never logged)
+    and point ``env`` at it, unless a real merchant is configured (WECHATPAY_MCHID)."""
+    if env.get("WECHATPAY_MCHID"):
+        return None
+    port = free_port()
+    keys = data_dir.resolve() / "wechatpay"
+    provisioned = provision(
+        keys,
+        env.get("WECHAT_APPID", "wxfakepay"),
+        f"http://127.0.0.1:{port}",
+        f"http://127.0.0.1:{env['PORT']}/api/wechatpay/notify",
+    )
+    # For `reconcile` and `payout-retry` from another shell against this local run.
+    saved = keys / LOCAL_ENV_FILE
+    saved.touch(mode=0o600)
+    saved.write_bytes(orjson.dumps(provisioned))
+    env.update(provisioned)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "fake-wechatpay", "--port", str(port)], env=env
+    )
+    _wait_port(port, proc, "fake WeChat Pay")
+    return proc
+
+
+def local_payout_env(data_dir: Path) -> dict[str, str]:
+    """The WeChat Pay settings the last local run (``./hb serve``) gave its fake ({} if none)."""
+    try:
+        saved = orjson.loads((data_dir / "wechatpay" / LOCAL_ENV_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return {str(k): str(v) for k, v in saved.items()} if isinstance(saved, dict) else {}

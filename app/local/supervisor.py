@@ -22,6 +22,7 @@ from pathlib import Path
 
 from app.local.demo import demo_page, start_fake_wechat, wait_ready
 from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_busy
+from app.local.fakewechatpay import start_fake_wechatpay
 from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, edge_env, haproxy_binary, render_local_config
 from app.settings import SettingsError, Stores
 
@@ -186,6 +187,10 @@ def serve(
         if fake is not None:
             keeper.adopt("fake WeChat", fake, env)
             print(f"fake WeChat (web authorization) at {env['WECHAT_API_BASE']}", flush=True)
+        pay = start_fake_wechatpay(env, data_dir)
+        if pay is not None:
+            keeper.adopt("fake WeChat Pay", pay, env)
+            print(f"fake WeChat Pay (merchant transfer) at {env['WECHATPAY_API_BASE']}", flush=True)
         if use_haproxy and haproxy_binary():
             worker_ports = _distinct_free_ports(workers)
             for worker_port in worker_ports:
@@ -207,6 +212,8 @@ def serve(
         # The ready line comes once every worker (and the public port) answers /readyz.
         urls = [f"http://127.0.0.1:{p}/readyz" for p in [*worker_ports, port]]
         wait_ready(urls, procs)
+        # Payouts start once the notification URL (the public port) answers.
+        keeper.start("payout worker", [sys.executable, "-m", "app", "payout"], env)
         print(f"hongbao: {workers} worker(s) on http://127.0.0.1:{port}/", flush=True)
         print(f"admin token in {data_dir / 'admin-token'} (or $ADMIN_TOKEN)", flush=True)
         page = demo_page(f"http://127.0.0.1:{port}", env["ADMIN_TOKEN"], data_dir)

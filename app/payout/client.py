@@ -130,7 +130,7 @@ class WeChatPayClient:
                 timeout=self._timeout,
             ) as resp:
                 status, answer = resp.status, await resp.text()
-                signed = {k: v for k, v in resp.headers.items() if k.startswith("Wechatpay-")}
+                signed = resp.headers.copy()  # case-insensitive, as HTTP headers are
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise Unclear(f"{method} {path}: {exc!r}") from None
         if status >= 500:

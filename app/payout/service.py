@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -151,7 +152,7 @@ class PayoutService:
         }
         return out
 
-    async def notify(self, headers: dict[str, str], body: bytes) -> None:
+    async def notify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Verify, decrypt and apply one WeChat Pay notification; idempotent."""
         if self._verifier is None or self._cipher is None:
             raise NotificationRefused(404, "payouts are not configured")

@@ -182,7 +182,8 @@ class PlatformVerifier:
         return f"PlatformVerifier(key_id={self.key_id!r})"
 
     def check(self, headers: Mapping[str, str], body: str) -> str:
-        """Raise SignatureError unless ``headers`` sign ``body``; return the nonce."""
+        """Raise SignatureError unless ``headers`` (a case-insensitive mapping, as
+        aiohttp's are) sign ``body``; return the nonce."""
         timestamp = headers.get("Wechatpay-Timestamp", "")
         nonce_str = headers.get("Wechatpay-Nonce", "")
         signature = headers.get("Wechatpay-Signature", "")

@@ -22,7 +22,8 @@ async def notify(request: web.Request) -> web.Response:
     """POST /api/wechatpay/notify: verify, decrypt, apply (idempotent)."""
     body = await request.read()
     try:
-        await request.app[PAYOUTS].notify(dict(request.headers), body)
+        # Case-insensitive headers: a proxy (HAProxy) may pass their names in lower case.
+        await request.app[PAYOUTS].notify(request.headers, body)
     except NotificationRefused as exc:
         log.warning("WeChat Pay notification refused: %s", exc.message)
         return web.Response(
