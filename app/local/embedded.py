@@ -239,8 +239,9 @@ class EmbeddedPostgres:
                 str(self.port),
                 "-h",
                 "127.0.0.1",
-                "-k",
-                str(self.data_dir.resolve()),
+                # TCP only: a socket under a deep data folder can pass the 107-byte limit.
+                "-c",
+                "unix_socket_directories=",
                 "-c",
                 "max_connections=200",
                 "-c",

@@ -240,4 +240,5 @@ def serve(
             edge.stop()
         for service in reversed(services):
             service.stop()
-        print("hongbao: stopped", flush=True)
+        if services or procs or edge is not None:
+            print("hongbao: stopped", flush=True)
