@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,31 @@ def test_try_it_runs_as_written(tmp_path: Path) -> None:
     assert "hongbao: stopped" in served
     for number in (port, redis_port, pg_port):
         assert not port_busy(number), f"port {number} still in use after kill %1"
+
+
+def test_hb_test_stops_at_once_naming_missing_system_packages() -> None:
+    # A checkout whose package list names one package nobody has. /tmp, not tmp_path:
+    # the ordinary user below must be able to enter it.
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:
+        checkout = Path(folder)
+        (checkout / "scripts").mkdir()
+        shutil.copy(ROOT / "hb", checkout / "hb")
+        listed = (ROOT / "scripts" / "system-packages").read_text()
+        (checkout / "scripts" / "system-packages").write_text(
+            listed + "hongbao-no-such-package  /nonexistent/hongbao-probe  the test's own\n"
+        )
+        for path in (checkout, checkout / "scripts"):
+            path.chmod(0o755)
+        argv = ["bash", str(checkout / "hb"), "test"]
+        if os.geteuid() == 0:
+            # As root, hb installs with apt-get; an ordinary user is told the command.
+            argv = ["runuser", "-u", "nobody", "--", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, result
+        assert result.stdout == ""
+        assert result.stderr.splitlines() == [
+            "hb: the tests need hongbao-no-such-package; install with: "
+            "sudo apt-get install -y hongbao-no-such-package"
+        ]
+        # It stopped before creating .venv.
+        assert not (checkout / ".venv").exists()
