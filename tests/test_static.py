@@ -124,6 +124,10 @@ def test_compose_publishes_on_loopback_unless_told_otherwise() -> None:
     assert all(p.startswith("127.0.0.1:") for p in default), default
     # Also with the local profile's settings: the fake WeChat is on loopback too.
     assert all(p.startswith("127.0.0.1:") for p in published(_env_file(COMPOSE_LOCAL_ENV)))
+    # No two services (the local profile's included) publish the same host port.
+    local = published(_env_file(COMPOSE_LOCAL_ENV))
+    host_ports = [p.rsplit(":", 1)[0] for p in local]
+    assert len(set(host_ports)) == len(host_ports), local
     everywhere = published({"HB_PUBLISH_ADDR": "0.0.0.0"})
     assert "0.0.0.0:8080:8080" in everywhere
     assert all(p.startswith("127.0.0.1:") for p in everywhere if not p.endswith(":8080"))
@@ -157,8 +161,11 @@ def test_compose_dev_login_and_fake_wechat_only_in_the_local_profile() -> None:
     host, host_port, container_port = str(mapping).split(":")
     assert (host, container_port) == ("127.0.0.1", str(port))
     assert settings.wechat_authorize_url == (
-        f"http://localhost:{host_port}/connect/oauth2/authorize"
+        f"http://127.0.0.1:{host_port}/connect/oauth2/authorize"
     )
+    # The consent page sends the browser back to the origin it came from.
+    haproxy_host, haproxy_port, _ = str(services["haproxy"]["ports"][0]).split(":")
+    assert settings.public_base_url == f"http://{haproxy_host}:{haproxy_port}"
     assert fake["image"] == services["app"]["image"]
 
 
