@@ -421,10 +421,10 @@ async def wait_drained(redis: Redis, campaign_id: str, within_s: float) -> bool:
     return False
 
 
-async def verdict(stack: Stack, phase: str, load: Load) -> Verdict:
+async def verdict(redis_url: str, database_url: str, phase: str, load: Load) -> Verdict:
     """Compare what ``load``'s players were told with Redis, PostgreSQL and reconcile."""
-    redis = Redis.from_url(stack.redis_url)
-    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    redis = Redis.from_url(redis_url)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     cid = load.campaign_id
     try:
         await wait_drained(redis, cid, 90)
@@ -513,7 +513,7 @@ async def under_load(
     await asyncio.sleep(after_s)
     load.stopped.set()
     await asyncio.wait_for(running, 120)
-    return await verdict(stack, phase, load)
+    return await verdict(stack.redis_url, stack.database_url, phase, load)
 
 
 async def _phases(stack: Stack, outage_s: float, silent_s: float, settle_s: float) -> list[Verdict]:
