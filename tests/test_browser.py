@@ -26,6 +26,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from redis.asyncio import Redis
 
 from app.local.embedded import free_port
+from app.local.fakewechatpay import provision
 from app.store.scripts import CampaignKeys
 from tests.conftest import ADMIN, ADMIN_TOKEN
 
@@ -507,3 +508,93 @@ async def test_home_page_and_favicon(service: Service, browser: Browser) -> None
             await img.decode(); return [img.naturalWidth, img.naturalHeight]; }"""
     )
     assert min(size) >= 16
+
+
+@pytest.fixture
+def paying_service(
+    redis_url: str, database_url: str, clean: None, tmp_path: Path
+) -> Iterator[Service]:
+    """A worker, the payout worker, the fake WeChat and the fake WeChat Pay (fresh keys)."""
+    port, fake_port, pay_port = free_port(), free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=redis_url,
+        DATABASE_URL=database_url,
+        ADMIN_TOKEN=ADMIN_TOKEN,
+        HOST="127.0.0.1",
+        PORT=str(port),
+        INSECURE_COOKIES="1",
+        WECHAT_APPID="wxe2e0000000000",
+        WECHAT_SECRET="e2e-secret-0123456789",
+        WECHAT_AUTHORIZE_URL=f"http://127.0.0.1:{fake_port}/connect/oauth2/authorize",
+        WECHAT_API_BASE=f"http://127.0.0.1:{fake_port}",
+        PUBLIC_BASE_URL=base,
+        PAYOUT_POLL_S="1",
+    )
+    env.update(
+        provision(
+            tmp_path / "wechatpay",
+            env["WECHAT_APPID"],
+            f"http://127.0.0.1:{pay_port}",
+            f"{base}/api/wechatpay/notify",
+        )
+    )
+    python = [sys.executable, "-m", "app"]
+    procs = [
+        subprocess.Popen([*python, "fake-wechat", "--port", str(fake_port)], env=env, cwd=ROOT),
+        subprocess.Popen([*python, "fake-wechatpay", "--port", str(pay_port)], env=env, cwd=ROOT),
+    ]
+    try:
+        procs += [
+            subprocess.Popen([*python, "worker"], env=env, cwd=ROOT),
+            subprocess.Popen([*python, "payout"], env=env, cwd=ROOT),
+        ]
+        yield Service(base, procs)
+    finally:
+        _stop(procs)
+
+
+async def test_win_claim_confirm_on_fake_wechatpay_then_paid_in_chromium(
+    paying_service: Service, browser: Browser, database_url: str
+) -> None:
+    service = paying_service
+    await _ready(service)
+    cid = await _create_campaign(service, total_fen=888, count=1)
+    page = await _phone(browser)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.goto(f"{service.base}/c/{cid}")
+    await _log_in(page, service.base, cid, "e2e-payee")
+    await page.locator("#action").click()
+    await expect(page.locator("#amount")).to_have_text("8.88")
+    state = page.locator("#payout-state")
+    # Never 已到账 before WeChat Pay's SUCCESS: until the player confirms, 待领取.
+    await expect(state).to_contain_text("待领取")
+    claim = page.locator("#claim")
+    await expect(claim).to_have_text("领取到微信零钱")
+    await settled(page)
+    await page.screenshot(path=ARTIFACTS / "h5-9-to-claim.png")
+    conn = await asyncpg.connect(database_url)
+    try:
+        # The claim opens the confirmation once the worker has made the bill.
+        for _ in range(100):
+            await claim.click()
+            try:
+                await page.wait_for_url("**/fake/confirm?**", timeout=1000)
+                break
+            except Exception:  # still queued: the page said so in its toast
+                await expect(state).to_contain_text("待领取")
+        await expect(page.locator("#amount")).to_have_text("¥8.88")
+        await page.screenshot(path=ARTIFACTS / "h5-10-fake-wechatpay-confirm.png")
+        await page.get_by_role("button", name="确认收款").click()
+        await page.wait_for_url(f"{service.base}/c/{cid}")
+        await expect(state).to_have_text("已到账", timeout=15_000)
+        await expect(claim).to_be_hidden()
+        await settled(page)
+        await page.screenshot(path=ARTIFACTS / "h5-11-paid.png")
+        rows = await conn.fetch(
+            "SELECT openid, amount_fen, state FROM payouts WHERE campaign_id = $1", cid
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("e2e-payee", 888, "SUCCESS")]

@@ -83,11 +83,11 @@
       action: 'grab', button: '開', loginButton: '微信登录 抢红包', brand: '恭喜发财，大吉大利',
       rules: '每人限抢一次 · 先到先得',
       fromMe: function (me) {
-        return me.result === 'won' ? { title: '你已抢到红包', fen: me.amount_fen, note: '红包已到账' } : null;
+        return me.result === 'won' ? { title: '你已抢到红包', fen: me.amount_fen } : null;
       },
       fromAction: function (data) {
-        if (data.result === 'won') return { title: '恭喜发财', fen: data.amount_fen, note: '红包已到账' };
-        if (data.result === 'already_won') return { title: '你已抢到红包', fen: data.amount_fen, note: '红包已到账' };
+        if (data.result === 'won') return { title: '恭喜发财', fen: data.amount_fen };
+        if (data.result === 'already_won') return { title: '你已抢到红包', fen: data.amount_fen };
         if (data.result === 'sold_out') return { title: '手慢了，红包派完了', note: '下次早点来' };
         return null;
       },
@@ -116,6 +116,72 @@
       status: function () { return page.me ? drawsLeft(page.me).note : '进行中'; }
     }
   };
+
+  // The money's way to the player's 零钱 (WeChat Pay merchant transfer): 待领取 until the
+  // player confirms, 到账中, then 已到账 only once WeChat Pay said SUCCESS, or 未到账 and why.
+  var pay = { box: $('payout'), state: $('payout-state'), claim: $('claim'), polls: 0, timer: 0 };
+  var POLL_MS = 2000;
+  var POLL_MAX = 150;
+
+  function renderPayout(p) {
+    if (ui.stage.getAttribute('data-state') !== 'won') {
+      pay.box.hidden = true;
+      return;
+    }
+    // No payout yet: the grant is still on its way to the ledger, its bill not made.
+    var state = p ? p.state : 'to_claim';
+    var text = p ? p.label : '待领取';
+    var reasons = p ? p.bills.map(function (b) { return b.reason; }).filter(Boolean) : [];
+    if (state === 'failed' && reasons.length) text += '：' + reasons[0];
+    if (state === 'to_claim' && p && p.queue_position) text += '（转账排队中，前面还有 ' + p.queue_position + ' 笔）';
+    pay.box.hidden = false;
+    pay.box.setAttribute('data-payout', state);
+    pay.state.textContent = text;
+    pay.claim.hidden = state !== 'to_claim';
+    clearTimeout(pay.timer);
+    if ((state === 'to_claim' || state === 'in_transit') && pay.polls < POLL_MAX) {
+      pay.timer = setTimeout(refreshPayout, POLL_MS);
+    }
+  }
+
+  async function refreshPayout() {
+    pay.polls += 1;
+    var me = await api('GET', '/api/campaigns/' + encodeURIComponent(page.id) + '/me');
+    if (me.status === 200) renderPayout(me.data.payout);
+  }
+
+  async function claim() {
+    pay.claim.disabled = true;
+    var res = await api('POST', '/api/campaigns/' + encodeURIComponent(page.id) + '/claim');
+    pay.claim.disabled = false;
+    var d = res.data || {};
+    if (res.status === 200 && d.result === 'confirm') {
+      if (window.WeixinJSBridge) {
+        // In WeChat: its own confirmation sheet; the result comes back by notification.
+        window.WeixinJSBridge.invoke('requestMerchantTransfer',
+          { mchId: d.mch_id, appId: d.appid, package: d.package_info },
+          function () { pay.polls = 0; refreshPayout(); });
+      } else if (d.confirm_url) {
+        // A local run: the fake WeChat Pay's confirm page, which comes back here.
+        location.assign(d.confirm_url + '?package=' + encodeURIComponent(d.package_info) +
+          '&return=' + encodeURIComponent(location.href));
+      } else {
+        toast('请在微信中打开本页领取');
+      }
+      return;
+    }
+    if (res.status === 200) {
+      renderPayout(d.payout);
+      return;
+    }
+    if (res.status === 409 && d.error === 'payout_not_ready') {
+      toast('转账准备中' + (d.queue_position ? '，前面还有 ' + d.queue_position + ' 笔' : '') + '，请稍后再点');
+      pay.polls = 0;
+      refreshPayout();
+      return;
+    }
+    toast(errorText(res));
+  }
 
   function toast(text) {
     ui.toast.textContent = text;
@@ -253,6 +319,7 @@
     var outcome = res.status === 200 ? page.mode.fromAction(res.data) : null;
     if (outcome) {
       showOutcome(outcome);
+      if (outcome.fen) refreshPayout();
       return;
     }
     toast(errorText(res));
@@ -279,6 +346,7 @@
     page.loggedIn = me.status === 200;
     page.me = page.loggedIn ? me.data : null;
     render(page.me);
+    if (page.me) renderPayout(page.me.payout);
   }
 
   function start() {
@@ -302,6 +370,7 @@
     }
     page.id = m[1];
     ui.action.addEventListener('click', act);
+    pay.claim.addEventListener('click', claim);
     load();
   }
 
