@@ -454,6 +454,47 @@ async def test_login_start_flood_is_limited_and_redis_stays_bounded(
         assert resp.status == 302
 
 
+def _proxied_login_start(port: int, source: str) -> int:
+    """One login start as if from ``source`` (an IPv6 address), told through the PROXY
+    protocol; the status."""
+    request = (
+        f"PROXY TCP6 {source} ::1 40000 80\r\n"
+        "GET /auth/wechat/login HTTP/1.1\r\nHost: hongbao\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return _raw(port, request, source="127.0.0.17")[0]
+
+
+async def test_login_limit_counts_an_ipv6_slash_64_as_one_client(stack: Stack) -> None:
+    """Loopback has one IPv6 address, so a second HAProxy (the same config, its public
+    bind taking the PROXY protocol) is told the client addresses."""
+    config = stack.tmp / "haproxy-proxied.cfg"
+    rendered = (stack.tmp / "haproxy.cfg").read_text()
+    bind = '    bind "${HB_BIND-127.0.0.1:8080}"\n'
+    assert rendered.count(bind) == 1
+    config.write_text(rendered.replace(bind, bind.rstrip("\n") + " accept-proxy\n"))
+    assert stack.edge is not None
+    port = free_port()
+    env = {
+        **stack.edge.env,
+        "HB_BIND": f"127.0.0.1:{port}",
+        "HB_STATS_BIND": f"127.0.0.1:{free_port()}",
+        "HB_STATS_SOCKET": str(stack.tmp / "haproxy-proxied.sock"),
+    }
+    edge = EdgeProxy(config, port, env).start(stack.tmp / "haproxy-proxied.log")
+    try:
+        same = ["2001:db8:1:2::a", "2001:db8:1:2:ffff:1:2:3"]
+        statuses = [
+            await asyncio.to_thread(_proxied_login_start, port, same[i % 2])
+            for i in range(LOGIN_RATE + 10)
+        ]
+        # Two addresses of one /64 share the limit ...
+        assert statuses == [302] * LOGIN_RATE + [429] * 10
+        # ... another /64 has its own.
+        assert await asyncio.to_thread(_proxied_login_start, port, "2001:db8:1:3::a") == 302
+    finally:
+        edge.stop(timeout=5)
+
+
 # --- 4. session keys outside the data store --------------------------------------------
 
 
