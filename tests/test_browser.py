@@ -1,7 +1,7 @@
 """End to end in headless Chromium: real worker processes, the fake WeChat, the H5 page.
 
-Debian's chromium (/usr/bin/chromium, installed by .ci/run) is driven by Playwright's
-async API; Playwright's own browser download is never used.
+Debian's chromium (/usr/bin/chromium, installed by ./hb test: scripts/system-packages) is
+driven by Playwright's async API; Playwright's own browser download is never used.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ async def _create(service: Service, body: dict[str, object]) -> str:
 @pytest.fixture
 def chromium() -> str:
     """Debian's Chromium; its absence is a failure, never a skip."""
-    assert Path(CHROMIUM).exists(), "apt-get install chromium (.ci/run does)"
+    assert Path(CHROMIUM).exists(), "apt-get install chromium (./hb test does)"
     return CHROMIUM
 
 
