@@ -30,6 +30,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.local.embedded import free_port
+from app.local.fakewechatpay import start_fake_wechatpay
 from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, haproxy_binary, render_local_config
 from app.records import Envelope
 from app.store.scripts import CampaignKeys
@@ -72,7 +73,7 @@ class Stack:
     database_url: str
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     edge: EdgeProxy | None = None
-    wechat: subprocess.Popen[bytes] | None = None
+    fakes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -86,16 +87,21 @@ class Stack:
             )
 
     def start(self) -> None:
-        # WeChat is the one outside service: its fake speaks the real wire format.
+        public = free_port()
+        # WeChat and WeChat Pay are the outside services: fakes speaking their wire formats.
         wechat = free_port()
-        self.wechat = self._spawn(
-            "wechat", ["fake-wechat", "--port", str(wechat)], {**os.environ, **WECHAT}
+        self.fakes.append(
+            self._spawn("wechat", ["fake-wechat", "--port", str(wechat)], {**os.environ, **WECHAT})
         )
+        # WeChat Pay notifies through HAProxy, as it would in production.
+        pay = {**os.environ, **WECHAT, "PORT": str(public)}
+        fake_pay = start_fake_wechatpay(pay, self.tmp)
+        assert fake_pay is not None
+        self.fakes.append(fake_pay)
         ports = [free_port() for _ in range(WORKERS)]
         for n, port in enumerate(ports):
             env = {
-                **os.environ,
-                **WECHAT,
+                **pay,
                 "WECHAT_AUTHORIZE_URL": f"http://127.0.0.1:{wechat}/connect/oauth2/authorize",
                 "WECHAT_API_BASE": f"http://127.0.0.1:{wechat}",
                 "REDIS_URL": self.redis_url,
@@ -109,7 +115,6 @@ class Stack:
             self.workers.append(self._spawn(f"w{n}", ["worker"], env))
         config = self.tmp / "haproxy.cfg"
         config.write_text(render_local_config(LOCAL_CONFIG.read_text(), ports))
-        public = free_port()
         env = {
             **os.environ,
             "HB_BIND": f"127.0.0.1:{public}",
@@ -153,9 +158,9 @@ class Stack:
                 proc.wait()
         if self.edge is not None:
             self.edge.stop(timeout=5)
-        if self.wechat is not None:
-            self.wechat.terminate()
-            self.wechat.wait(timeout=10)
+        for fake in self.fakes:
+            fake.terminate()
+            fake.wait(timeout=10)
 
 
 @pytest.fixture

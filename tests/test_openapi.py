@@ -245,9 +245,9 @@ async def test_real_answers_conform(
     alice, carol = cookies["alice"], cookies["carol"]
     status, mine = await call(client, c, "get", me, params={"id": rp}, cookies=alice)
     assert mine["result"] == "won"
-    assert (await call(client, c, "get", me, params={"id": rp}, cookies=carol))[1] == {
-        "result": "none"
-    }
+    assert (await call(client, c, "get", me, params={"id": rp}, cookies=carol))[1][
+        "result"
+    ] == "none"
     assert (await call(client, c, "get", view, params={"id": rp}))[1]["state"] == "sold_out"
     for cid in (scheduled, lottery):
         assert (await call(client, c, "post", grab, params={"id": cid}, cookies=alice))[0] == 409
@@ -269,6 +269,13 @@ async def test_real_answers_conform(
     assert (await call(client, c, "get", me, params={"id": rp}, cookies={"hb_session": "x"}))[
         0
     ] == 401
+    # Payouts are not configured here: claims are 503, notifications refused.
+    claim = "/api/campaigns/{id}/claim"
+    status, body = await call(client, c, "post", claim, params={"id": rp}, cookies=alice)
+    assert (status, body["error"]) == (503, "payouts_off")
+    assert (await call(client, c, "post", claim, params={"id": "nosuch"}, cookies=alice))[0] == 404
+    status, body = await call(client, c, "post", "/api/wechatpay/notify", json={"id": "x"})
+    assert (status, body["code"]) == (404, "FAIL")
     assert (await call(client, c, "post", "/auth/logout", cookies=carol))[0] == 200
 
     # WeChat login (not configured here), the page and its assets.

@@ -155,6 +155,35 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "post",
+        "/api/campaigns/{id}/claim",
+        "Claim the player's winnings through WeChat Pay (where payouts are configured)",
+        (
+            Answer(200, "a bill to confirm, or none", (a.PayoutClaim, a.NothingToClaim)),
+            *_SESSION,
+            _PLAYER_POST,
+            _NOT_FOUND,
+            Answer(404, "nothing to pay out to this player (yet)", errors=("no_payout",)),
+            Answer(409, "the bill is still queued (queue_position)", errors=("payout_not_ready",)),
+            Answer(503, "payouts are not configured here", errors=("payouts_off",)),
+        ),
+        security="session",
+        tags=("players",),
+    ),
+    Operation(
+        "post",
+        "/api/wechatpay/notify",
+        "WeChat Pay's notification of a bill's state (signed by WeChat Pay; no CSRF check)",
+        (
+            Answer(204, "applied (or already applied)", media=""),
+            Answer(400, "malformed, replayed or not about our bill", a.WeChatPayFail),
+            Answer(401, "the signature is refused", a.WeChatPayFail),
+            Answer(404, "no such bill, or payouts are not configured", a.WeChatPayFail),
+        ),
+        request={"type": "object", "description": "WeChat Pay's encrypted notification"},
+        tags=("payouts",),
+    ),
+    Operation(
+        "post",
         "/api/admin/campaigns",
         "Create a red packet or a lottery (by kind)",
         (

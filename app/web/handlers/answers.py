@@ -29,6 +29,37 @@ class Error(msgspec.Struct, kw_only=True):
     field: Annotated[str, msgspec.Meta(description="422: the field, in full")] | UnsetType = UNSET
     scope: Literal["total", "daily"] | UnsetType = UNSET
     reason: str | UnsetType = UNSET
+    queue_position: Count | UnsetType | None = UNSET
+
+
+PayoutState = Literal["to_claim", "in_transit", "paid", "failed"]
+
+
+class Bill(msgspec.Struct, kw_only=True):
+    """One WeChat Pay transfer bill of the player's winnings."""
+
+    out_bill_no: str
+    amount_fen: Fen
+    state: PayoutState
+    label: str
+    wechat_state: str | None
+    claimable: bool
+    reason: str | None
+
+
+class Payout(msgspec.Struct, kw_only=True):
+    """How the player's winnings are being paid out (where payouts are configured)."""
+
+    state: PayoutState
+    label: str
+    amount_fen: Fen
+    paid_fen: Fen
+    queue_position: Count | None
+    bills: list[Bill]
+
+
+# GET /me carries ``payout`` where payouts are configured: null until a bill exists.
+PayoutField = Payout | UnsetType | None
 
 
 class RedPacketView(msgspec.Struct, kw_only=True):
@@ -84,12 +115,14 @@ class EnvelopeWon(msgspec.Struct, kw_only=True):
 
     result: Literal["won"]
     amount_fen: Fen
+    payout: PayoutField = UNSET
 
 
 class NothingWon(msgspec.Struct, kw_only=True):
     """The player has no envelope in this red packet."""
 
     result: Literal["none"]
+    payout: PayoutField = UNSET
 
 
 class PrizeWon(msgspec.Struct, kw_only=True):
@@ -110,6 +143,7 @@ class LotteryMine(msgspec.Struct, kw_only=True):
     quota_total: Count | None
     quota_daily: Count | None
     prizes: list[PrizeWon]
+    payout: PayoutField = UNSET
 
 
 class PrizeDrawn(msgspec.Struct, kw_only=True):
@@ -126,6 +160,36 @@ class NoPrize(msgspec.Struct, kw_only=True):
     result: Literal["no_prize"]
     name: str
     draw_no: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class PayoutClaim(msgspec.Struct, kw_only=True):
+    """What the page needs to open WeChat Pay's confirmation of the player's next bill."""
+
+    result: Literal["confirm"]
+    out_bill_no: str
+    amount_fen: Fen
+    mch_id: str
+    appid: str
+    package_info: str
+    confirm_url: str | None
+
+
+class NothingToClaim(msgspec.Struct, kw_only=True):
+    """No bill waits for the player's confirmation; ``payout`` says where each one is."""
+
+    result: Literal["nothing_to_confirm"]
+    payout: Payout | None
+
+
+class Tally(msgspec.Struct, kw_only=True):
+    """A count of bills and their sum."""
+
+    count: Count
+    fen: Fen
+
+
+# Admin statistics carry ``payouts`` (per WeChat state, and "total") where configured.
+PayoutTotals = dict[str, Tally] | UnsetType
 
 
 class RedPacketStats(msgspec.Struct, kw_only=True):
@@ -147,6 +211,7 @@ class RedPacketStats(msgspec.Struct, kw_only=True):
     won_count: Count
     won_fen: Fen
     ledger_lag: Count
+    payouts: PayoutTotals = UNSET
 
 
 class TierStats(msgspec.Struct, kw_only=True):
@@ -182,6 +247,14 @@ class LotteryStats(msgspec.Struct, kw_only=True):
     draws_per_day: dict[str, Count]
     prizes_per_day: dict[str, Count]
     ledger_lag: Count
+    payouts: PayoutTotals = UNSET
+
+
+class WeChatPayFail(msgspec.Struct, kw_only=True):
+    """A notification refused, in the form WeChat Pay expects (it retries later)."""
+
+    code: Literal["FAIL"]
+    message: str
 
 
 class LoggedIn(msgspec.Struct, kw_only=True):
