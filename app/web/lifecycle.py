@@ -49,8 +49,17 @@ class _JsonErrorHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        """Log as aiohttp does, answer ``{"error", "message"}`` and close the connection."""
-        super().handle_error(request, status, exc, message)
+        """Answer ``{"error", "message"}`` and close the connection.
+
+        Logged without aiohttp's message, which quotes the offending request line or
+        header: a query string there may be an OAuth code.
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already sent, cannot send the error")
+        if status >= 500:
+            log.error("protocol error %s: %s", status, type(exc).__name__, exc_info=exc)
+        else:
+            log.info("refused a malformed request (%s): %s", status, type(exc).__name__)
         code, text = _PROTOCOL_ERRORS.get(status, ("http_error", "request failed"))
         response = json_response({"error": code, "message": text}, status=status)
         response.force_close()

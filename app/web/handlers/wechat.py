@@ -7,11 +7,13 @@ reason in ``data-error``), never JSON and never a 500.
 from __future__ import annotations
 
 import html
+import re
 from urllib.parse import quote
 
 from aiohttp import web
 from yarl import URL
 
+from app.errors import ApiError
 from app.identity.login import (
     LOGIN_TTL_S,
     LoginFailed,
@@ -25,6 +27,9 @@ from app.web.keys import LOGINS, SETTINGS
 
 LOGIN_COOKIE = "hb_login"
 CALLBACK_PATH = "/auth/wechat/callback"
+# What may go into WeChat's redirect_uri and our Location header: an origin made of a
+# host name, IPv4 or [IPv6] literal and a port (a Host header may hold any bytes).
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 # reason -> (HTTP status, what the player reads)
 _FAILURES: dict[str, tuple[int, str]] = {
@@ -88,8 +93,11 @@ async def login(request: web.Request) -> web.Response:
     cookie = request.cookies.get(LOGIN_COOKIE)
     if cookie is None or not browser_cookie_ok(cookie):
         cookie = new_browser_cookie()
+    origin = public_origin(request)
+    if not _ORIGIN.fullmatch(origin):
+        raise ApiError("the Host header is not a host name")
     state = await logins.start(next_path, cookie)
-    redirect_uri = public_origin(request) + CALLBACK_PATH
+    redirect_uri = origin + CALLBACK_PATH
     response = _redirect(logins.wechat.authorize_url(redirect_uri, state))
     response.set_cookie(
         LOGIN_COOKIE,
