@@ -107,6 +107,14 @@ async def test_serve_from_nothing_grabs_and_stops(tmp_path: Path) -> None:
                 grab = await resp.json()
             async with http.get(f"{base}/api/campaigns/{cid}/me") as resp:
                 me = await resp.json()
+            # Through HAProxy as a browser asks: the favicon, the players' home page.
+            async with http.get(f"{base}/favicon.ico") as resp:
+                assert resp.status == 200
+                assert resp.content_type == "image/x-icon"
+                assert (await resp.read())[:4] == b"\x00\x00\x01\x00"
+            async with http.get(f"{base}/") as resp:
+                assert resp.status == 200
+                assert 'rel="icon" href="/favicon.ico"' in await resp.text()
         assert grab["result"] == "won"
         assert 1 <= grab["amount_fen"] <= 1_000
         assert (me["result"], me["amount_fen"]) == ("won", grab["amount_fen"])
