@@ -18,7 +18,7 @@ pick_python() {
 
 ensure_venv() {
   if [ ! -x .venv/bin/python ] || [ pyproject.toml -nt .venv/.installed ]; then
-    echo "hb: installing the project and its dependencies into .venv (first run: about a minute)" >&2
+    echo "hb: installing the project and its dependencies into .venv (first run: a minute or two)" >&2
     [ -x .venv/bin/python ] || "$(pick_python)" -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
     .venv/bin/pip install --quiet -e '.[dev]'
