@@ -324,6 +324,35 @@ async def test_duplicate_session_cookie_is_refused_not_a_rate_limit_bypass(
         assert statuses == [200] * SESSION_RATE + [429] * 10
 
 
+async def test_no_cookie_spelling_gets_past_the_per_session_limit(stack: Stack) -> None:
+    """Whatever way the one real token is written, it is refused or counted: never more
+    than SESSION_RATE answers in the window."""
+    async with _client(18) as http:
+        cid = await _campaign(http, stack.url)
+        token = await _login(http, stack.url, "speller")
+        junk = secrets.token_urlsafe(30)
+        spellings: list[Any] = [
+            {"Cookie": f"hb_session={token}"},
+            {"Cookie": f"hb_session={token}, hb_session={junk}"},
+            {"Cookie": f"hb_session={junk}, hb_session={token}"},
+            {"Cookie": f"hb_session ={token}"},
+            {"Cookie": f"hb_session=\t{token}"},
+            {"Cookie": f'hb_session="{token}"'},
+            {"Cookie": f"x=1;hb_session={token};y=2"},
+            {"Cookie": f"HB_SESSION={junk}; hb_session={token}"},
+            CIMultiDict([("Cookie", "a=b"), ("Cookie", f"hb_session={token}")]),
+        ]
+        answered = 0
+        for i in range(3 * SESSION_RATE):
+            url = f"{stack.url}/api/campaigns/{cid}/me"
+            async with http.get(url, headers=spellings[i % len(spellings)]) as resp:
+                body = await resp.read()
+                assert resp.status in {200, 400, 401, 429}, body
+                assert resp.status == 200 or _is_json_error(resp.status, resp.headers, body)
+                answered += resp.status == 200
+        assert 0 < answered <= SESSION_RATE
+
+
 # --- 2. connection-level defences ------------------------------------------------------
 
 

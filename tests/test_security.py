@@ -6,8 +6,12 @@ What players see of the same rules, through HAProxy, is in tests/test_hostile.py
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -109,3 +113,30 @@ async def test_a_good_signature_without_a_session_is_refused(redis: Redis) -> No
     sid, stranger = issue(K1, Session("ghost"), int(time.time()) + 60, "k9")
     await redis.set(session_key(sid), Session("ghost").to_json(), ex=3600)
     assert await store.get(stranger) is None
+
+
+async def test_mint_sessions_signs_with_session_keys(
+    redis: Redis, private_redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    out = tmp_path / "sessions.tsv"
+    env = {
+        **os.environ,
+        "REDIS_URL": private_redis_server.url,
+        "SESSION_KEYS": f"k2:{_b64(K2)},k1:{_b64(K1)}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "mint-sessions", "--count", "3", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    pairs = [line.split("\t") for line in out.read_text().splitlines()]
+    assert len(pairs) == 3
+    store = SessionStore(redis, 7 * 24 * 3600, keys=[("k2", K2)])
+    for openid, token in pairs:
+        assert token.split(".")[4] == "k2"
+        assert await store.get(token) == Session(openid)
+    assert await redis.get(SESSION_SIGNING_KEY) is None
