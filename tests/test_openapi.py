@@ -26,6 +26,7 @@ from tests.test_bad_requests import CREATE_CASES, VALID
 from tests.test_lottery_api import BAD_CONFIGS, LOTTERY
 
 OPENIDS = ("alice", "bob", "carol")
+RETRY = {"Idempotency-Key": "draw-0001"}
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
@@ -252,8 +253,19 @@ async def test_real_answers_conform(
     for cid in (scheduled, lottery):
         assert (await call(client, c, "post", grab, params={"id": cid}, cookies=alice))[0] == 409
     assert (await call(client, c, "post", draw, params={"id": rp}, cookies=alice))[0] == 409
-    for _ in range(3):
-        await call(client, c, "post", draw, params={"id": lottery}, cookies=alice)
+    first = await call(
+        client, c, "post", draw, params={"id": lottery}, cookies=alice, headers=RETRY
+    )
+    assert first[0] == 200
+    again = await call(
+        client, c, "post", draw, params={"id": lottery}, cookies=alice, headers=RETRY
+    )
+    assert again == first
+    bad_key = {"Idempotency-Key": "not a key"}
+    status, body = await call(
+        client, c, "post", draw, params={"id": lottery}, cookies=alice, headers=bad_key
+    )
+    assert (status, body["field"]) == (422, "Idempotency-Key")
     status, body = await call(client, c, "post", draw, params={"id": lottery}, cookies=alice)
     assert (status, body["error"]) == (429, "quota_exhausted")
     assert (await call(client, c, "get", me, params={"id": lottery}, cookies=alice))[0] == 200

@@ -21,6 +21,7 @@ from app.lottery.spec import LotteryDefinition
 from app.redpacket.spec import RedPacketDefinition
 from app.web.handlers import answers as a
 from app.web.handlers.auth import DevLogin
+from app.web.handlers.h5 import IDEMPOTENCY_KEY
 from app.web.keys import OPENAPI
 
 PATH = "/api/openapi.json"
@@ -58,6 +59,7 @@ class Operation:
     request: Body = None
     security: str | None = None
     query: tuple[str, ...] = ()
+    headers: tuple[dict[str, Any], ...] = ()
     tags: tuple[str, ...] = ()
 
 
@@ -148,9 +150,19 @@ OPERATIONS: tuple[Operation, ...] = (
             _PLAYER_POST,
             _NOT_FOUND,
             _WINDOW,
+            Answer(422, "a malformed Idempotency-Key", errors=("invalid",)),
             Answer(429, "quotas used up (scope total or daily)", errors=("quota_exhausted",)),
         ),
         security="session",
+        headers=(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "a retry under the same key answers the draw already made",
+                "schema": {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY.pattern}$"},
+            },
+        ),
         tags=("players",),
     ),
     Operation(
@@ -388,6 +400,7 @@ def _operation(op: Operation, name: str) -> dict[str, Any]:
         {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
         for name in op.query
     ]
+    parameters += op.headers
     doc: dict[str, Any] = {
         "summary": op.summary,
         "operationId": name,
