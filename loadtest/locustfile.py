@@ -71,6 +71,11 @@ class Player(FastHttpUser):
     @task(3)
     def grab(self) -> None:
         """Grab the red packet."""
+        book = self.load.book
+        # Once a player has won, an unheard answer changes nothing (already_won).
+        could_win = self.openid not in book.won
+        if could_win:
+            book.asking("grab")
         with self.client.post(
             f"/api/campaigns/{self.load.campaign}/grab",
             headers=self.headers,
@@ -79,8 +84,10 @@ class Player(FastHttpUser):
         ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"grab answered {resp.status_code}: {resp.text}")
-                return
-            self.load.book.record(self.openid, orjson.loads(resp.content or b"{}"))
+            else:
+                book.record(self.openid, orjson.loads(resp.content or b"{}"))
+        if could_win:
+            book.answered("grab")
 
     @tag("me")
     @task(1)
@@ -106,6 +113,8 @@ class Player(FastHttpUser):
         """Draw in the lottery, if there is one."""
         if not self.load.lottery:
             return
+        book = self.load.book
+        book.asking("draw")
         with self.client.post(
             f"/api/campaigns/{self.load.lottery}/draw",
             headers=self.headers,
@@ -117,7 +126,8 @@ class Player(FastHttpUser):
             elif resp.status_code != 200:
                 resp.failure(f"draw answered {resp.status_code}: {resp.text}")
             else:
-                self.load.book.record_draw(self.openid, orjson.loads(resp.content or b"{}"))
+                book.record_draw(self.openid, orjson.loads(resp.content or b"{}"))
+        book.answered("draw")
 
 
 def attach(environment: Environment, **_: Any) -> None:

@@ -242,6 +242,8 @@ async def test_distributed_run_shares_one_campaign_and_checks_on_the_master(
     assert master.returncode == 0, "\n".join([out, *worker_outs])
     assert "invariants: OK" in out, out
     assert "books of 2 worker(s) merged" in out, out
+    # The merged books heard every envelope: both workers' players are in them.
+    assert "invariants: 25 wins / 4321 fen heard by players" in out, out
     assert "Shape test completed" in out, out
     assert f"campaign {lottery} " in out, out
     # Only the tagged tasks ran.

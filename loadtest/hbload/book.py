@@ -4,6 +4,7 @@ the master of a distributed run."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from typing import Any
 
 
@@ -20,6 +21,9 @@ class Book:
         self.problems: list[str] = []
         # Requests that got no answer a player could trust (timeouts, errors).
         self.failures = 0
+        # Grabs that could win and draws, sent and not (yet) answered: those of players
+        # stopped mid-request (a test's end, a shape ramping down) were settled unheard.
+        self.unanswered: Counter[str] = Counter()
 
     def joined(self, openid: str, token: str) -> None:
         """A player started, with the session ``token``."""
@@ -49,6 +53,21 @@ class Book:
                 told = self.prizes.setdefault(openid, set())
                 told.add((int(body["draw_no"]), int(body["prize"]["tier"])))
 
+    def asking(self, kind: str) -> None:
+        """A request of ``kind`` ("grab", "draw") whose answer changes the book is sent."""
+        with self.lock:
+            self.unanswered[kind] += 1
+
+    def answered(self, kind: str) -> None:
+        """Its answer arrived (and was recorded, or counted as a failure)."""
+        with self.lock:
+            self.unanswered[kind] -= 1
+
+    def exact(self, kind: str) -> bool:
+        """Whether every answer of ``kind`` was heard: no failure, none unanswered."""
+        with self.lock:
+            return self.failures == 0 and self.unanswered[kind] == 0
+
     def failed(self) -> None:
         """A request failed."""
         with self.lock:
@@ -64,6 +83,7 @@ class Book:
                 "prizes": {o: sorted(p) for o, p in self.prizes.items()},
                 "problems": list(self.problems),
                 "failures": self.failures,
+                "unanswered": dict(self.unanswered),
             }
 
     def merge(self, worker: str, data: dict[str, Any]) -> None:
@@ -83,3 +103,4 @@ class Book:
                 self.prizes.setdefault(openid, set()).update((int(d), int(t)) for d, t in prizes)
             self.problems += [f"worker {worker}: {p}" for p in data["problems"]]
             self.failures += int(data["failures"])
+            self.unanswered.update(data["unanswered"])

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import requests
 from locust.env import Environment
 from locust.rpc import Message
 from locust.runners import MasterRunner, WorkerRunner
@@ -71,26 +72,48 @@ class LoadRun:
 
     def on_test_start(self, environment: Environment, **_: Any) -> None:
         """Pick the campaign (the master creates it for every worker) and the sessions."""
-        options, parsed, runner = self.options, environment.parsed_options, environment.runner
         self.book = Book()
-        self.lottery = options.lottery
-        part, parts = 0, 1
+        self.lottery = self.options.lottery
+        runner = environment.runner
         if isinstance(runner, WorkerRunner):
-            self.campaign = getattr(parsed, RUN_CAMPAIGN)
-            part, parts = runner.worker_index, max(1, getattr(parsed, RUN_WORKERS))
-        else:
+            self.follow_master(runner)
+        elif not self.open_campaign():
+            return
+        log.info("players grab red packet %s", self.campaign)
+        self.started = True
+        self.tests += 1
+
+    def follow_master(self, runner: WorkerRunner) -> None:
+        """Worker: the master's campaign, and this worker's share of the sessions."""
+        parsed = self.environment.parsed_options
+        self.campaign = getattr(parsed, RUN_CAMPAIGN)
+        sessions = self.options.sessions
+        parts = max(1, getattr(parsed, RUN_WORKERS))
+        self.sessions = (
+            read_sessions(sessions, runner.worker_index, parts) if sessions else iter(())
+        )
+
+    def open_campaign(self) -> bool:
+        """Master or single process: the red packet of this test (created unless given),
+        handed to the workers with the options; False (and the test stopped) on failure."""
+        environment, options = self.environment, self.options
+        parsed, runner = environment.parsed_options, environment.runner
+        assert parsed is not None
+        assert runner is not None
+        try:
             self.campaign = options.campaign or self.service().create_red_packet(
                 options.total_fen, options.count
             )
-            setattr(parsed, RUN_CAMPAIGN, self.campaign)
-            if isinstance(runner, MasterRunner):
-                setattr(parsed, RUN_WORKERS, len(runner.clients.ready))
-        log.info("players grab red packet %s", self.campaign)
-        self.sessions = (
-            read_sessions(options.sessions, part, parts) if options.sessions else iter(())
-        )
-        self.started = True
-        self.tests += 1
+        except requests.RequestException as exc:
+            log.error("cannot create the red packet at %s: %s", environment.host, exc)
+            environment.process_exit_code = 1
+            runner.greenlet.spawn(runner.quit if parsed.headless else runner.stop)
+            return False
+        setattr(parsed, RUN_CAMPAIGN, self.campaign)
+        if isinstance(runner, MasterRunner):
+            setattr(parsed, RUN_WORKERS, len(runner.clients.ready))
+        self.sessions = read_sessions(options.sessions, 0, 1) if options.sessions else iter(())
+        return True
 
     def on_request(self, exception: BaseException | None = None, **_: Any) -> None:
         """Count failed requests: their answers were not heard."""
