@@ -428,7 +428,9 @@ async def test_draws_reach_the_ledger_and_reconcile(
     assert f"player {user} on {day}: " in rest
     assert f"day {day}: " in rest
     assert f"player {user}: prizes (draw:tier)" in rest
-    assert len(report.mismatches) == 7, report.mismatches
+    # Payout reconcile (app.payout) adds its own lines, e.g. a bill for the lost draw.
+    lottery = [m for m in report.mismatches if not m.startswith("bill ")]
+    assert len(lottery) == 7, report.mismatches
 
 
 async def test_draw_redelivery_is_a_no_op_and_contradictions_are_kept(
