@@ -313,3 +313,59 @@ async def test_web_ui_shows_the_options_and_closes_without_a_traceback() -> None
     assert proc.returncode == 0, out
     assert "Traceback" not in out, out
     assert "invariants: no test ran, nothing to check" in out, out
+
+
+async def test_web_ui_run_takes_the_form_options_and_is_checked_when_stopped(
+    settings: Settings, redis: Redis
+) -> None:
+    """A test started from the web UI's form (the options filled in there) and stopped
+    there: the red packet it created sold out, and the check ran on Stop."""
+    server = await _server(settings)
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest/locustfile.py")),
+        *("--web-host", "127.0.0.1", "--web-port", str(port)),
+        cwd=ROOT,
+        env=_without_hb_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    ui = f"http://127.0.0.1:{port}"
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    async with http.get(f"{ui}/") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.2)
+            form = {
+                "user_count": "10",
+                "spawn_rate": "10",
+                "host": base,
+                "hb_admin_token": ADMIN_TOKEN,
+                "hb_total_fen": "500",
+                "hb_count": "5",
+            }
+            async with http.post(f"{ui}/swarm", data=form) as resp:
+                assert (await resp.json())["success"] is True
+            await asyncio.sleep(4)
+            async with http.post(f"{ui}/stop") as resp:
+                assert (await resp.json())["success"] is True
+        proc.send_signal(signal.SIGTERM)
+        out = await _finish(proc, 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await server.close()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+    assert "invariants: 5 wins / 500 fen heard by players" in out, out
+    assert out.count("invariants: OK") == 1, out
+    campaign = re.findall(r"players grab red packet (\S+)", out)
+    assert len(campaign) == 1, out
+    assert await redis.hlen(CampaignKeys.of(campaign[0]).winners) == 5
