@@ -5,8 +5,8 @@ Headless run against a local service (see README "Load tests"):
     .venv/bin/locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8080 \\
         --hb-admin-token "$(cat .data/admin-token)" -u 200 -r 50 -t 60s
 
-The ``--hb-*`` options (``locust -f loadtest/locustfile.py --help``, and the web UI's
-start form) default to the HB_* environment variables of the same name: HB_ADMIN_TOKEN,
+The ``--hb-*`` options (loadtest/hbload/options.py; also in the web UI's start form)
+default to the HB_* environment variables of the same name: HB_ADMIN_TOKEN,
 HB_CAMPAIGN, HB_TOTAL_FEN, HB_COUNT, HB_LOTTERY, HB_SESSIONS, HB_RECONCILE,
 HB_CHECK_PLAYERS. Tasks are tagged by behaviour (``--tags`` / ``--exclude-tags``):
 view, grab, me, draw. loadtest/spike.py adds the opening-second spike as a load shape
