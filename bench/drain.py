@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncpg
 import uvloop
@@ -36,6 +36,7 @@ from redis.asyncio import Redis
 from app.background.drainer import Drainer
 from app.campaigns.service import CampaignService
 from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from app.records import Envelope
 from app.settings import LedgerSettings
 from app.store import ledger
 from app.store.scripts import CampaignKeys, Scripts
@@ -72,47 +73,72 @@ def rate(rows: int, seconds: float) -> str:
     return f"{rows:,} rows in {seconds:.2f}s = {rows / seconds:,.0f} entries/s"
 
 
+async def settle(redis: Redis, pool: asyncpg.Pool, count: int) -> str:
+    """A red packet of ``count`` envelopes, every one granted: its ledger stream holds
+    ``count`` entries. Returns its id."""
+    scripts = Scripts(redis)
+    service = CampaignService(redis, pool, scripts, batch_max=SETTLE_BATCH)
+    campaign = await service.create(
+        {"kind": "red_packet", "name": "bench", "total_fen": count * 100, "count": count}
+    )
+    users = [f"bench-{i:08d}" for i in range(count)]
+    for start in range(0, count, SETTLE_BATCH):
+        await scripts.grab_envelope(campaign.id, users[start : start + SETTLE_BATCH])
+    queued = await redis.xlen(CampaignKeys.of(campaign.id).ledger)
+    if queued != count:
+        raise RuntimeError(f"expected {count} stream entries, found {queued}")
+    return campaign.id
+
+
+async def drain(
+    redis: Redis, pool: asyncpg.Pool, cid: str, batch_max: int
+) -> tuple[Drainer, float]:
+    """Step one drainer until the stream is empty; it and the seconds it took."""
+    stream = CampaignKeys.of(cid).ledger
+    settings = LedgerSettings(drain_in_worker=False, batch_max=batch_max, block_ms=50)
+    drainer = Drainer(redis, pool, settings, "bench")
+    t0 = time.perf_counter()
+    while await redis.xlen(stream) > 0:
+        await drainer.step()
+    return drainer, time.perf_counter() - t0
+
+
+async def checked_rows(
+    redis: Redis, pool: asyncpg.Pool, cid: str, count: int
+) -> list[tuple[Any, ...]]:
+    """The grabs rows of ``cid``, once they are shown to equal the Redis winners."""
+    rows = [tuple(r) for r in await pool.fetch(SELECT_ROWS, cid)]
+    winners = cast(dict[bytes, bytes], await redis.hgetall(CampaignKeys.of(cid).winners))
+    recorded = {r[1]: Envelope(r[2], r[3]) for r in rows}
+    in_redis = {u.decode(): Envelope.decode(v) for u, v in winners.items()}
+    if in_redis != recorded or len(rows) != count:
+        raise RuntimeError("the ledger does not equal the Redis winners")
+    return rows
+
+
+async def baseline(pool: asyncpg.Pool, cid: str, rows: list[tuple[Any, ...]]) -> float:
+    """Delete ``rows`` and write them again by one COPY; the seconds the COPY took."""
+    async with pool.acquire() as conn:
+        await conn.execute("DELETE FROM grabs WHERE campaign_id = $1", cid)
+        await conn.execute("VACUUM ANALYZE grabs")
+        t0 = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_records_to_table("grabs", records=rows, columns=GRAB_COLUMNS)
+        copied_s = time.perf_counter() - t0
+    if await pool.fetchval("SELECT count(*) FROM grabs WHERE campaign_id = $1", cid) != len(rows):
+        raise RuntimeError("the baseline COPY did not write every row")
+    return copied_s
+
+
 async def bench(redis_url: str, database_url: str, count: int, batch_max: int) -> None:
     """Settle ``count`` grabs, drain them, then COPY the same rows; print both and the ratio."""
     redis = Redis.from_url(redis_url)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
         await ledger.migrate(pool)
-        scripts = Scripts(redis)
-        service = CampaignService(redis, pool, scripts, batch_max=SETTLE_BATCH)
-        campaign = await service.create(
-            {"kind": "red_packet", "name": "bench", "total_fen": count * 100, "count": count}
-        )
-        cid = campaign.id
-        users = [f"bench-{i:08d}" for i in range(count)]
-        for start in range(0, count, SETTLE_BATCH):
-            await scripts.grab_envelope(cid, users[start : start + SETTLE_BATCH])
-        stream = CampaignKeys.of(cid).ledger
-        queued = await redis.xlen(stream)
-        if queued != count:
-            raise RuntimeError(f"expected {count} stream entries, found {queued}")
-
-        settings = LedgerSettings(drain_in_worker=False, batch_max=batch_max, block_ms=50)
-        drainer = Drainer(redis, pool, settings, "bench")
-        t0 = time.perf_counter()
-        while await redis.xlen(stream) > 0:
-            await drainer.step()
-        drained_s = time.perf_counter() - t0
-        rows = [tuple(r) for r in await pool.fetch(SELECT_ROWS, cid)]
-        winners = cast(dict[bytes, bytes], await redis.hgetall(CampaignKeys.of(cid).winners))
-        recorded = {r[1]: f"{r[2]}:{r[3]}".encode() for r in rows}
-        if {u.decode(): v for u, v in winners.items()} != recorded or len(rows) != count:
-            raise RuntimeError("the ledger does not equal the Redis winners")
-
-        async with pool.acquire() as conn:
-            await conn.execute("DELETE FROM grabs WHERE campaign_id = $1", cid)
-            await conn.execute("VACUUM ANALYZE grabs")
-            t0 = time.perf_counter()
-            async with conn.transaction():
-                await conn.copy_records_to_table("grabs", records=rows, columns=GRAB_COLUMNS)
-            copied_s = time.perf_counter() - t0
-        if await pool.fetchval("SELECT count(*) FROM grabs WHERE campaign_id = $1", cid) != count:
-            raise RuntimeError("the baseline COPY did not write every row")
+        cid = await settle(redis, pool, count)
+        drainer, drained_s = await drain(redis, pool, cid, batch_max)
+        copied_s = await baseline(pool, cid, await checked_rows(redis, pool, cid, count))
     finally:
         await pool.close()
         await redis.aclose()
