@@ -22,6 +22,7 @@ from app.campaigns.service import CampaignService
 from app.identity.login import LoginService
 from app.identity.sessions import SessionStore
 from app.identity.wechat import WeChatClient
+from app.model import now_ms
 from app.payout.service import PayoutService
 from app.store import ledger
 from app.store.scriptline import ScriptLine, keepalive_options
@@ -102,6 +103,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         batch_max=settings.grab_batch_max,
         events=events,
         payouts=payouts,
+        # HB_CLOCK_SKEW_MS (tests only) skews this worker's clock; Redis's still decides.
+        clock=lambda: now_ms() + settings.clock_skew_ms,
     )
     app[PAYOUTS] = payouts
     app[EVENTS] = events
