@@ -390,7 +390,7 @@ def _responses(op: Operation) -> dict[str, Any]:
     return responses
 
 
-def _operation(op: Operation, name: str) -> dict[str, Any]:
+def _operation(op: Operation, operation_id: str) -> dict[str, Any]:
     parameters = [_campaign_id()] if "{id}" in op.path else []
     if "{name}" in op.path:
         parameters.append(
@@ -403,7 +403,7 @@ def _operation(op: Operation, name: str) -> dict[str, Any]:
     parameters += op.headers
     doc: dict[str, Any] = {
         "summary": op.summary,
-        "operationId": name,
+        "operationId": operation_id,
         "tags": list(op.tags),
         "responses": _responses(op),
     }
@@ -459,7 +459,8 @@ def document(app: web.Application) -> dict[str, Any]:
             "title": TITLE,
             "version": VERSION,
             "description": "Red packets (红包) and lotteries (抽奖). Amounts are integer fen. "
-            "Every error is JSON {error, message}; answers may gain fields, requests may not.",
+            "Every error is JSON {error, message} (the WeChat login's browser navigations "
+            "answer HTML pages); answers may gain fields, requests may not.",
         },
         "paths": paths,
         "components": {
