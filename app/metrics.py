@@ -116,7 +116,7 @@ class Metrics:
         )
         self._ledger_up = Gauge(
             "hongbao_ledger_up",
-            "1 when this worker's last PostgreSQL probe (GET /healthz/ledger, every scrape) "
+            "1 when this worker's last PostgreSQL probe (every 2 s, and GET /healthz/ledger) "
             "answered, else 0. Grabs do not need PostgreSQL; the ledger lags while it is 0.",
             registry=self.registry,
         )

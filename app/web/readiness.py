@@ -14,8 +14,9 @@ import asyncpg
 
 from app.metrics import Metrics
 
-# A PostgreSQL probe that takes longer than this counts as down.
+# A PostgreSQL probe that takes longer than this counts as down; one runs this often.
 LEDGER_PROBE_TIMEOUT_S = 1.0
+LEDGER_PROBE_EVERY_S = 2.0
 # The loop probe's tick, and the delay past which a tick counts as a stall.
 LOOP_TICK_S = 0.01
 LOOP_STALL_S = 0.05

@@ -10,9 +10,6 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError
 
 from app.background.drainer import Drainer, consumer_name
 from app.background.events import Events
@@ -50,8 +47,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     timeout_s = settings.redis_timeout_ms / 1000
     # A blocking pool waits for a free connection instead of failing under bursts. Every
-    # call is bounded: connect and reply within REDIS_TIMEOUT_MS. A connection found
-    # closed (Redis restarted) is retried once on a new one; a timeout is not retried.
+    # call is bounded: connect and reply within REDIS_TIMEOUT_MS, and (redis-py's
+    # default) never retried, so a pub/sub connection that broke is seen to break.
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
@@ -60,7 +57,6 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         socket_connect_timeout=timeout_s,
         socket_keepalive=True,
         socket_keepalive_options=keepalive_options(),
-        retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
     )
     redis = Redis.from_pool(pool)
     line = ScriptLine.from_url(settings.redis_url, timeout_s)

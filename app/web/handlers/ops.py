@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -11,7 +12,7 @@ from redis.exceptions import RedisError
 from app.errors import json_response
 from app.metrics import CONTENT_TYPE
 from app.web.keys import METRICS, PG, READINESS, REDIS, SCRIPTS, SETTINGS
-from app.web.readiness import LoopWatch, ledger_up
+from app.web.readiness import LEDGER_PROBE_EVERY_S, LoopWatch, ledger_up
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -56,22 +57,32 @@ async def ledger_health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: this worker's metrics in the Prometheus text format."""
-    await ledger_up(request.app[PG], request.app[METRICS])
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def loop_watch_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Probe the event loop for stalls for the life of the worker."""
+async def _probe_ledger(app: web.Application) -> None:
+    while True:
+        await ledger_up(app[PG], app[METRICS])
+        await asyncio.sleep(LEDGER_PROBE_EVERY_S)
+
+
+async def health_ctx(app: web.Application) -> AsyncIterator[None]:
+    """For the life of the worker: probe the event loop for stalls, and PostgreSQL
+    every LEDGER_PROBE_EVERY_S for ``hongbao_ledger_up`` (a scrape never waits on it)."""
     watch = LoopWatch(app[METRICS])
     watch.start()
+    prober = asyncio.create_task(_probe_ledger(app), name="ledger-probe")
     yield
+    prober.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await prober
     watch.stop()
 
 
 def setup(app: web.Application) -> None:
-    """Register ops routes and the loop probe."""
+    """Register ops routes and the health probes."""
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/healthz/ledger", ledger_health, name="ledger_health")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")
-    app.cleanup_ctx.append(loop_watch_ctx)
+    app.cleanup_ctx.append(health_ctx)
