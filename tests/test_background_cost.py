@@ -101,8 +101,9 @@ async def test_drainer_and_sampler_cost_does_not_grow_with_old_campaigns(
     lag_crowded = await commands(private) - before
 
     # Every step reads the live stream once; refreshes and claim passes add a few
-    # commands each, whatever the history (a thousand streams would add thousands).
-    assert crowded <= alone + 1, (alone, crowded)
+    # commands each, whatever the history: about 1.6 per step either way here, against
+    # about 1,500 when the old campaigns are still followed. The margin absorbs timing.
+    assert crowded <= 2 * alone, (alone, crowded)
     assert lag_crowded == lag_alone
     # The old campaigns' streams are left as they were.
     assert await private.exists(CampaignKeys.of(old[0]).ledger) == 1
