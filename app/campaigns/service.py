@@ -91,11 +91,11 @@ class CampaignService:
     async def ensure_open(self, campaign_id: str) -> Campaign[Any]:
         """The campaign if its window is open now; 404 / 409 from the cached definition.
 
-        Needs no Redis once the definition is cached, so ended and not-started
-        campaigns are answered before any session lookup. "Now" is Redis's clock as the
-        last script reply showed it: only a hint, since the script checks the window
-        again by Redis's clock itself, so a worker whose clock is wrong grants nothing
-        outside it.
+        Needs no Redis once the definition is cached and Redis's clock read (once per
+        worker), so ended and not-started campaigns are answered before any session
+        lookup. "Now" is Redis's clock as the last script reply showed it: only a hint,
+        since the script checks the window again by Redis's clock itself, so a worker
+        whose clock is wrong grants nothing outside it.
         """
         campaign = await self.get(campaign_id)
         if not self._clock.synced:
