@@ -315,21 +315,37 @@ async def test_web_ui_shows_the_options_and_closes_without_a_traceback() -> None
     assert "invariants: no test ran, nothing to check" in out, out
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=["one-process", "master-and-worker"])
 async def test_web_ui_run_takes_the_form_options_and_is_checked_when_stopped(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: Redis, workers: int
 ) -> None:
     """A test started from the web UI's form (the options filled in there) and stopped
-    there: the red packet it created sold out, and the check ran on Stop."""
+    there, in one process and as a master with a worker: the red packet it created sold
+    out, and the check ran on Stop."""
     server = await _server(settings)
-    port = free_port()
+    port, master_port = free_port(), free_port()
+    locustfile = str(ROOT / "loadtest/locustfile.py")
+    distributed = ("--master", "--master-bind-host", "127.0.0.1", "--master-bind-port")
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest/locustfile.py")),
+        *(sys.executable, "-m", "locust", "-f", locustfile),
         *("--web-host", "127.0.0.1", "--web-port", str(port)),
+        *((*distributed, str(master_port)) if workers else ()),
         cwd=ROOT,
         env=_without_hb_env(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    worker_procs = [
+        await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "locust", "-f", locustfile, "--worker"),
+            *("--master-host", "127.0.0.1", "--master-port", str(master_port)),
+            cwd=ROOT,
+            env=_without_hb_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        for _ in range(workers)
+    ]
     ui = f"http://127.0.0.1:{port}"
     try:
         base = str(server.make_url("")).rstrip("/")
@@ -337,11 +353,12 @@ async def test_web_ui_run_takes_the_form_options_and_is_checked_when_stopped(
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 try:
-                    async with http.get(f"{ui}/") as resp:
-                        if resp.status == 200:
+                    async with http.get(f"{ui}/stats/requests") as resp:
+                        if len((await resp.json()).get("workers", [])) >= workers:
                             break
                 except aiohttp.ClientError:
-                    await asyncio.sleep(0.2)
+                    pass
+                await asyncio.sleep(0.2)
             form = {
                 "user_count": "10",
                 "spawn_rate": "10",
@@ -357,15 +374,20 @@ async def test_web_ui_run_takes_the_form_options_and_is_checked_when_stopped(
                 assert (await resp.json())["success"] is True
         proc.send_signal(signal.SIGTERM)
         out = await _finish(proc, 60)
+        out += "".join([await _finish(worker, 30) for worker in worker_procs])
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        for p in [proc, *worker_procs]:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
         await server.close()
     assert proc.returncode == 0, out
     assert "Traceback" not in out, out
     assert "invariants: 5 wins / 500 fen heard by players" in out, out
     assert out.count("invariants: OK") == 1, out
-    campaign = re.findall(r"players grab red packet (\S+)", out)
+    if workers:
+        assert "books of 1 worker(s) merged" in out, out
+    # One campaign, the master's, for the worker too.
+    campaign = set(re.findall(r"players grab red packet (\S+)", out))
     assert len(campaign) == 1, out
-    assert await redis.hlen(CampaignKeys.of(campaign[0]).winners) == 5
+    assert await redis.hlen(CampaignKeys.of(campaign.pop()).winners) == 5

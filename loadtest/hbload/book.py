@@ -24,6 +24,8 @@ class Book:
         # Grabs that could win and draws, sent and not (yet) answered: those of players
         # stopped mid-request (a test's end, a shape ramping down) were settled unheard.
         self.unanswered: Counter[str] = Counter()
+        # A player heard sold_out: no grab sent after that can win.
+        self.sold_out = False
 
     def joined(self, openid: str, token: str) -> None:
         """A player started, with the session ``token``."""
@@ -38,6 +40,8 @@ class Book:
                 if openid in self.won:
                     self.problems.append(f"{openid} won twice")
                 self.won[openid] = int(body["amount_fen"])
+            elif result == "sold_out":
+                self.sold_out = True
             elif result == "already_won":
                 known = self.won.get(openid)
                 if known is not None and known != body["amount_fen"]:
@@ -52,6 +56,11 @@ class Book:
             if body.get("result") == "prize":
                 told = self.prizes.setdefault(openid, set())
                 told.add((int(body["draw_no"]), int(body["prize"]["tier"])))
+
+    def could_win(self, openid: str) -> bool:
+        """Whether a grab ``openid`` sends now could win (its answer matters)."""
+        with self.lock:
+            return not self.sold_out and openid not in self.won
 
     def asking(self, kind: str) -> None:
         """A request of ``kind`` ("grab", "draw") whose answer changes the book is sent."""
