@@ -777,6 +777,42 @@ def test_request_head_timeout_is_answered_in_json(stack: Stack) -> None:
     assert _is_json_error(status, headers, body), (headers, body)
 
 
+async def test_a_worker_answering_garbage_is_a_json_502(stack: Stack) -> None:
+    """HAProxy's own answer when a server breaks the protocol: a second HAProxy (the
+    same config, unchecked) in front of a server that answers junk."""
+
+    async def junk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 2 junk\r\nContent-Length: x\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(junk, "127.0.0.1", 0)
+    junk_port = server.sockets[0].getsockname()[1]
+    config = stack.tmp / "haproxy-junk.cfg"
+    rendered = render_local_config(LOCAL_CONFIG.read_text(), [junk_port])
+    config.write_text(rendered.replace("    default-server check ", "    default-server "))
+    assert stack.edge is not None
+    port = free_port()
+    env = {
+        **stack.edge.env,
+        "HB_BIND": f"127.0.0.1:{port}",
+        "HB_STATS_BIND": f"127.0.0.1:{free_port()}",
+        "HB_STATS_SOCKET": str(stack.tmp / "haproxy-junk.sock"),
+    }
+    edge = EdgeProxy(config, port, env).start(stack.tmp / "haproxy-junk.log")
+    try:
+        async with _client(19) as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            body = await resp.read()
+            assert resp.status == 502, body
+            assert _is_json_error(resp.status, resp.headers, body)
+            assert orjson.loads(body)["error"] == "bad_gateway"
+    finally:
+        edge.stop(timeout=5)
+        server.close()
+        await server.wait_closed()
+
+
 ODD_BYTES = [b"\xff\xfe", b"\xc3\x28", b"caf\xc3\xa9", b"\x80"]
 
 
