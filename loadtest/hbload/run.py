@@ -157,7 +157,10 @@ class LoadRun:
             self.collect_books(runner)
         options = self.options
         check = checks.Check(self.campaign, self.lottery, options.check_players, options.reconcile)
-        found = checks.problems(self.service(), self.book, check)
+        try:
+            found = checks.problems(self.service(), self.book, check)
+        except requests.RequestException as exc:
+            found = [f"cannot read the service's records: {exc}"]
         for problem in found:
             print(f"INVARIANT VIOLATED: {problem}")
         if found:
