@@ -244,6 +244,9 @@ async def test_distributed_run_shares_one_campaign_and_checks_on_the_master(
     assert "books of 2 worker(s) merged" in out, out
     # The merged books heard every envelope: both workers' players are in them.
     assert "invariants: 25 wins / 4321 fen heard by players" in out, out
+    # The opening spike: all 30 players within the first second, then a tenth, then the end.
+    assert "Shape test updating to 30 users at 30.00 spawn rate" in out, out
+    assert "Shape test updating to 3 users at 30.00 spawn rate" in out, out
     assert "Shape test completed" in out, out
     assert f"campaign {lottery} " in out, out
     # Only the tagged tasks ran.
