@@ -170,8 +170,10 @@ async def test_exactly_once_under_failures_kills_and_duplicate_notifications(
     assert ledger["creates"] > PLAYERS
     notes = await fake(stack, "GET", "/fake/notifications")
     assert sum(1 for n in notes if n["state"] == "SUCCESS") >= 2 * PLAYERS
-    # The shared limit held across the two (and restarted) payout processes.
-    assert ledger["busiest_second"] <= RATE_PER_S + 1
+    # The shared limit held across the two (and restarted) payout processes: a call goes
+    # within half a slot of its own, so a second holds at most rate + 1 (a window's two
+    # edges), plus one for the network between us and the fake.
+    assert ledger["busiest_second"] <= RATE_PER_S + 2
 
     # Reconcile asks the fake about every bill: without its faults now (a query answered
     # 5xx is reported by reconcile as a mismatch, as it should be).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from redis.asyncio import Redis
 
@@ -23,16 +24,23 @@ class SharedLimit:
         await self._redis.script_load(self._take.script)
 
     async def acquire(self, call: str) -> None:
-        """Wait until a call of kind ``call`` may go."""
+        """Wait until a call of kind ``call`` may go.
+
+        The call reserves the next slot (slots are 1/rate apart across every process)
+        and sleeps until it. One that wakes up more than half a spacing late (a busy
+        event loop) gives the slot up and reserves again, so every call goes within
+        half a spacing of a slot of its own and no second ever holds more than rate + 1.
+        """
         while True:
-            wait_us = int(
-                await self._take(
-                    keys=[PAYOUT_RATE_KEY + call, PAYOUT_PAUSE_KEY], args=[self._spacing_us]
-                )
+            paused, wait_us = await self._take(
+                keys=[PAYOUT_RATE_KEY + call, PAYOUT_PAUSE_KEY], args=[self._spacing_us]
             )
-            if wait_us == 0:
+            due = time.monotonic() + int(wait_us) / 1_000_000
+            await asyncio.sleep(int(wait_us) / 1_000_000)
+            if int(paused):
+                continue
+            if time.monotonic() - due <= self._spacing_us / 2_000_000:
                 return
-            await asyncio.sleep(wait_us / 1_000_000)
 
     async def pause(self, seconds: float) -> None:
         """Hold every payout process for ``seconds`` (never shortening a longer pause)."""
