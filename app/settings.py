@@ -286,9 +286,7 @@ class PayoutSettings:
             remark=env.get("PAYOUT_REMARK") or d.remark,
             perception=env.get("PAYOUT_PERCEPTION") or d.perception,
             rate_per_s=_int(env, "PAYOUT_RATE_PER_S", d.rate_per_s, minimum=1, maximum=1000),
-            confirm_timeout_s=_int(
-                env, "PAYOUT_CONFIRM_TIMEOUT_S", d.confirm_timeout_s, minimum=1
-            ),
+            confirm_timeout_s=_int(env, "PAYOUT_CONFIRM_TIMEOUT_S", d.confirm_timeout_s, minimum=1),
             poll_s=_int(env, "PAYOUT_POLL_S", d.poll_s, minimum=1),
             retry_max_s=_int(env, "PAYOUT_RETRY_MAX_S", d.retry_max_s, minimum=1),
             lease_s=_int(env, "PAYOUT_LEASE_S", d.lease_s, minimum=1),
