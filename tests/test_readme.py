@@ -103,19 +103,48 @@ def test_try_it_runs_as_written(tmp_path: Path) -> None:
         assert not port_busy(number), f"port {number} still in use after kill %1"
 
 
+def _checkout_missing_a_package(folder: Path) -> Path:
+    """A copy of hb whose package list names one package nobody has."""
+    (folder / "scripts").mkdir()
+    shutil.copy(ROOT / "hb", folder / "hb")
+    listed = (ROOT / "scripts" / "system-packages").read_text()
+    (folder / "scripts" / "system-packages").write_text(
+        listed + "hongbao-no-such-package  /nonexistent/hongbao-probe  the test's own\n"
+    )
+    for path in (folder, folder / "scripts"):
+        path.chmod(0o755)
+    return folder / "hb"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the install branch is root's")
+def test_hb_test_as_root_installs_missing_system_packages_with_apt(tmp_path: Path) -> None:
+    hb = _checkout_missing_a_package(tmp_path)
+    # apt-get stands in for the Debian mirror (the outside world): it records its calls
+    # and fails the install, so hb stops right after it (set -e) instead of going on.
+    bin_dir, calls = tmp_path / "bin", tmp_path / "apt-calls"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n[ "$1" = install ] && exit 100\nexit 0\n'
+    )
+    (bin_dir / "apt-get").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(
+        ["bash", str(hb), "test"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert result.returncode == 100, result
+    assert result.stderr.splitlines()[0] == (
+        "hb: installing the system packages the tests need: hongbao-no-such-package"
+    )
+    assert calls.read_text().splitlines() == ["update -q", "install -y -q hongbao-no-such-package"]
+    assert not (tmp_path / ".venv").exists()
+
+
 def test_hb_test_stops_at_once_naming_missing_system_packages() -> None:
     # A checkout whose package list names one package nobody has. /tmp, not tmp_path:
     # the ordinary user below must be able to enter it.
     with tempfile.TemporaryDirectory(dir="/tmp") as folder:
         checkout = Path(folder)
-        (checkout / "scripts").mkdir()
-        shutil.copy(ROOT / "hb", checkout / "hb")
-        listed = (ROOT / "scripts" / "system-packages").read_text()
-        (checkout / "scripts" / "system-packages").write_text(
-            listed + "hongbao-no-such-package  /nonexistent/hongbao-probe  the test's own\n"
-        )
-        for path in (checkout, checkout / "scripts"):
-            path.chmod(0o755)
+        _checkout_missing_a_package(checkout)
         argv = ["bash", str(checkout / "hb"), "test"]
         if os.geteuid() == 0:
             # As root, hb installs with apt-get; an ordinary user is told the command.
