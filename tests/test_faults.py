@@ -23,11 +23,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.local.chaos import Load, Stack, create_campaign, mint_players, verdict
+from app.local.chaos import Load, SilentProxy, Stack, create_campaign, mint_players, verdict
 from app.local.embedded import EmbeddedRedis, free_port
 from app.local.haproxy import haproxy_binary
 from app.redpacket.soldout import WinnersIndex
+from app.settings import Settings, SettingsError
+from app.store.scriptline import ScriptLine
 from app.store.scripts import CampaignKeys
 from tests.conftest import ADMIN_TOKEN, PAGE
 
@@ -376,3 +379,48 @@ async def _create(url: str) -> str:
         data = await resp.json()
         assert resp.status == 201, data
         return str(data["id"])
+
+
+async def test_script_line_times_out_on_a_silent_redis_then_reconnects(
+    private_redis_server: EmbeddedRedis,
+) -> None:
+    proxy = await SilentProxy(private_redis_server.port).start()
+    line = ScriptLine.from_url(proxy.url, timeout_s=0.5)
+    assert line is not None
+    try:
+        assert await line.call("PING") == b"PONG"
+        proxy.go_silent()
+        start = time.monotonic()
+        results = await asyncio.gather(
+            *(line.call("ECHO", f"n{i}") for i in range(50)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - start
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        # The watchdog looks every quarter of the timeout.
+        assert 0.5 <= elapsed < 0.5 * 1.25 + 0.3
+        proxy.speak()
+        # A new connection: the old one was aborted, its late replies go nowhere.
+        assert await line.call("ECHO", "again") == b"again"
+        # Slow but within the bound is no timeout.
+        proxy.go_silent()
+        pending = asyncio.ensure_future(line.call("ECHO", "slow"))
+        await asyncio.sleep(0.2)
+        proxy.speak()
+        assert await pending == b"slow"
+    finally:
+        line.close()
+        await proxy.close()
+
+
+def test_redis_timeout_must_outlast_the_drainers_block() -> None:
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1/x",
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "REDIS_TIMEOUT_MS": "1000",
+        "LEDGER_BLOCK_MS": "1000",
+    }
+    with pytest.raises(SettingsError, match="REDIS_TIMEOUT_MS"):
+        Settings.from_env(env)
+    assert Settings.from_env({**env, "REDIS_TIMEOUT_MS": "1500"}).redis_timeout_ms == 1500
+    assert Settings.from_env({**env, "REDIS_TIMEOUT_MS": ""}).redis_timeout_ms == 2000

@@ -381,6 +381,11 @@ class Verdict:
     reconcile_ok: bool
     reconcile_text: str
 
+    @classmethod
+    def not_run(cls, phase: str) -> Verdict:
+        """A phase whose load could not even start: a failure."""
+        return cls(phase, 0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, False, "phase did not run")
+
     @property
     def exact(self) -> bool:
         """Nothing lost, duplicated or wrong; PostgreSQL equals Redis; reconcile agrees."""
@@ -468,21 +473,24 @@ async def verdict(redis_url: str, database_url: str, phase: str, load: Load) -> 
 
 
 async def create_campaign(url: str, name: str, count: int = 200_000) -> str:
-    """A red packet big enough not to sell out during a phase."""
+    """A red packet big enough not to sell out during a phase (retried while the stack
+    is still recovering from the previous fault, bounded)."""
     body = {"kind": "red_packet", "name": name, "total_fen": count * 100, "count": count}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{url}/api/admin/campaigns",
-            json=body,
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            timeout=aiohttp.ClientTimeout(total=120),
-        ) as resp,
-    ):
-        data = await resp.json()
-        if resp.status != 201:
-            raise RuntimeError(f"campaign not created: {resp.status} {data}")
-        return str(data["id"])
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.post(
+                f"{url}/api/admin/campaigns",
+                json=body,
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}", **PAGE_HEADERS},
+                timeout=aiohttp.ClientTimeout(total=120),
+            ) as resp:
+                data = await resp.json(content_type=None)
+                if resp.status == 201:
+                    return str(data["id"])
+            if resp.status < 500 or time.monotonic() > deadline:
+                raise RuntimeError(f"campaign not created: {resp.status} {data}")
+            await asyncio.sleep(1)
 
 
 async def mint_players(redis_url: str, prefix: str, count: int) -> dict[str, str]:
@@ -559,7 +567,12 @@ async def _phases(stack: Stack, outage_s: float, silent_s: float, settle_s: floa
         phase_start = time.monotonic()
         # Enough players that the load outlasts the phase even on a fast machine.
         players = int(PLAYERS_PER_S * (settle_s * 3 + lasts_s))
-        result = await under_load(stack, phase, fault, players, settle_s, settle_s * 2)
+        try:
+            result = await under_load(stack, phase, fault, players, settle_s, settle_s * 2)
+        except (RuntimeError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+            print(f"== {phase}\n   could not run: {exc!r}", flush=True)
+            verdicts.append(Verdict.not_run(phase))
+            continue
         verdicts.append(result)
         print(result.render(), f"\n   ({time.monotonic() - phase_start:.0f}s)", flush=True)
     return verdicts
