@@ -121,7 +121,7 @@ class CampaignService:
             stats = await self.lotteries.stats(campaign)
         else:
             stats = await self.red_packets.stats(campaign)
-        if self._payouts is not None:
+        if self._payouts is not None and self._payouts.enabled:
             stats["payouts"] = await self._payouts.totals(campaign_id)
         return stats
 
@@ -132,7 +132,7 @@ class CampaignService:
             view = await self.lotteries.player_view(campaign, openid)
         else:
             view = await self.red_packets.player_view(campaign, openid)
-        if self._payouts is not None:
+        if self._payouts is not None and self._payouts.enabled:
             # Null until the grant reaches PostgreSQL (the ledger lag), then its bills.
             view["payout"] = await self._payouts.player_view(campaign_id, openid)
         return view

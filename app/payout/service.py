@@ -95,6 +95,11 @@ class PayoutService:
         self._verifier = verifier_of(settings) if settings.enabled else None
         self._cipher = cipher_of(settings) if settings.enabled else None
 
+    @property
+    def enabled(self) -> bool:
+        """Whether a merchant is configured (else views carry no payout fields)."""
+        return self._settings.enabled
+
     async def player_view(self, campaign_id: str, openid: str) -> dict[str, Any] | None:
         """The ``payout`` field of GET /me: overall state, label, and each bill."""
         bills = await payouts.player_bills(self._pg, campaign_id, openid)
