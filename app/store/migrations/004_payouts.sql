@@ -25,7 +25,7 @@ $$;
 
 CREATE TABLE payouts (
     out_bill_no       text PRIMARY KEY CHECK (out_bill_no ~ '^[A-Za-z0-9]{5,32}$'),
-    base_bill_no      text NOT NULL UNIQUE,
+    base_bill_no      text NOT NULL,
     campaign_id       text NOT NULL,
     openid            text NOT NULL,
     grant_kind        text NOT NULL CHECK (grant_kind IN ('grab', 'draw')),
@@ -46,15 +46,18 @@ CREATE TABLE payouts (
     next_at           timestamptz NOT NULL DEFAULT now(),
     lease_until       timestamptz,
     waiting_since     timestamptz,
+    -- Order of creation at WeChat Pay (the queue position players see).
+    queue_no          bigserial,
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (campaign_id, grant_kind, openid, grant_no)
+    -- One bill per grant; also the index of a player's and a campaign's bills.
+    UNIQUE (campaign_id, openid, grant_kind, grant_no)
 );
 
+-- Few indexes: every grant the drainers record writes one row here, in their statement.
 CREATE INDEX payouts_due ON payouts (next_at)
     WHERE state NOT IN ('SUCCESS', 'FAIL', 'CANCELLED');
-CREATE INDEX payouts_player ON payouts (campaign_id, openid);
-CREATE INDEX payouts_queue ON payouts (created_at, out_bill_no) WHERE state = 'NEW';
+CREATE INDEX payouts_queue ON payouts (queue_no) WHERE state = 'NEW';
 
 CREATE FUNCTION payouts_for_grabs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
