@@ -175,6 +175,32 @@ async def test_exactly_once_under_failures_kills_and_duplicate_notifications(
     # edges), plus one for the network between us and the fake.
     assert ledger["busiest_second"] <= RATE_PER_S + 2
 
+    # Through HAProxy to the workers: a replayed notification, and the same one unsigned
+    # and re-signed by a stranger, are refused; every bill stays SUCCESS.
+    sent = notes[-1]
+    stranger = {
+        **sent["headers"],
+        "Wechatpay-Signature": sent["headers"]["Wechatpay-Signature"][::-1],
+    }
+    unsigned = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        for headers, status in ((sent["headers"], 400), (stranger, 401), (unsigned, 401)):
+            async with http.post(
+                f"{stack.url}/api/wechatpay/notify", data=sent["body"], headers=headers
+            ) as resp:
+                assert resp.status == status
+                assert (await resp.json())["code"] == "FAIL"
+    pg = await asyncpg.connect(stack.database_url)
+    try:
+        assert (
+            await pg.fetchval(
+                "SELECT count(*) FROM payouts WHERE campaign_id = $1 AND state = 'SUCCESS'", cid
+            )
+            == PLAYERS
+        )
+    finally:
+        await pg.close()
+
     # Reconcile asks the fake about every bill: without its faults now (a query answered
     # 5xx is reported by reconcile as a mismatch, as it should be).
     await fake(stack, "POST", "/fake/faults", {"error_rate": 0.0, "timeout_rate": 0.0})
