@@ -542,3 +542,46 @@ def test_payout_settings_fail_loudly_and_never_show_keys(tmp_path: Path) -> None
         PayoutSettings.from_env({**env, "WECHATPAY_PRIVATE_KEY_FILE": str(tmp_path / "no")})
     with pytest.raises(SettingsError, match="32"):
         PayoutSettings.from_env({**env, "WECHATPAY_APIV3_KEY": "short"})
+
+
+async def test_a_lottery_cash_prize_is_paid_and_a_prize_without_value_is_not(
+    paying: Paying,
+) -> None:
+    client = paying.client
+    body = {
+        "kind": "lottery",
+        "name": "财神到",
+        "tiers": [
+            {"name": "8.88元红包", "stock": 1, "weight": 1, "value_fen": 888},
+            {"name": "福袋", "stock": 1, "weight": 1_000_000, "value_fen": None},
+        ],
+        "no_prize_weight": 0,
+        "quota_total": 2,
+        "quota_daily": 2,
+    }
+    resp = await client.post("/api/admin/campaigns", json=body, headers=ADMIN)
+    assert resp.status == 201, await resp.json()
+    cid = str((await resp.json())["id"])
+    await login(client, "dan")
+    prizes = []
+    for _ in range(2):
+        resp = await client.post(f"/api/campaigns/{cid}/draw")
+        prizes.append((await resp.json())["prize"]["name"])
+    assert sorted(prizes) == ["8.88元红包", "福袋"]  # both stocks of one: one each
+    deadline = time.monotonic() + 10
+    while not await payouts.campaign_bills(paying.pool, cid):
+        assert time.monotonic() < deadline, "draws not drained into the outbox"
+        await asyncio.sleep(0.05)
+    await paying.faults(auto_confirm=True)
+
+    async def settled() -> bool:
+        return (await paying.states(cid)) == {"dan": "SUCCESS"}
+
+    await paying.until("the cash prize paid", settled)
+    view = await me(client, cid, "dan")
+    assert view["payout"]["state"] == "paid"
+    assert [b["amount_fen"] for b in view["payout"]["bills"]] == [888]
+    fake = await paying.fake_ledger()
+    assert [(p["openid"], p["transfer_amount"]) for p in fake["paid"]] == [("dan", 888)]
+    report = await operations.reconcile(paying.redis, paying.pool, cid, paying.worker._client)
+    assert report.ok, report.render()
