@@ -149,6 +149,11 @@ class PayoutWorker:
         await self._adopt(bill, found)
 
     async def _cancel(self, bill: Bill) -> None:
+        log.info(
+            "bill %s unconfirmed for %ss: cancelling",
+            bill.out_bill_no,
+            self._settings.confirm_timeout_s,
+        )
         self.calls += 1
         try:
             answer = await self._client.cancel(bill.out_bill_no)
