@@ -25,10 +25,14 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.background.events import Events
 from app.local.chaos import Load, SilentProxy, Stack, create_campaign, mint_players, verdict
 from app.local.embedded import EmbeddedRedis, free_port
 from app.local.haproxy import haproxy_binary
-from app.redpacket.soldout import WinnersIndex
+from app.model import Campaign, Kind
+from app.redpacket import soldout
+from app.redpacket.soldout import SoldOut, WinnersIndex
+from app.redpacket.spec import RedPacketSpec
 from app.settings import Settings, SettingsError
 from app.store.scriptline import ScriptLine
 from app.store.scripts import CampaignKeys
@@ -139,7 +143,6 @@ async def test_silent_redis_fails_grabs_fast_then_recovers_exactly(stack: Stack)
 
     answers = load.all_answers()
     failures = [a for a in answers if a.status != 200]
-    print("failure seconds:", sorted(round(a.seconds, 2) for a in failures)[-20:])
     assert failures, "the silence was never noticed"
     # Fail fast, not a hang: a grab waits at most for the batch ahead of it and its own,
     # each bounded by REDIS_TIMEOUT_MS (1 s here) plus the watchdog's quarter.
@@ -424,3 +427,54 @@ def test_redis_timeout_must_outlast_the_drainers_block() -> None:
         Settings.from_env(env)
     assert Settings.from_env({**env, "REDIS_TIMEOUT_MS": "1500"}).redis_timeout_ms == 1500
     assert Settings.from_env({**env, "REDIS_TIMEOUT_MS": ""}).redis_timeout_ms == 2000
+
+
+async def test_sold_out_indexes_bounded_and_ended_ones_evicted(
+    private_redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In one process: the least recently used index goes past the memory bound, and an
+    ended campaign's index goes at its next grab (grabs then ask Redis again)."""
+    redis = Redis.from_url(private_redis_server.url)
+    events = Events(redis)
+    stop = asyncio.Event()
+    listener = asyncio.create_task(events.run(stop))
+    # Room for two minimum-size indexes.
+    monkeypatch.setattr(soldout, "MAX_TOTAL_BYTES", 2 * soldout.MIN_INDEX_BYTES)
+    known = SoldOut(redis, events)
+    spec = RedPacketSpec(total_fen=100, count=1, min_fen=1, max_fen=None)
+    now = int(time.time() * 1000)
+    ended = Campaign("c-ended", Kind.RED_PACKET, "ended", None, now + 1500, spec)
+    camps = [Campaign(f"c{i}", Kind.RED_PACKET, f"c{i}", None, None, spec) for i in range(3)]
+    try:
+        while not events.live:
+            await asyncio.sleep(0.01)
+        for campaign in [ended, *camps]:
+            await redis.hset(CampaignKeys.of(campaign.id).winners, "winner", "0:100")
+
+        async def learned(campaign: Campaign[RedPacketSpec]) -> None:
+            await events.publish("sold_out", campaign.id)
+            deadline = time.monotonic() + 5
+            while not known.surely_lost(campaign.id, "loser"):
+                assert time.monotonic() < deadline, "the index never loaded"
+                await asyncio.sleep(0.01)
+
+        await learned(ended)
+        await learned(camps[0])
+        # A third index pushes out the least recently used one (ended: camps[0] was
+        # loaded after it); still known sold out, its grabs now confirmed in Redis.
+        await learned(camps[1])
+        assert known.knows(ended)
+        assert not known.surely_lost(ended.id, "loser")
+        assert known.surely_lost(camps[0].id, "loser")
+        assert known.surely_lost(camps[1].id, "loser")
+        # Once ended, the campaign is forgotten at its next grab.
+        await asyncio.sleep(1.6)
+        assert not known.knows(ended)
+        assert not known.surely_lost(ended.id, "loser")
+        assert known.knows(camps[1])
+        assert not known.surely_lost(camps[1].id, "winner")
+    finally:
+        await known.close()
+        stop.set()
+        await listener
+        await redis.aclose()
