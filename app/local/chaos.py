@@ -603,9 +603,14 @@ async def run_chaos(appendfsync: str, short: bool, tmp: Path) -> int:
 
 
 def chaos(appendfsync: str, short: bool, keep: Path | None = None) -> int:
-    """``./hb chaos``: run in a temporary directory (or ``keep``), return the exit code."""
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(run_chaos(appendfsync, short, keep))
-    with tempfile.TemporaryDirectory(prefix="hb-chaos-") as tmp:
-        return asyncio.run(run_chaos(appendfsync, short, Path(tmp)))
+    """``./hb chaos``: run in a temporary directory (or ``keep``), return the exit code
+    (2, with one line, when the stack cannot start: a missing haproxy, say)."""
+    try:
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            return asyncio.run(run_chaos(appendfsync, short, keep))
+        with tempfile.TemporaryDirectory(prefix="hb-chaos-") as tmp:
+            return asyncio.run(run_chaos(appendfsync, short, Path(tmp)))
+    except RuntimeError as exc:
+        print(f"hongbao chaos: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
