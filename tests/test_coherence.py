@@ -224,7 +224,7 @@ async def test_listener_resyncs_what_it_missed_while_disconnected(
         await asyncio.sleep(0.001)
     assert "hongbao_events_live 0.0" in await (await a.get("/metrics")).text()
     # Revoked while a is not subscribed: the published message never reaches it.
-    await SessionStore(redis, 3600).delete(token)
+    await SessionStore(redis, settings.session_ttl_s).delete(token)
     await _live(a)
     assert "hongbao_events_live 1.0" in await (await a.get("/metrics")).text()
     # Live again, a trusts its memory, which the resync rebuilt from hb:revoked.

@@ -394,10 +394,11 @@ def test_serve_puts_haproxy_in_front(tmp_path: Path, redis_url: str, database_ur
     )
     try:
         assert proc.stdout is not None
-        banner = [proc.stdout.readline().decode() for _ in range(4)]
+        banner = [proc.stdout.readline().decode() for _ in range(5)]
         assert banner[0].startswith("fake WeChat (web authorization) at http://127.0.0.1:"), banner
-        assert banner[1].startswith(f"HAProxy on :{port} -> workers on"), banner
-        assert banner[2].startswith("HAProxy stats: http://127.0.0.1:"), banner
+        assert banner[1].startswith("fake WeChat Pay (merchant transfer) at http://127.0.0.1:")
+        assert banner[2].startswith(f"HAProxy on :{port} -> workers on"), banner
+        assert banner[3].startswith("HAProxy stats: http://127.0.0.1:"), banner
         deadline = time.monotonic() + 60
         while True:
             try:
