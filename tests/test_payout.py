@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app.campaigns import operations
-from app.local.embedded import free_port
+from app.local.embedded import EmbeddedPostgres, free_port
 from app.local.fakewechatpay import FakeWeChatPay, create_fake_pay_app, fake_from_env, provision
 from app.payout import wechatpay
 from app.payout.client import WeChatPayClient
@@ -585,3 +585,47 @@ async def test_a_lottery_cash_prize_is_paid_and_a_prize_without_value_is_not(
     assert [(p["openid"], p["transfer_amount"]) for p in fake["paid"]] == [("dan", 888)]
     report = await operations.reconcile(paying.redis, paying.pool, cid, paying.worker._client)
     assert report.ok, report.render()
+
+
+@pytest.mark.slow
+async def test_views_answer_without_postgresql(
+    aiohttp_server: Any, aiohttp_client: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """The payout part of /me and of the admin stats lives in PostgreSQL, the win in
+    Redis: with PostgreSQL stopped both still answer at once, from Redis, and the payout
+    part is back when PostgreSQL is."""
+    pg = EmbeddedPostgres(tmp_path / "pg", free_port()).start()
+    try:
+        env = payout_env(tmp_path, free_port(), free_port())
+        app = create_app(
+            settings.with_(database_url=pg.url, payout=PayoutSettings.from_env(env)),
+            access_log=None,
+        )
+        client = await aiohttp_client(await aiohttp_server(app), headers=PAGE)
+        cid = str((await create_campaign(client, total_fen=300, count=3))["id"])
+        await login(client, "alice")
+        won = await (await client.post(f"/api/campaigns/{cid}/grab")).json()
+        assert won["result"] == "won"
+        deadline = time.monotonic() + 10
+        while (await me(client, cid, "alice"))["payout"] is None:
+            assert time.monotonic() < deadline, "the grant never reached the outbox"
+            await asyncio.sleep(0.05)
+
+        pg.stop()
+        started = time.monotonic()
+        view = await me(client, cid, "alice")
+        assert view == {"result": "won", "amount_fen": won["amount_fen"], "payout": None}
+        resp = await client.get(f"/api/admin/campaigns/{cid}", headers=ADMIN)
+        assert resp.status == 200
+        stats = await resp.json()
+        assert (stats["won_count"], stats["won_fen"]) == (1, won["amount_fen"])
+        assert "payouts" not in stats
+        assert time.monotonic() - started < 5
+
+        pg.start()
+        deadline = time.monotonic() + 30
+        while (await me(client, cid, "alice"))["payout"] is None:
+            assert time.monotonic() < deadline, "the payout part did not come back"
+            await asyncio.sleep(0.2)
+    finally:
+        pg.stop()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
-from typing import Any, cast
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import asyncpg
 from redis.asyncio import Redis
@@ -18,6 +19,12 @@ from app.payout.service import PayoutService
 from app.redpacket.pool import Progress
 from app.redpacket.service import GrabOutcome, RedPackets
 from app.store.scripts import CampaignKeys, RedisClock, Scripts
+
+log = logging.getLogger("hongbao.campaigns")
+T = TypeVar("T")
+# The payout part of a view lives in PostgreSQL; everything else in Redis. While
+# PostgreSQL is down or slow, views answer without it within this long.
+LEDGER_READ_S = 1.0
 
 KINDS = ", ".join(f"'{k}'" for k in Kind)
 
@@ -122,7 +129,9 @@ class CampaignService:
         else:
             stats = await self.red_packets.stats(campaign)
         if self._payouts is not None and self._payouts.enabled:
-            stats["payouts"] = await self._payouts.totals(campaign_id)
+            totals = await _from_ledger(self._payouts.totals(campaign_id))
+            if totals is not None:
+                stats["payouts"] = totals
         return stats
 
     async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
@@ -134,7 +143,8 @@ class CampaignService:
             view = await self.red_packets.player_view(campaign, openid)
         if self._payouts is not None and self._payouts.enabled:
             # Null until the grant reaches PostgreSQL (the ledger lag), then its bills.
-            view["payout"] = await self._payouts.player_view(campaign_id, openid)
+            # (and null while PostgreSQL cannot be read: the win itself is Redis's).
+            view["payout"] = await _from_ledger(self._payouts.player_view(campaign_id, openid))
         return view
 
     async def grab(self, campaign: Campaign[Any], openid: str) -> GrabOutcome:
@@ -157,3 +167,13 @@ class CampaignService:
         """Finish grabs and draws in flight (graceful shutdown)."""
         await self.red_packets.drain()
         await self.lotteries.drain()
+
+
+async def _from_ledger(read: Awaitable[T]) -> T | None:
+    """What ``read`` gets from PostgreSQL, or None when it is down or slower than
+    LEDGER_READ_S (logged): a view never waits on, or fails with, the ledger."""
+    try:
+        return await asyncio.wait_for(read, LEDGER_READ_S)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("view answered without PostgreSQL: %s", type(exc).__name__)
+        return None
