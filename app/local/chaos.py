@@ -69,6 +69,7 @@ class SilentProxy:
         self._flowing.set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @property
     def url(self) -> str:
@@ -91,10 +92,18 @@ class SilentProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._flowing.wait()
+        if self._closed:
+            writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.close()
+            return
+        if self._closed:
+            # close() ran while we connected: it cancelled the pumps it knew of.
+            writer.close()
+            up_writer.close()
             return
         for src, dst in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pump(src, dst, (writer, up_writer)))
@@ -120,6 +129,7 @@ class SilentProxy:
 
     async def close(self) -> None:
         """Stop listening and drop every connection."""
+        self._closed = True
         if self._server is not None:
             self._server.close()
         self._flowing.set()
