@@ -21,11 +21,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.background.events import Events
+from app.campaigns import operations
 from app.local.chaos import Load, SilentProxy, Stack, create_campaign, mint_players, verdict
 from app.local.embedded import EmbeddedRedis, free_port
 from app.local.haproxy import haproxy_binary
@@ -34,6 +36,7 @@ from app.redpacket import soldout
 from app.redpacket.soldout import SoldOut, WinnersIndex
 from app.redpacket.spec import RedPacketSpec
 from app.settings import Settings, SettingsError
+from app.store import ledger
 from app.store.scriptline import ScriptLine
 from app.store.scripts import CampaignKeys
 from tests.conftest import ADMIN_TOKEN, PAGE
@@ -116,6 +119,47 @@ async def test_postgres_down_20s_every_grab_through_haproxy_still_200(stack: Sta
     assert result.told == len(answers)
     assert result.exact, result.render()
     assert result.unacknowledged == 0
+
+
+async def test_a_worker_restarted_while_postgres_is_down_serves_grabs(stack: Stack) -> None:
+    """The orchestrator replaces a worker during a PostgreSQL outage: it starts without
+    PostgreSQL, grabs through HAProxy, and once PostgreSQL is back its grants are
+    recorded and the books balance."""
+    cid = await create_campaign(stack.url, "restart-pgdown", count=1000)
+    players = await mint_players(stack.redis_url, "rpg-", 40)
+    assert stack.pg is not None
+    stack.pg.stop()
+    stack.kill("w1")
+    stack.start_worker(0)
+    await stack.wait_workers_ready(30)
+    port = stack.worker_ports[0]
+    won: dict[str, int] = {}
+    async with aiohttp.ClientSession() as http:
+        for openid, token in players.items():
+            async with http.post(
+                f"http://127.0.0.1:{port}/api/campaigns/{cid}/grab",
+                headers={**PAGE, "Cookie": f"hb_session={token}"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                body = await resp.json()
+            assert body["result"] == "won", body
+            won[openid] = body["amount_fen"]
+    assert (await get_json(f"http://127.0.0.1:{port}/healthz/ledger"))[0] == 503
+    stack.pg.start()
+    redis = Redis.from_url(stack.redis_url)
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1)
+    try:
+        deadline = time.monotonic() + 60
+        while await redis.xlen(CampaignKeys.of(cid).ledger):
+            assert time.monotonic() < deadline, "the restarted worker never drained"
+            await asyncio.sleep(0.2)
+        recorded = await ledger.fetch_grabs(pool, cid)
+        assert {u: e.amount_fen for u, e in recorded.items()} == won
+        report = await operations.reconcile(redis, pool, cid)
+        assert report.ok, report.render()
+    finally:
+        await pool.close()
+        await redis.aclose()
 
 
 async def test_silent_redis_fails_grabs_fast_then_recovers_exactly(stack: Stack) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -70,17 +71,57 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await redis.aclose()
 
 
-async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The asyncpg pool, with migrations applied."""
-    settings = app[SETTINGS]
-    pool = await asyncpg.create_pool(
-        settings.database_url, min_size=1, max_size=settings.pg_pool_max
-    )
-    applied = await ledger.migrate(pool)
+# PostgreSQL errors that mean "not reachable now", not "refused this".
+PG_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# How long start-up waits for PostgreSQL to apply the migrations before it serves without.
+PG_START_WAIT_S = 5.0
+PG_RETRY_MAX_S = 10.0
+
+
+async def _migrate(pool: asyncpg.Pool) -> None:
+    applied = await asyncio.wait_for(ledger.migrate(pool), PG_START_WAIT_S)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
+
+
+async def _migrate_when_back(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    """Retry the migrations, with back-off, until PostgreSQL takes them or we stop."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await _migrate(pool)
+            log.info("PostgreSQL is back: migrations checked")
+            return
+        except PG_DOWN:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, PG_RETRY_MAX_S)
+
+
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The asyncpg pool, with migrations applied.
+
+    A worker (re)started while PostgreSQL is down still starts: grabs and draws need only
+    Redis, the drainer retries its writes, and the migrations are applied once PostgreSQL
+    answers again.
+    """
+    settings = app[SETTINGS]
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=0, max_size=settings.pg_pool_max
+    )
+    stop = asyncio.Event()
+    waiting: asyncio.Task[None] | None = None
+    try:
+        await _migrate(pool)
+    except PG_DOWN as exc:
+        log.warning(
+            "PostgreSQL unreachable at start-up (%s); serving without it", type(exc).__name__
+        )
+        waiting = asyncio.create_task(_migrate_when_back(pool, stop), name="migrations")
     app[PG] = pool
     yield
+    if waiting is not None:
+        await stop_loop(waiting, stop)
     await pool.close()
 
 
