@@ -120,6 +120,12 @@ class Metrics:
             "answered, else 0. Grabs do not need PostgreSQL; the ledger lags while it is 0.",
             registry=self.registry,
         )
+        self._payout_backlog = Gauge(
+            "hongbao_payout_backlog",
+            "About how many payout bills wait to be created at WeChat Pay (the queue from "
+            "its head to its tail; sampled with the PostgreSQL probe where payouts are on).",
+            registry=self.registry,
+        )
         self._loop_stall = Gauge(
             "hongbao_loop_stall_recent_max_seconds",
             "Longest delay of the event loop's 10 ms probe tick over the last 5-10 s "
@@ -173,6 +179,10 @@ class Metrics:
     def set_ledger_up(self, up: bool) -> None:
         """Report whether PostgreSQL answered the last probe."""
         self._ledger_up.set(1 if up else 0)
+
+    def set_payout_backlog(self, bills: int) -> None:
+        """Report the payout queue's length."""
+        self._payout_backlog.set(bills)
 
     def set_loop_stall(self, seconds: float) -> None:
         """Report the longest recent event-loop stall."""

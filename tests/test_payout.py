@@ -629,3 +629,29 @@ async def test_views_answer_without_postgresql(
             await asyncio.sleep(0.2)
     finally:
         pg.stop()
+
+
+async def _backlog(client: TestClient) -> float:
+    text = await (await client.get("/metrics")).text()
+    found = re.search(r"^hongbao_payout_backlog (\S+)$", text, re.MULTILINE)
+    assert found, "hongbao_payout_backlog not exported"
+    return float(found.group(1))
+
+
+async def test_the_payout_backlog_is_exported(paying: Paying) -> None:
+    """``hongbao_payout_backlog`` (the HongbaoPayoutBacklog alert's metric) counts the bills
+    not yet created at WeChat Pay, and falls to 0 once the worker has created them."""
+    cid = await win(paying, ["ann", "ben", "cat"])
+    deadline = time.monotonic() + 10
+    while await _backlog(paying.client) != 3:
+        assert time.monotonic() < deadline, "the backlog never showed the three bills"
+        await asyncio.sleep(0.2)
+
+    async def created() -> bool:
+        return "NEW" not in set((await paying.states(cid)).values())
+
+    await paying.until("bills created", created)
+    deadline = time.monotonic() + 10
+    while await _backlog(paying.client) != 0:
+        assert time.monotonic() < deadline, "the backlog did not fall to 0"
+        await asyncio.sleep(0.2)

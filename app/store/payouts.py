@@ -75,6 +75,10 @@ SELECT_ONE = f"SELECT {_COLUMNS} FROM payouts WHERE out_bill_no = $1"
 
 # From the head of the queue, not a count of the rows ahead: one index probe, however
 # long the queue (bills ahead already made out of turn are still counted).
+# The same way, the queue's length: two probes of the partial index, never a count.
+BACKLOG = """
+SELECT coalesce(max(queue_no) - min(queue_no) + 1, 0) FROM payouts WHERE state = 'NEW'
+"""
 QUEUE_POSITION = """
 SELECT $1 - coalesce(min(queue_no), $1) FROM payouts WHERE state = 'NEW'
 """
@@ -201,6 +205,11 @@ async def bill(pool: asyncpg.Pool, out_bill_no: str) -> Bill | None:
 async def queue_position(pool: asyncpg.Pool, bill: Bill) -> int:
     """About how many bills not yet created at WeChat Pay are ahead of ``bill``."""
     return int(await pool.fetchval(QUEUE_POSITION, bill.queue_no))
+
+
+async def backlog(pool: asyncpg.Pool) -> int:
+    """About how many bills wait to be created at WeChat Pay, all campaigns together."""
+    return int(await pool.fetchval(BACKLOG))
 
 
 async def totals(pool: asyncpg.Pool, campaign_id: str) -> dict[str, tuple[int, int]]:

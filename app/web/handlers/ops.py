@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import asyncpg
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from app.errors import json_response
 from app.metrics import CONTENT_TYPE
+from app.store import payouts
 from app.web.keys import METRICS, PG, READINESS, REDIS, SCRIPTS, SETTINGS
-from app.web.readiness import LEDGER_PROBE_EVERY_S, LoopWatch, ledger_up
+from app.web.readiness import LEDGER_PROBE_EVERY_S, LEDGER_PROBE_TIMEOUT_S, LoopWatch, ledger_up
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -61,8 +63,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def _probe_ledger(app: web.Application) -> None:
+    metrics, payouts_on = app[METRICS], app[SETTINGS].payout.enabled
     while True:
-        await ledger_up(app[PG], app[METRICS])
+        if await ledger_up(app[PG], metrics) and payouts_on:
+            with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError):
+                async with asyncio.timeout(LEDGER_PROBE_TIMEOUT_S):
+                    metrics.set_payout_backlog(await payouts.backlog(app[PG]))
         await asyncio.sleep(LEDGER_PROBE_EVERY_S)
 
 
