@@ -92,15 +92,7 @@ def _fake_wechatpay(args: argparse.Namespace) -> int:
             f"hongbao: fake-wechatpay needs the keys ./hb serve provisions ({exc})", file=sys.stderr
         )
         return 2
-    web.run_app(
-        create_fake_pay_app(fake),
-        host=args.host,
-        port=args.port,
-        print=None,
-        access_log=None,
-        loop=uvloop.new_event_loop(),
-    )
-    return 0
+    return _run_fake(create_fake_pay_app(fake), args)
 
 
 def _payout(args: argparse.Namespace) -> int:
@@ -124,8 +116,13 @@ def _fake_wechat(args: argparse.Namespace) -> int:
     if not appid or not secret:
         print("hongbao: fake-wechat needs WECHAT_APPID and WECHAT_SECRET", file=sys.stderr)
         return 2
+    return _run_fake(create_fake_app(FakeWeChat(appid, secret)), args)
+
+
+def _run_fake(app: web.Application, args: argparse.Namespace) -> int:
+    """Serve a fake of the outside world on ``--host``/``--port`` until interrupted."""
     web.run_app(
-        create_fake_app(FakeWeChat(appid, secret)),
+        app,
         host=args.host,
         port=args.port,
         print=None,

@@ -30,6 +30,22 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PAGE = {"X-Requested-With": "hongbao"}
 
 
+def worker_env(redis_url: str, database_url: str, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a real worker process (``python -m app worker``) on ``port``
+    against the test stores, with dev-login and plain-HTTP cookies; ``extra`` on top."""
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "DEV_LOGIN": "1",
+        "INSECURE_COOKIES": "1",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        **extra,
+    }
+
+
 def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):

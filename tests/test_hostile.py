@@ -39,7 +39,7 @@ from app.local.embedded import EmbeddedRedis, free_port
 from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, haproxy_binary, render_local_config
 from app.store.scripts import SESSION_SIGNING_KEY, CampaignKeys, session_key
 from app.web.accesslog import FLUSH_AFTER_S
-from tests.conftest import ADMIN, ADMIN_TOKEN, PAGE
+from tests.conftest import ADMIN, PAGE, worker_env
 
 pytestmark = [
     pytest.mark.slow,
@@ -108,24 +108,19 @@ class Stack:
     def start_workers(self, session_keys: str) -> None:
         for name in ("w1", "w2"):
             port = self.worker_ports.setdefault(name, free_port())
-            env = {
-                **os.environ,
-                "REDIS_URL": self.redis_url,
-                "DATABASE_URL": self.database_url,
-                "ADMIN_TOKEN": ADMIN_TOKEN,
-                "DEV_LOGIN": "1",
-                "INSECURE_COOKIES": "1",
-                "HOST": "127.0.0.1",
-                "PORT": str(port),
-                "DRAIN_DELAY_S": "0.3",
-                "SHUTDOWN_TIMEOUT_S": "5",
-                "SESSION_TTL_S": str(SESSION_TTL_S),
-                "SESSION_KEYS": session_keys,
-                "WECHAT_APPID": APPID,
-                "WECHAT_SECRET": SECRET,
-                "WECHAT_AUTHORIZE_URL": f"http://127.0.0.1:{self.fake_port}/connect/oauth2/authorize",
-                "WECHAT_API_BASE": f"http://127.0.0.1:{self.fake_port}",
-            }
+            env = worker_env(
+                self.redis_url,
+                self.database_url,
+                port,
+                DRAIN_DELAY_S="0.3",
+                SHUTDOWN_TIMEOUT_S="5",
+                SESSION_TTL_S=str(SESSION_TTL_S),
+                SESSION_KEYS=session_keys,
+                WECHAT_APPID=APPID,
+                WECHAT_SECRET=SECRET,
+                WECHAT_AUTHORIZE_URL=f"http://127.0.0.1:{self.fake_port}/connect/oauth2/authorize",
+                WECHAT_API_BASE=f"http://127.0.0.1:{self.fake_port}",
+            )
             out = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
             self.workers[name] = subprocess.Popen(
                 [sys.executable, "-m", "app", "worker"], env=env, stdout=out, stderr=out

@@ -31,7 +31,7 @@ from app.local.embedded import free_port
 from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, haproxy_binary, render_local_config
 from app.store.scripts import CampaignKeys
 from app.web.accesslog import FLUSH_AFTER_S
-from tests.conftest import ADMIN, ADMIN_TOKEN, PAGE
+from tests.conftest import ADMIN, PAGE, worker_env
 
 pytestmark = [
     pytest.mark.slow,
@@ -65,18 +65,13 @@ class Topology:
 
     def start_worker(self, name: str) -> None:
         port = free_port()
-        env = {
-            **os.environ,
-            "REDIS_URL": self.redis_url,
-            "DATABASE_URL": self.database_url,
-            "ADMIN_TOKEN": ADMIN_TOKEN,
-            "DEV_LOGIN": "1",
-            "INSECURE_COOKIES": "1",
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "DRAIN_DELAY_S": str(DRAIN_DELAY_S),
-            "SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_TIMEOUT_S),
-        }
+        env = worker_env(
+            self.redis_url,
+            self.database_url,
+            port,
+            DRAIN_DELAY_S=str(DRAIN_DELAY_S),
+            SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
+        )
         out = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.workers[name] = subprocess.Popen(
             [sys.executable, "-m", "app", "worker"], env=env, stdout=out, stderr=out

@@ -384,25 +384,31 @@ def _created(fake: FakeWeChatPay, bill: FakeBill) -> dict[str, Any]:
     return out
 
 
-async def query_bill(request: web.Request) -> web.Response:
-    """GET .../transfer-bills/out-bill-no/{out_bill_no}."""
+async def _named_bill(request: web.Request) -> tuple[FakeWeChatPay, FakeBill | web.Response]:
+    """The bill the path names, or the answer that refuses the request (as ``_body``, or
+    404 for a number never seen)."""
     fake, _, refused = await _body(request)
     if refused is not None:
-        return refused
+        return fake, refused
     bill = fake.bills.get(request.match_info["out_bill_no"])
     if bill is None:
-        return fake.error(404, "NOT_FOUND", "记录不存在")
+        return fake, fake.error(404, "NOT_FOUND", "记录不存在")
+    return fake, bill
+
+
+async def query_bill(request: web.Request) -> web.Response:
+    """GET .../transfer-bills/out-bill-no/{out_bill_no}."""
+    fake, bill = await _named_bill(request)
+    if isinstance(bill, web.Response):
+        return bill
     return fake.answer(200, fake.view(bill))
 
 
 async def cancel_bill(request: web.Request) -> web.Response:
     """POST .../transfer-bills/out-bill-no/{out_bill_no}/cancel."""
-    fake, _, refused = await _body(request)
-    if refused is not None:
-        return refused
-    bill = fake.bills.get(request.match_info["out_bill_no"])
-    if bill is None:
-        return fake.error(404, "NOT_FOUND", "记录不存在")
+    fake, bill = await _named_bill(request)
+    if isinstance(bill, web.Response):
+        return bill
     if bill.state in ("ACCEPTED", "PROCESSING", "WAIT_USER_CONFIRM"):
         if fake.faults.balance_fen is not None:
             fake.faults.balance_fen += bill.transfer_amount
