@@ -1,10 +1,12 @@
-"""What the operator reports (reconcile, rebuild) of every kind print alike."""
+"""What the operator reports (reconcile, rebuild) of every kind print alike, and the
+one table layout every CLI command prints (``table``)."""
 
 from __future__ import annotations
 
-import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import wcwidth
 
 MAX_LISTED = 50
 
@@ -38,15 +40,51 @@ def conclusion(mismatches: list[str]) -> list[str]:
     return lines
 
 
-def fit(text: str, width: int) -> str:
-    """``text`` cut and padded to ``width`` terminal columns (CJK characters take two)."""
+def width(text: str) -> int:
+    """The terminal columns ``text`` takes: a CJK character two, a combining mark none."""
+    return wcwidth.width(text)
 
-    def cols(part: str) -> int:
-        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in part)
 
-    while cols(text) > width:
-        text = text[:-2] + "…"
-    return text + " " * (width - cols(text))
+def fit(text: str, columns: int) -> str:
+    """``text`` cut (ending in "…") and padded to exactly ``columns`` terminal columns."""
+    if width(text) > columns:
+        while text and width(text) > columns - 1:
+            text = text[:-1]
+        text += "…"
+    return text + " " * (columns - width(text))
+
+
+def table(rows: Iterable[Sequence[object]], headers: Sequence[str], indent: str = "") -> str:
+    """Rows under headers, every column as wide as its widest cell in terminal columns
+    (``width``: 红包 takes four), so CJK names line up; two spaces between columns.
+
+    A column of numbers (int, not bool; None prints as "-") is right-aligned, any
+    other column left-aligned. Every line has the same width, and each
+    starts with ``indent``. Example::
+
+        print(table([("红包雨", 3, "管理员"), ("ops", None, "viewer")], ("name", "n", "role")))
+        name    n  role
+        红包雨  3  管理员
+        ops     -  viewer
+    """
+    cells = [list(row) for row in rows]
+    if any(len(row) != len(headers) for row in cells):
+        raise ValueError(f"every row needs {len(headers)} cells, as many as the headers")
+    right = [
+        any(type(row[i]) is int for row in cells)
+        and all(type(row[i]) is int or row[i] is None for row in cells)
+        for i in range(len(headers))
+    ]
+    text = [list(headers), *(["-" if c is None else str(c) for c in row] for row in cells)]
+    widths = [max(width(line[i]) for line in text) for i in range(len(headers))]
+
+    def pad(cell: str, i: int) -> str:
+        gap = " " * (widths[i] - width(cell))
+        return gap + cell if right[i] else cell + gap
+
+    return "\n".join(
+        indent + "  ".join(pad(cell, i) for i, cell in enumerate(line)) for line in text
+    )
 
 
 def listed(values: Iterable[int]) -> str:
