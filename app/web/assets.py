@@ -1,8 +1,9 @@
-"""The H5 page and its static assets, held in memory under content-hashed names.
+"""The pages (the H5 page players open, the operators' console) and their static
+assets, held in memory under content-hashed names.
 
-Assets are served as ``/static/h5.<hash>.css`` with a year-long immutable cache; the
-HTML names them and is itself ``no-cache``, so a deploy reaches players on their next
-page load while the assets stay cached until they change. ``/favicon.ico`` keeps the
+Assets are served as ``/static/h5.<hash>.css`` with a year-long immutable cache; each
+page's HTML names its own and is itself ``no-cache``, so a deploy reaches players on
+their next page load while the assets stay cached until they change. ``/favicon.ico`` keeps the
 name browsers ask for, so it is cached for a day instead.
 """
 
@@ -20,8 +21,9 @@ _TYPES = {
     ".html": "text/html",
     ".ico": "image/x-icon",
 }
-_ASSETS = ("h5.css", "h5.js")
-_PAGE = "h5.html"
+# Each page and the assets it names as ``{{name}}``.
+_H5 = ("h5.html", ("h5.css", "h5.js"))
+_ADMIN = ("admin.html", ("admin.css", "admin.js"))
 _FAVICON = "favicon.ico"
 
 
@@ -43,9 +45,10 @@ class Asset:
 
 @dataclass(frozen=True, slots=True)
 class Assets:
-    """The page, the assets it names (by public file name) and the favicon."""
+    """The H5 page, the console, the assets they name (by public file name), the favicon."""
 
     page: Asset
+    admin: Asset
     files: dict[str, Asset]
     favicon: Asset
 
@@ -53,13 +56,19 @@ class Assets:
     def load(cls, directory: Path = STATIC_DIR) -> Assets:
         """Read the static folder (start-up only) and name each asset by its hash."""
         files: dict[str, Asset] = {}
-        html = (directory / _PAGE).read_text(encoding="utf-8")
-        for name in _ASSETS:
-            path = directory / name
-            body = path.read_bytes()
-            stem, ext = path.stem, path.suffix
-            public = f"{stem}.{hashlib.sha256(body).hexdigest()[:12]}{ext}"
-            files[public] = Asset.of(body, _TYPES[ext])
-            html = html.replace("{{" + name + "}}", f"/static/{public}")
+        page = _page(directory, *_H5, files)
+        admin = _page(directory, *_ADMIN, files)
         favicon = Asset.of((directory / _FAVICON).read_bytes(), _TYPES[".ico"])
-        return cls(Asset.of(html.encode(), _TYPES[".html"]), files, favicon)
+        return cls(page, admin, files, favicon)
+
+
+def _page(directory: Path, page: str, assets: tuple[str, ...], files: dict[str, Asset]) -> Asset:
+    """The HTML of ``page`` naming its ``assets`` by hash; adds them to ``files``."""
+    html = (directory / page).read_text(encoding="utf-8")
+    for name in assets:
+        path = directory / name
+        body = path.read_bytes()
+        public = f"{path.stem}.{hashlib.sha256(body).hexdigest()[:12]}{path.suffix}"
+        files[public] = Asset.of(body, _TYPES[path.suffix])
+        html = html.replace("{{" + name + "}}", f"/static/{public}")
+    return Asset.of(html.encode(), _TYPES[".html"])

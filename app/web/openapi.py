@@ -280,6 +280,16 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "get",
+        "/admin",
+        "The operators' console (its data comes from /api/admin with a bearer token)",
+        (
+            Answer(200, "the page", _HTML_PAGE, media=HTML),
+            Answer(304, "not modified", media=""),
+        ),
+        tags=("operators",),
+    ),
+    Operation(
+        "get",
         "/static/{name}",
         "A content-hashed asset of the page, cached for a year",
         (

@@ -1,4 +1,4 @@
-"""The H5 page players open, and its static assets."""
+"""The H5 page players open, the operators' console, and their static assets."""
 
 from __future__ import annotations
 
@@ -33,13 +33,22 @@ def _send(request: web.Request, asset: Asset, cache_control: str) -> web.Respons
     return response
 
 
-async def h5_page(request: web.Request) -> web.Response:
-    """GET / and GET /c/{id}: the page; it reads the campaign id from its path."""
-    response = _send(request, request.app[ASSETS].page, "no-cache")
+def _page(request: web.Request, asset: Asset) -> web.Response:
+    response = _send(request, asset, "no-cache")
     response.headers["Content-Security-Policy"] = PAGE_CSP
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "same-origin"
     return response
+
+
+async def h5_page(request: web.Request) -> web.Response:
+    """GET / and GET /c/{id}: the page; it reads the campaign id from its path."""
+    return _page(request, request.app[ASSETS].page)
+
+
+async def admin_console(request: web.Request) -> web.Response:
+    """GET /admin: the operators' console; its data comes from /api/admin with a token."""
+    return _page(request, request.app[ASSETS].admin)
 
 
 async def static_asset(request: web.Request) -> web.Response:
@@ -61,5 +70,6 @@ def setup(app: web.Application) -> None:
     """Register the page routes."""
     app.router.add_get("/", h5_page, name="home")
     app.router.add_get("/c/{id}", h5_page, name="campaign_page")
+    app.router.add_get("/admin", admin_console, name="admin_console")
     app.router.add_get("/static/{name}", static_asset, name="static")
     app.router.add_get("/favicon.ico", favicon, name="favicon")
