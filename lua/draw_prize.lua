@@ -15,7 +15,8 @@
 --   index in KEYS of its replay record (0: the draw carries no idempotency key)
 -- returns {status, now_ms, day, code_1, tier_1, draw_no_1, code_2, tier_2, draw_no_2, ...}
 --   status 0 settled, 1 no such campaign (or still loading), 2 not started, 3 ended,
---          4 not a lottery, 5 ARGV[1] is not today: nothing done, call again with `day`
+--          4 not a lottery, 5 ARGV[1] is not today: nothing done, call again with `day`,
+--          6 paused by an operator (3 also once closed out: ended wins over everything)
 --   now_ms and day: Redis's clock and its day in Asia/Shanghai, which decided everything
 --   per draw: code 0 prize (tier >= 0), 1 no prize, 2 total quota used up, 3 daily quota
 --   used up; tier -1 unless a prize; draw_no is the player's draw number (0 when refused).
@@ -50,18 +51,22 @@ local today_n = shanghai_day(now)
 local day = string.format('%d', today_n)
 
 local m = redis.call('HMGET', meta, 'starts_at_ms', 'ends_at_ms', 'kind', 'tier_count',
-  'no_prize_weight', 'quota_total', 'quota_daily', 'when_out')
+  'no_prize_weight', 'quota_total', 'quota_daily', 'when_out', 'paused', 'closed_ms')
 if not m[1] then
   return {1, now, today_n}
 end
 if m[3] ~= 'lottery' then
   return {4, now, today_n}
 end
+-- Ended wins over everything (an operator's end may come before the start).
+if now >= tonumber(m[2]) or m[10] then
+  return {3, now, today_n}
+end
 if now < tonumber(m[1]) then
   return {2, now, today_n}
 end
-if now >= tonumber(m[2]) then
-  return {3, now, today_n}
+if m[9] == '1' then
+  return {6, now, today_n}
 end
 -- The worker named the daily key from its own clock; only Redis's day counts.
 if ARGV[1] ~= day then

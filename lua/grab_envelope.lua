@@ -7,6 +7,7 @@
 -- ARGV[1..n] user ids (openids), one per grab
 -- returns {status, remaining_count, now_ms, code_1, amount_1, code_2, amount_2, ...}
 --   status 0 settled, 1 no such campaign (or still loading), 2 not started, 3 ended
+--          (its window has passed, or it was closed out), 4 paused by an operator
 --   now_ms: Redis's clock, which decided the window and stamps the ledger entries
 --   per user: code 0 won, 1 already won (same amount), 2 sold out; amount 0 when sold out
 
@@ -20,15 +21,20 @@ local stamp = string.format('%d', now)
 
 -- The meta hash is written only after the whole pool is loaded, so its absence
 -- also means "not open yet": nobody can grab a half-loaded campaign.
-local window = redis.call('HMGET', meta, 'starts_at_ms', 'ends_at_ms')
+local window = redis.call('HMGET', meta, 'starts_at_ms', 'ends_at_ms', 'paused', 'closed_ms')
 if not window[1] then
   return {1, 0, now}
+end
+-- Ended wins over everything (an operator's end may come before the start); a campaign
+-- closed out stays ended even if Redis's clock stepped back past its end.
+if now >= tonumber(window[2]) or window[4] then
+  return {3, redis.call('LLEN', pool), now}
 end
 if now < tonumber(window[1]) then
   return {2, redis.call('LLEN', pool), now}
 end
-if now >= tonumber(window[2]) then
-  return {3, redis.call('LLEN', pool), now}
+if window[3] == '1' then
+  return {4, redis.call('LLEN', pool), now}
 end
 
 local out = {0, 0, now}

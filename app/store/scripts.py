@@ -3,7 +3,11 @@
 Key schema -- every key of one campaign shares the hash tag ``{<campaign id>}`` so
 each script touches a single Redis Cluster slot:
 
-    hb:{<cid>}:meta      hash   definition (kind, name, window, totals) + won counters
+    hb:{<cid>}:meta      hash   definition (kind, name, window, totals) + won counters;
+                                lifecycle: paused (1|0), ends_at_ms moved to the end by
+                                an operator's end, closed_ms once closed out, with
+                                refunded_count / refunded_fen (red packet) or closeout
+                                "unreleased:unwon," per tier (lottery)
     hb:{<cid>}:pool      list   un-granted envelopes, "seq:amount_fen", popped from the left
     hb:{<cid>}:winners   hash   openid -> "seq:amount_fen"
     hb:{<cid>}:ledger    stream one entry per grant or draw, drained into PostgreSQL
@@ -26,7 +30,8 @@ each script touches a single Redis Cluster slot:
     hb:{payout}:pause    string set with a TTL: every payout process waits (rate limit, no balance)
     hb:{payout}:nonce:<n> string a WeChat Pay notification nonce seen, kept past its freshness
 
-Pub/sub channel ``hb:events`` (app.background.events) carries revocations and sold-out news.
+Pub/sub channel ``hb:events`` (app.background.events) carries revocations, sold-out news
+and lifecycle changes (paused, resumed, ended).
 
 Python builds key names here and nowhere else.
 """
@@ -143,6 +148,7 @@ class GrabStatus(enum.IntEnum):
     NOT_FOUND = 1
     NOT_STARTED = 2
     ENDED = 3
+    PAUSED = 4
 
 
 class GrabCode(enum.IntEnum):
@@ -172,6 +178,7 @@ class DrawStatus(enum.IntEnum):
     ENDED = 3
     WRONG_KIND = 4
     WRONG_DAY = 5
+    PAUSED = 6
 
 
 class DrawCode(enum.IntEnum):
@@ -209,6 +216,33 @@ class DrawBatchResult:
     results: list[DrawResult]
     now_ms: int
     day: int  # YYYYMMDD in Asia/Shanghai, of now_ms
+
+
+class PauseStatus(enum.IntEnum):
+    """What set_paused answered."""
+
+    CHANGED = 0
+    NOT_FOUND = 1
+    ENDED = 2
+    UNCHANGED = 3
+
+
+class CloseStatus(enum.IntEnum):
+    """What close_campaign answered."""
+
+    CLOSED = 0
+    NOT_FOUND = 1
+    NOT_ENDED = 2
+    ALREADY_CLOSED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class CloseResult:
+    """What close_campaign answered, with Redis's now and when the campaign ended."""
+
+    status: CloseStatus
+    now_ms: int
+    ends_at_ms: int
 
 
 class RedisClock:
@@ -254,6 +288,8 @@ class Scripts:
         self._grab = redis.register_script(self._sources["grab_envelope"])
         self._redeem = redis.register_script(load_lua("redeem_login"))
         self._draw = redis.register_script(self._sources["draw_prize"])
+        self._set_paused = redis.register_script(load_lua("set_paused"))
+        self._close = redis.register_script(load_lua("close_campaign"))
 
     async def _settle(
         self, name: str, script: AsyncScript, keys: list[str], args: list[Any]
@@ -282,7 +318,7 @@ class Scripts:
         return len(missing)
 
     def _all(self) -> list[AsyncScript]:
-        return [self._grab, self._redeem, self._draw]
+        return [self._grab, self._redeem, self._draw, self._set_paused, self._close]
 
     async def redeem_login(self, state: str, browser_hash: str, code_hash: str) -> Redeemed:
         """Claim the login of ``state`` for one code, from the browser that started it."""
@@ -308,6 +344,26 @@ class Scripts:
         status = GrabStatus(int(raw[0]))
         outcomes = [(GrabCode(int(raw[i])), int(raw[i + 1])) for i in range(3, len(raw), 2)]
         return GrabBatchResult(status, int(raw[1]), outcomes, int(raw[2]))
+
+    async def set_paused(self, campaign_id: str, paused: bool) -> tuple[PauseStatus, int]:
+        """Pause or resume a campaign (refused once ended); its status and Redis's now."""
+        k = CampaignKeys.of(campaign_id)
+        raw = cast(
+            list[Any],
+            await self._set_paused(keys=[k.meta, k.ledger], args=["1" if paused else "0"]),
+        )
+        return PauseStatus(int(raw[0])), int(raw[1])
+
+    async def close_campaign(self, campaign_id: str, end_now: bool) -> CloseResult:
+        """Close out an ended campaign once (``end_now``: end it at Redis's now first)."""
+        k = CampaignKeys.of(campaign_id)
+        raw = cast(
+            list[Any],
+            await self._close(
+                keys=[k.meta, k.pool, k.tiers, k.ledger], args=["1" if end_now else "0"]
+            ),
+        )
+        return CloseResult(CloseStatus(int(raw[0])), int(raw[1]), int(raw[2]))
 
     async def draw_prize(self, campaign_id: str, day: int, draws: list[Draw]) -> DrawBatchResult:
         """Settle draws on a lottery atomically at Redis's time; ``day`` (YYYYMMDD) is the
