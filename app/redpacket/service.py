@@ -19,7 +19,6 @@ from app.records import Envelope
 from app.redpacket import pool
 from app.redpacket.soldout import SoldOut
 from app.redpacket.spec import RedPacket, parse
-from app.redpacket.split import split_envelopes
 from app.store import ledger
 from app.store.batching import KeyedBatchers
 from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, RedisClock, Scripts
@@ -71,9 +70,7 @@ class RedPackets:
         all or nothing: a failure of either half leaves neither behind."""
         campaign = parse(data, new_campaign_id())
         spec = campaign.spec
-        amounts = await asyncio.get_running_loop().run_in_executor(
-            None, split_envelopes, spec.total_fen, spec.count, spec.min_fen, spec.max_fen
-        )
+        amounts = await asyncio.get_running_loop().run_in_executor(None, spec.envelopes)
         envelopes = [Envelope(seq, amount) for seq, amount in enumerate(amounts)]
         loaded = asyncio.ensure_future(
             pool.load(self._redis, campaign, envelopes, progress=progress)
@@ -82,7 +79,12 @@ class RedPackets:
             # PostgreSQL commits only once the Redis half has loaded: a failed load rolls
             # the insert back.
             await ledger.insert_campaign(
-                self._pg, campaign, columns=spec.columns(), amounts=amounts, commit_after=loaded
+                self._pg,
+                campaign,
+                columns=spec.columns(),
+                config=spec.config(),
+                amounts=amounts,
+                commit_after=loaded,
             )
             await pool.open_campaign(self._redis, campaign)
         except BaseException:

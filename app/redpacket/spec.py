@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
 import msgspec
+import orjson
 
 from app.errors import Invalid
 from app.model import Campaign, Kind, optional_ms
-from app.records import Meta, decode_meta_common, encode_meta, meta_int
-from app.redpacket.split import MAX_COUNT, MAX_TOTAL_FEN
+from app.records import MalformedRecord, Meta, decode_meta_common, encode_meta, meta_int
+from app.redpacket.split import MAX_COUNT, MAX_TOTAL_FEN, Split, envelopes
 from app.validation import VISIBLE_TEXT, Timestamp, convert, optional_time_ms
 
 MAX_NAME_LEN = 100
@@ -28,8 +29,10 @@ EnvelopeFen = Annotated[int, msgspec.Meta(ge=1, le=MAX_ENVELOPE_FEN)]
 class RedPacketDefinition(
     msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind", tag="red_packet"
 ):
-    """A red packet (拼手气红包): ``count`` envelopes of random amounts summing to
-    ``total_fen``; ``total_fen`` lies within ``[count * min_fen, count * max_fen]``."""
+    """A red packet: ``count`` envelopes summing to ``total_fen``, of random amounts
+    (``split`` random, 拼手气红包, the default) or all equal (``fixed``, 普通红包: then
+    ``total_fen`` is a multiple of ``count``); ``total_fen`` lies within
+    ``[count * min_fen, count * max_fen]``."""
 
     name: CampaignName
     total_fen: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOTAL_FEN)]
@@ -38,6 +41,10 @@ class RedPacketDefinition(
     max_fen: EnvelopeFen | None = None
     starts_at: Timestamp | None = None
     ends_at: Annotated[Timestamp | None, msgspec.Meta(description="after starts_at")] = None
+    split: Annotated[
+        Literal["random", "fixed"],
+        msgspec.Meta(description="random (double mean) or fixed (total_fen / count each)"),
+    ] = "random"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,15 @@ class RedPacketSpec:
     count: int
     min_fen: int
     max_fen: int | None
+    split: Split = Split.RANDOM
+
+    def envelopes(self) -> list[int]:
+        """The amounts of a new pool, split as ``split`` says."""
+        return envelopes(self.split, self.total_fen, self.count, self.min_fen, self.max_fen)
+
+    def config(self) -> dict[str, str]:
+        """What the campaigns row keeps beside the budget columns (its ``config``)."""
+        return {"split": str(self.split)}
 
     def columns(self) -> dict[str, int | None]:
         """The campaigns row's budget columns."""
@@ -60,7 +76,7 @@ class RedPacketSpec:
 
     def view(self) -> dict[str, Any]:
         """The budget as the operator sees it."""
-        return self.columns()
+        return {**self.columns(), **self.config()}
 
 
 RedPacket = Campaign[RedPacketSpec]
@@ -78,11 +94,14 @@ def parse(data: Mapping[str, Any], campaign_id: str) -> RedPacket:
             raise Invalid("max_fen", "max_fen must be at least min_fen")
         if total > count * max_fen:
             raise Invalid("total_fen", "total_fen must be at most count * max_fen")
+    split = Split(definition.split)
+    if split is Split.FIXED and total % count:
+        raise Invalid("split", "a fixed split needs total_fen to be a multiple of count")
     starts = optional_time_ms(definition.starts_at, "starts_at")
     ends = optional_time_ms(definition.ends_at, "ends_at")
     if starts is not None and ends is not None and ends <= starts:
         raise Invalid("ends_at", "ends_at must be after starts_at")
-    spec = RedPacketSpec(total, count, min_fen, max_fen)
+    spec = RedPacketSpec(total, count, min_fen, max_fen, split)
     name = definition.name.strip()
     return Campaign(campaign_id, Kind.RED_PACKET, name, starts, ends, spec)
 
@@ -97,6 +116,7 @@ def to_meta(campaign: RedPacket, won_count: int = 0, won_fen: int = 0) -> Meta:
             "count": spec.count,
             "min_fen": spec.min_fen,
             "max_fen": "" if spec.max_fen is None else spec.max_fen,
+            "split": str(spec.split),
             "won_count": won_count,
             "won_fen": won_fen,
         },
@@ -111,15 +131,31 @@ def from_meta(campaign_id: str, meta: Mapping[bytes, bytes]) -> RedPacket:
         count=meta_int(meta, b"count") or 0,
         min_fen=meta_int(meta, b"min_fen") or 1,
         max_fen=meta_int(meta, b"max_fen"),
+        split=_split(meta.get(b"split", b"random").decode(), campaign_id),
     )
     return Campaign(
         campaign_id, Kind.RED_PACKET, common.name, common.starts_at_ms, common.ends_at_ms, spec
     )
 
 
+def _split(raw: str, campaign_id: str) -> Split:
+    """A stored split (campaigns made before split kinds have none: random)."""
+    try:
+        return Split(raw)
+    except ValueError:
+        raise MalformedRecord(f"red packet {campaign_id}: unknown split {raw!r}") from None
+
+
 def from_row(row: asyncpg.Record) -> RedPacket:
-    """The definition as PostgreSQL's campaigns row records it."""
-    spec = RedPacketSpec(row["total_fen"], row["count"], row["min_fen"], row["max_fen"])
+    """The definition as PostgreSQL's campaigns row records it (split in ``config``)."""
+    config = orjson.loads(row["config"]) if row["config"] else {}
+    spec = RedPacketSpec(
+        row["total_fen"],
+        row["count"],
+        row["min_fen"],
+        row["max_fen"],
+        _split(config.get("split", "random"), row["id"]),
+    )
     return Campaign(
         row["id"],
         Kind.RED_PACKET,

@@ -1,4 +1,6 @@
-"""The red-packet split: the double-mean method (二倍均值) in integer fen.
+"""The red-packet split, in integer fen: random (拼手气, the double-mean method 二倍均值,
+the default) or fixed (普通红包: every envelope ``total_fen / count``).
+
 
 Each envelope, in turn, draws uniformly from ``[min, 2 * remaining / left - min]``
 (so its expected value is the current mean), clamped to what keeps the rest
@@ -10,12 +12,20 @@ span below 2**40 carry a bias under 2**-24, far below anything observable.
 
 from __future__ import annotations
 
+import enum
 import os
 from array import array
 
 # Bounds on what one campaign may ask for (validated at the API as well).
 MAX_COUNT = 10_000_000
 MAX_TOTAL_FEN = 100_000_000_000  # 10 亿元
+
+
+class Split(enum.StrEnum):
+    """How a red packet's budget is split into envelopes."""
+
+    RANDOM = "random"
+    FIXED = "fixed"
 
 
 def _secure_u64(n: int) -> array[int]:
@@ -61,3 +71,26 @@ def split_envelopes(
         j = swaps[i] % (i + 1)
         amounts[i], amounts[j] = amounts[j], amounts[i]
     return amounts
+
+
+def fixed_envelopes(
+    total_fen: int, count: int, min_fen: int = 1, max_fen: int | None = None
+) -> list[int]:
+    """``count`` equal envelopes of ``total_fen / count``, within ``[min_fen, max_fen]``."""
+    if count < 1 or min_fen < 1:
+        raise ValueError("count and min_fen must be positive")
+    amount, rest = divmod(total_fen, count)
+    if rest:
+        raise ValueError("total_fen is not a multiple of count")
+    if amount < min_fen or (max_fen is not None and amount > max_fen):
+        raise ValueError("total_fen / count is outside [min_fen, max_fen]")
+    return [amount] * count
+
+
+def envelopes(
+    split: Split, total_fen: int, count: int, min_fen: int = 1, max_fen: int | None = None
+) -> list[int]:
+    """The envelopes of a red packet, split as ``split`` says."""
+    if split is Split.FIXED:
+        return fixed_envelopes(total_fen, count, min_fen, max_fen)
+    return split_envelopes(total_fen, count, min_fen, max_fen)

@@ -7,6 +7,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app.background.events import Events
+from app.campaigns.results import Results
 from app.campaigns.service import CampaignService
 from app.identity.login import LoginService
 from app.identity.sessions import SessionStore
@@ -25,6 +26,7 @@ SCRIPTS = web.AppKey("scripts", Scripts)
 EVENTS = web.AppKey("events", Events)
 SESSIONS = web.AppKey("sessions", SessionStore)
 CAMPAIGNS = web.AppKey("campaigns", CampaignService)
+RESULTS = web.AppKey("results", Results)
 LOGINS = web.AppKey("logins", LoginService)
 PAYOUTS = web.AppKey("payouts", PayoutService)
 ASSETS = web.AppKey("assets", Assets)

@@ -115,6 +115,22 @@ OPERATIONS: tuple[Operation, ...] = (
         tags=("players",),
     ),
     Operation(
+        "get",
+        "/api/campaigns/{id}/results",
+        "A campaign's results (no session needed; cacheable, see Cache-Control)",
+        (
+            Answer(
+                200,
+                "a red packet's 手气最佳 and winners, final; a lottery's prizes and winners",
+                (a.RedPacketResults, a.LotteryResults),
+                headers=("Cache-Control",),
+            ),
+            _NOT_FOUND,
+            Answer(409, "the red packet has not sold out or ended yet", errors=("not_finished",)),
+        ),
+        tags=("players",),
+    ),
+    Operation(
         "post",
         "/api/campaigns/{id}/grab",
         "Grab one envelope of a red packet (one per player)",

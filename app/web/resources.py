@@ -16,6 +16,7 @@ from app.background.drainer import Drainer, consumer_name
 from app.background.events import Events
 from app.background.lag import watch_lag
 from app.background.tasks import stop_loop
+from app.campaigns.results import Results
 from app.campaigns.service import CampaignService
 from app.identity.login import LoginService
 from app.identity.sessions import SessionStore
@@ -35,6 +36,7 @@ from app.web.keys import (
     PAYOUTS,
     PG,
     REDIS,
+    RESULTS,
     SCRIPTS,
     SESSIONS,
     SETTINGS,
@@ -147,6 +149,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EVENTS] = events
     app[SESSIONS] = sessions
     app[CAMPAIGNS] = campaigns
+    app[RESULTS] = Results(campaigns, app[REDIS], app[PG])
     stop = asyncio.Event()
     listener = asyncio.create_task(events.run(stop), name="events")
     yield

@@ -18,6 +18,7 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 Fen = Annotated[int, msgspec.Meta(ge=0, description="integer fen (1 元 = 100 fen)")]
 Tier = Annotated[int, msgspec.Meta(ge=0, description="the tier's index in the definition")]
 State = Literal["scheduled", "open", "sold_out", "ended"]
+Split = Literal["random", "fixed"]
 Time = Annotated[datetime | None, msgspec.Meta(description="RFC 3339 in UTC; null: none")]
 
 
@@ -206,6 +207,7 @@ class RedPacketStats(msgspec.Struct, kw_only=True):
     count: Count
     min_fen: Fen
     max_fen: Fen | None
+    split: Split
     remaining_count: Count
     remaining_fen: Fen
     won_count: Count
@@ -248,6 +250,61 @@ class LotteryStats(msgspec.Struct, kw_only=True):
     prizes_per_day: dict[str, Count]
     ledger_lag: Count
     payouts: PayoutTotals = UNSET
+
+
+class Luck(msgspec.Struct, kw_only=True):
+    """One envelope as everyone sees it; ``name`` is the winner's WeChat nickname
+    (snsapi_userinfo logins) or openid masked (first 2 + *** + last 2)."""
+
+    name: str
+    amount_fen: Fen
+    granted_at: datetime
+
+
+class RedPacketResults(msgspec.Struct, kw_only=True):
+    """A red packet's results once it sold out or ended and PostgreSQL holds every grant:
+    ``best`` (手气最佳) is the largest envelope, ties to the earliest (null without
+    winners, and for a fixed split); ``winners`` the latest 20, latest first."""
+
+    kind: Literal["red_packet"]
+    state: Literal["sold_out", "ended"]
+    split: Split
+    count: Count
+    total_fen: Fen
+    best: Luck | None
+    winners: list[Luck]
+    won_count: Count
+    won_fen: Fen
+
+
+class PrizeStock(msgspec.Struct, kw_only=True):
+    """A prize tier in the results: its stock and how many were won (per PostgreSQL)."""
+
+    tier: Tier
+    name: str
+    value_fen: Annotated[int, msgspec.Meta(ge=1)] | None
+    stock: Count
+    won: Count
+
+
+class PrizeWinner(msgspec.Struct, kw_only=True):
+    """One prize won, as everyone sees it (``name`` as in Luck)."""
+
+    name: str
+    tier: Tier
+    prize: str
+    value_fen: Annotated[int, msgspec.Meta(ge=1)] | None
+    drawn_at: datetime
+
+
+class LotteryResults(msgspec.Struct, kw_only=True):
+    """A lottery's prize list and the latest 20 prize winners, latest first."""
+
+    kind: Literal["lottery"]
+    state: Literal["scheduled", "open", "paused", "ended"]
+    prizes: list[PrizeStock]
+    winners: list[PrizeWinner]
+    won_count: Count
 
 
 class WeChatPayFail(msgspec.Struct, kw_only=True):

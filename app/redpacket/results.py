@@ -1,0 +1,73 @@
+"""A red packet's public results (手气最佳, 看看大家的手气), once it has given out.
+
+A red packet is finished once no grab can settle any more: its pool is empty (sold out),
+Redis's clock has passed its end, or it was closed out (meta ``closed_ms``, which an
+operator's end sets too). Its results are final once, besides, the ledger
+has caught up (the drainers XDEL what they commit, so an empty stream means PostgreSQL
+holds every grant): from then on they never change. Both are read in one MULTI, so
+no grab can settle between the clock, the pool and the stream being read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from app.model import iso
+from app.redpacket.spec import RedPacket
+from app.redpacket.split import Split
+from app.store import results
+from app.store.scripts import CampaignKeys
+
+# How many of the latest envelopes everyone sees (latest first).
+WINNERS_SHOWN = 20
+
+
+async def finished(redis: Redis, campaign: RedPacket) -> str | None:
+    """``sold_out`` or ``ended`` once no grab can settle and PostgreSQL holds every
+    grant; None before (still open, paused or scheduled, or the ledger still lags)."""
+    keys = CampaignKeys.of(campaign.id)
+    async with redis.pipeline(transaction=True) as pipe:
+        # closed_ms: closed out (an operator's end among others), ended for good.
+        pipe.hmget(keys.meta, "ends_at_ms", "closed_ms")
+        pipe.llen(keys.pool)
+        pipe.xlen(keys.ledger)
+        pipe.time()
+        (ends_at, closed), remaining, lag, (seconds, micros) = await pipe.execute()
+    if ends_at is None or lag:
+        # No meta: lost from Redis (until a rebuild) or still loading.
+        return None
+    if closed is not None or seconds * 1000 + micros // 1000 >= int(ends_at):
+        return "ended"
+    return "sold_out" if remaining == 0 else None
+
+
+def _winner(winner: results.Winner) -> dict[str, Any]:
+    return {"name": winner.name, "amount_fen": winner.amount_fen, "granted_at": iso(winner.at_ms)}
+
+
+async def tally(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) -> dict[str, Any] | None:
+    """The final results, or None while the red packet is not finished (see finished).
+
+    ``best`` is the largest envelope (ties: the earliest), null without winners and for
+    a fixed split, where every envelope is the same (WeChat's 普通红包 shows none either).
+    """
+    state = await finished(redis, campaign)
+    if state is None:
+        return None
+    spec = campaign.spec
+    counted = await results.red_packet(pg, campaign.id, WINNERS_SHOWN)
+    fixed = spec.split is Split.FIXED
+    return {
+        "kind": str(campaign.kind),
+        "state": state,
+        "split": str(spec.split),
+        "count": spec.count,
+        "total_fen": spec.total_fen,
+        "best": None if counted.best is None or fixed else _winner(counted.best),
+        "winners": [_winner(w) for w in counted.latest],
+        "won_count": counted.won_count,
+        "won_fen": counted.won_fen,
+    }
