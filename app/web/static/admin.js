@@ -316,6 +316,9 @@
     var res = await api('POST', '/api/admin/campaigns', definition());
     button.disabled = false;
     if (res.status === 201) {
+      $('create-form').reset();
+      $('tiers').replaceChildren();
+      document.querySelectorAll('.field__hint[id^=yuan-]').forEach(function (h) { h.textContent = ''; });
       toast('已创建 Created: ' + res.data.name);
       location.hash = '#/c/' + encodeURIComponent(res.data.id);
     } else if (res.status === 422) {
@@ -335,7 +338,7 @@
   // ---- charts: small hand-drawn SVG ---------------------------------------------------------
 
   var W = 320;
-  var H = 120;
+  var H = 100;
   var PAD = 4;
 
   // A line over the last HISTORY samples, scaled from 0 to the largest value shown.
@@ -364,20 +367,22 @@
   }
 
   // Horizontal bars of parts of a whole: each row is [label, [[value, class], ...], total].
+  // Widths are percentages, so labels keep their size however wide the card is.
   function barChart(figure, rows) {
-    var rowH = 34;
-    var root = svg('svg', { viewBox: '0 0 ' + W + ' ' + Math.max(rowH, rows.length * rowH), class: 'chart__svg', role: 'img' });
+    var rowH = 36;
+    var root = svg('svg', { height: Math.max(rowH, rows.length * rowH), class: 'chart__svg chart__bars', role: 'img' });
     rows.forEach(function (row, i) {
       var y = i * rowH;
-      root.appendChild(svg('text', { x: 0, y: y + 11, class: 'chart__label' }, row[0]));
-      root.appendChild(svg('rect', { x: 0, y: y + 15, width: W, height: 12, class: 'bar__track' }));
+      root.appendChild(svg('text', { x: 0, y: y + 13, class: 'chart__label' }, row[0]));
+      root.appendChild(svg('rect', { x: 0, y: y + 18, width: '100%', height: 12, rx: 3, class: 'bar__track' }));
       var x = 0;
       row[1].forEach(function (part) {
-        var w = row[2] > 0 ? (part[0] / row[2]) * W : 0;
-        if (w > 0) root.appendChild(svg('rect', { x: x.toFixed(1), y: y + 15, width: w.toFixed(1), height: 12, class: part[1] }));
+        var w = row[2] > 0 ? (part[0] / row[2]) * 100 : 0;
+        if (w > 0) root.appendChild(svg('rect', { x: x.toFixed(2) + '%', y: y + 18, width: w.toFixed(2) + '%', height: 12, class: part[1] }));
         x += w;
       });
     });
+    root.setAttribute('aria-label', rows.map(function (r) { return r[0]; }).join('; '));
     replaceChart(figure, root, '');
   }
 
