@@ -26,9 +26,11 @@ ensure_venv() {
   fi
 }
 
-# The Debian packages the tests need, listed once in scripts/system-packages: installed
-# with apt-get when we are root, otherwise we stop at once with the command to run.
+# The Debian packages the tests need, listed once in scripts/system-packages (the bench's
+# in scripts/bench-packages): installed with apt-get when we are root, otherwise we stop
+# at once with the command to run. $1: the list, $2: who needs them ("the tests need").
 ensure_system_packages() {
+  local list="${1:-scripts/system-packages}" need="${2:-the tests need}"
   local missing=() pkg probe _
   while read -r pkg probe _; do
     case "$pkg" in '' | '#'*) continue ;; esac
@@ -38,14 +40,14 @@ ensure_system_packages() {
       command -v "$probe" >/dev/null 2>&1 && continue
     fi
     missing+=("$pkg")
-  done <scripts/system-packages
+  done <"$list"
   [ ${#missing[@]} -eq 0 ] && return
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "hb: installing the system packages the tests need: ${missing[*]}" >&2
+    echo "hb: installing the system packages $need: ${missing[*]}" >&2
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
   else
-    echo "hb: the tests need ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
+    echo "hb: $need ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
     exit 2
   fi
 }
@@ -55,10 +57,11 @@ cmd="${1:-help}"
 case "$cmd" in
   serve) ensure_venv; exec .venv/bin/python -m app serve "$@" ;;
   test)  ensure_system_packages; ensure_venv; exec .venv/bin/python -m pytest "$@" ;;
-  bench) ensure_venv; exec .venv/bin/python -m bench.run "$@" ;;
+  bench) ensure_system_packages scripts/bench-packages "the bench needs"; ensure_venv
+         exec .venv/bin/python -m bench.run "$@" ;;
   bench-drain) ensure_venv; exec .venv/bin/python -m bench.drain "$@" ;;
   chaos) ensure_venv; exec .venv/bin/python -m app chaos "$@" ;;
   lint)  ensure_venv; .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports && exec .venv/bin/mypy ;;
-  help|-h|--help) echo "usage: ./hb serve [--workers N] [--port P] | ./hb test [pytest args] | ./hb lint | ./hb bench | ./hb bench-drain | ./hb <app command>" ;;
+  help|-h|--help) echo "usage: ./hb serve [--workers N] [--port P] | ./hb test [pytest args] | ./hb lint | ./hb bench [--quick] | ./hb bench-drain | ./hb <app command>" ;;
   *)     ensure_venv; exec .venv/bin/python -m app "$cmd" "$@" ;;
 esac

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aiohttp
+from redis.asyncio import Redis
 
+from bench.openresty import unlist
 from bench.stack import ADMIN_TOKEN
 
 
@@ -19,6 +21,8 @@ class Campaigns:
     sold: str
     ended: str
     early: str
+    # The OpenResty comparison's, one per round, not followed by the drainers.
+    openresty: list[str]
 
 
 async def create(http: aiohttp.ClientSession, base: str, **fields: object) -> str:
@@ -63,13 +67,18 @@ async def sell_out(http: aiohttp.ClientSession, base: str, campaign_id: str, tok
             raise RuntimeError(f"the sold-out campaign's one grab answered {body}")
 
 
-async def create_all(base: str, rounds: int, players: int, seller_token: str) -> Campaigns:
+async def create_all(
+    base: str, redis: Redis, rounds: int, players: int, seller_token: str
+) -> Campaigns:
     """Every campaign of every path; the sold-out one is sold out by ``seller_token``."""
     async with aiohttp.ClientSession() as http:
         # A fresh campaign per round, so every request of a grab run is a first grab.
         big = {"total_fen": players * 100, "count": players}
         grab = [await create(http, base, **big) for _ in range(rounds)]
         always = [await create(http, base, **big) for _ in range(rounds)]
+        openresty = [await create(http, base, name="openresty", **big) for _ in range(rounds)]
+        for campaign_id in openresty:
+            await unlist(redis, campaign_id)
         sold = await create(http, base, total_fen=100, count=1)
         ended = await create(
             http,
@@ -83,4 +92,12 @@ async def create_all(base: str, rounds: int, players: int, seller_token: str) ->
         lottery = [await create_lottery(http, base) for _ in range(rounds)]
         early = await create(http, base, total_fen=100, count=1, starts_at="2999-01-01T00:00:00Z")
         await sell_out(http, base, sold, seller_token)
-    return Campaigns(grab=grab, always=always, lottery=lottery, sold=sold, ended=ended, early=early)
+    return Campaigns(
+        grab=grab,
+        always=always,
+        lottery=lottery,
+        sold=sold,
+        ended=ended,
+        early=early,
+        openresty=openresty,
+    )

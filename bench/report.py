@@ -7,10 +7,10 @@ import statistics
 from dataclasses import dataclass
 
 from bench.measure import Result
-from bench.rounds import ALWAYS, GRAB, Measured, Pair
+from bench.rounds import ALWAYS, GRAB, OPENRESTY, Measured, Pair
 from bench.stack import DRAIN_NICE
 
-CPU_COLUMNS = ("app", "floor", "drainer", "HAProxy", "Redis", "PostgreSQL", "wrk")
+CPU_COLUMNS = ("app", "floor", "drainer", "HAProxy", "Redis", "PostgreSQL", "OpenResty", "wrk")
 FLOOR = "floor (minimal aiohttp handler)"
 
 
@@ -77,8 +77,59 @@ def throughput(setup: Setup, measured: Measured, floors: list[Result]) -> list[s
             summary(name, [p for _, p in pairs], [f for f, _ in pairs])
             for name, pairs in measured.pairs.items()
         ),
+        *(
+            [summary(OPENRESTY, [o for _, o in measured.openresty], grab_floors(measured))]
+            if measured.openresty
+            else []
+        ),
         "",
     ]
+
+
+def grab_floors(measured: Measured) -> list[Result]:
+    """The floor runs before the grab runs the OpenResty runs followed."""
+    return [floor for (floor, _), _ in measured.openresty]
+
+
+def openresty(measured: Measured) -> list[str]:
+    """Our grab path against the OpenResty comparison of the same rounds."""
+    if not measured.openresty:
+        return []
+    ours = [grab for (_, grab), _ in measured.openresty]
+    theirs = [o for _, o in measured.openresty]
+    rps = statistics.median(g.rps / o.rps for g, o in zip(ours, theirs, strict=True))
+    our_cpu, their_cpu = cpu_per_request(ours), cpu_per_request(theirs)
+    server = CPU_COLUMNS.index("app"), CPU_COLUMNS.index("OpenResty")
+    requests = sum(o.requests for o in theirs) or 1
+    return [
+        "",
+        "OpenResty comparison (bench/openresty/: 2 nginx workers with ngx_lua, an HMAC-SHA1",
+        "cookie checked per request, one EVALSHA of lua/grab_envelope.lua per grab over",
+        "keepalive Redis connections; the same Redis, players and wrk script; no HAProxy, no",
+        "ledger drain), run right after our grab run in each round, on a fresh campaign:",
+        "",
+        "| grab path | grabs/s | p50 ms | p99 ms | server CPU µs/grab | total CPU µs/grab |",
+        "|---|---:|---:|---:|---:|---:|",
+        comparison_row("ours (HAProxy + app workers)", ours, our_cpu[server[0]], sum(our_cpu)),
+        comparison_row("OpenResty", theirs, their_cpu[server[1]], sum(their_cpu)),
+        "",
+        f"our grab path / OpenResty: grabs/s {rps:.2f} (median of paired rounds); "
+        f"CPU per grab {sum(our_cpu) / sum(their_cpu):.2f} times OpenResty's "
+        f"(its server alone: {our_cpu[server[0]] / their_cpu[server[1]]:.2f} times)",
+        f"OpenResty: {measured.openresty_calls / requests:.3f} script calls per grab; "
+        "winners = ledger entries = envelopes taken = grabs answered, nobody twice, "
+        "in every run: " + ("yes" if measured.openresty_settled else "**NO**"),
+    ]
+
+
+def comparison_row(name: str, runs: list[Result], server_us: float, total_us: float) -> str:
+    """One row of the OpenResty comparison: medians over rounds, CPU over all of them."""
+    return (
+        f"| {name} | {statistics.median(r.rps for r in runs):,.0f} "
+        f"| {statistics.median(r.p50_ms for r in runs):.2f} "
+        f"| {statistics.median(r.p99_ms for r in runs):.2f} "
+        f"| {server_us:.0f} | {total_us:.0f} |"
+    )
 
 
 def figures(setup: Setup, measured: Measured, ledger_ok: bool) -> list[str]:
@@ -127,6 +178,11 @@ def cpu_table(measured: Measured, floors: list[Result]) -> list[str]:
             cpu_row(name, [p for _, p in pairs], [f for f, _ in pairs])
             for name, pairs in measured.pairs.items()
         ),
+        *(
+            [cpu_row(OPENRESTY, [o for _, o in measured.openresty], grab_floors(measured))]
+            if measured.openresty
+            else []
+        ),
     ]
 
 
@@ -138,5 +194,6 @@ def render(setup: Setup, measured: Measured, ledger_ok: bool) -> str:
             *throughput(setup, measured, floors),
             *figures(setup, measured, ledger_ok),
             *cpu_table(measured, floors),
+            *openresty(measured),
         ]
     )

@@ -1,4 +1,5 @@
-"""The rounds of a bench: each path measured right after the floor, ledger settled between."""
+"""The rounds of a bench: each path measured right after the floor, ledger settled between;
+the OpenResty comparison right after our grab run, on a fresh campaign of its own."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import openresty
 from bench.campaigns import Campaigns
 from bench.measure import Result, catch_up, script_calls, tree_cpu_s, won_count, wrk
 from bench.stack import Stack
@@ -16,7 +18,8 @@ ENDED = "ended (409)"
 EARLY = "not started (409)"
 ALWAYS = "grab (won), appendfsync always"
 DRAW = "lottery draw"
-PATHS = ("grab", "sold-out", "ended", "not-started", "draw", "always")
+OPENRESTY = "grab, OpenResty (nginx + ngx_lua)"
+PATHS = ("grab", "openresty", "sold-out", "ended", "not-started", "draw", "always")
 
 Pair = tuple[Result, Result]
 
@@ -30,6 +33,12 @@ class Measured:
     grab_calls: int = 0
     grab_requests: int = 0
     won: int = 0
+    # The OpenResty runs, each with our grab run of the same round (and its floor).
+    openresty: list[tuple[Pair, Result]] = field(default_factory=list)
+    openresty_calls: int = 0
+    # Every OpenResty run settled exactly: winners == ledger entries == envelopes taken
+    # == wrk's answered grabs (plus those in flight at the end), nobody twice.
+    openresty_settled: bool = True
 
 
 @dataclass
@@ -40,14 +49,17 @@ class Rounds:
     sessions: Path
     seconds: int
     connections: int
+    # The same players with the OpenResty comparison's cookies.
+    openresty_sessions: Path | None = None
     measured: Measured = field(default_factory=Measured)
 
-    def run(self, name: str, url: str) -> Result:
+    def run(self, name: str, url: str, sessions: Path | None = None) -> Result:
         """One wrk run, with the CPU every component used during it."""
         print(f"  {name} ...", file=sys.stderr, flush=True)
         components = self.stack.components
         before = {c: tree_cpu_s(pids) for c, pids in components.items()}
-        result = wrk(name, url, self.sessions, self.seconds, self.connections, self.stack.base)
+        players = sessions or self.sessions
+        result = wrk(name, url, players, self.seconds, self.connections, self.stack.base)
         for c, pids in components.items():
             result.cpu_s[c] = tree_cpu_s(pids) - before[c]
         return result
@@ -80,6 +92,26 @@ class Rounds:
         self.measured.won += await won_count(redis, campaign_id)
         await self.settled(GRAB, pair)
 
+    async def openresty(self, campaign_id: str) -> None:
+        """An OpenResty run on its own fresh campaign, right after
+        our grab run of the round; its settlement checked, then its campaign dropped."""
+        nginx, sessions, redis = self.stack.openresty, self.openresty_sessions, self.stack.redis
+        if nginx is None or sessions is None:
+            raise RuntimeError("the OpenResty comparison is not running")
+        before = await script_calls(redis)
+        url = f"{nginx.url}/api/campaigns/{campaign_id}/grab"
+        result = self.run(OPENRESTY, url, sessions)
+        self.measured.openresty_calls += await script_calls(redis) - before
+        settled = await openresty.settlement(redis, campaign_id)
+        # Requests still in flight when wrk stops are settled but not counted by wrk.
+        answered = result.requests <= settled.winners <= result.requests + self.connections
+        if not (settled.ok and answered and result.errors == 0):
+            print(f"  OpenResty settlement wrong: {settled}, wrk {result}", file=sys.stderr)
+            self.measured.openresty_settled = False
+        grab = self.measured.pairs[GRAB][-1]
+        self.measured.openresty.append((grab, result))
+        await openresty.discard(redis, campaign_id)
+
     async def always(self, campaign_id: str) -> None:
         """A grab run with Redis fsyncing every write (appendfsync always)."""
         redis = self.stack.redis
@@ -92,6 +124,8 @@ class Rounds:
         """Round ``round_no`` of every path in ``paths``, in the order of PATHS."""
         if "grab" in paths:
             await self.grab(campaigns.grab[round_no])
+        if "openresty" in paths:
+            await self.openresty(campaigns.openresty[round_no])
         for path, name, cid in (
             ("sold-out", SOLD, campaigns.sold),
             ("ended", ENDED, campaigns.ended),

@@ -4,13 +4,15 @@ Its own Redis (AOF everysec) and PostgreSQL, N app workers and N floor workers
 (bench/floor.py), a ledger drainer, and two HAProxy processes from the production
 ``haproxy/haproxy.cfg`` (one in front of the app workers, one in front of the floors,
 so both pay the same edge), with the rate limits lifted through its ``HB_*`` variables:
-all load comes from one address and a few hundred thousand sessions.
+all load comes from one address and a few hundred thousand sessions. With the OpenResty
+comparison, also nginx (bench/openresty.py) against the same Redis, without HAProxy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from redis.asyncio import Redis
 
 from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from app.local.haproxy import LOCAL_CONFIG, EdgeProxy, edge_env, render_local_config
+from bench.openresty import OpenResty
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "bench-admin-token-0123456789"
@@ -45,6 +48,9 @@ class Stack:
     redis: Redis
     database_url: str
     components: dict[str, list[int]]
+    # The OpenResty comparison's nginx and the key that signs its cookies, if it runs.
+    openresty: OpenResty | None = None
+    cookie_key: bytes = b""
 
 
 @contextmanager
@@ -154,8 +160,9 @@ def start_processes(
 
 
 @asynccontextmanager
-async def running(workers: int, drain: str) -> AsyncIterator[Stack]:
-    """Start the stack (``drain``: "process" or "worker"); stop all of it on exit."""
+async def running(workers: int, drain: str, openresty: bool) -> AsyncIterator[Stack]:
+    """Start the stack (``drain``: "process" or "worker"; nginx too if ``openresty``);
+    stop all of it on exit."""
     work = Path(tempfile.mkdtemp(prefix="hongbao-bench-"))
     with ExitStack() as exits, processes() as procs:
         exits.callback(shutil.rmtree, work, ignore_errors=True)
@@ -178,6 +185,11 @@ async def running(workers: int, drain: str) -> AsyncIterator[Stack]:
         base = f"http://127.0.0.1:{app_public}"
         await wait_ready(f"{base}/readyz")
         await wait_ready(f"http://127.0.0.1:{floor_public}/readyz")
+        cookie_key = secrets.token_urlsafe(32).encode()
+        nginx = None
+        if openresty:
+            nginx = OpenResty(work / "openresty", free_port(), redis_srv.url, cookie_key)
+            exits.enter_context(nginx)
         redis = Redis.from_url(redis_srv.url)
         try:
             yield Stack(
@@ -193,7 +205,10 @@ async def running(workers: int, drain: str) -> AsyncIterator[Stack]:
                     "HAProxy": [p.proc.pid for p in proxies if p.proc],
                     "Redis": [redis_srv.proc.pid] if redis_srv.proc else [],
                     "PostgreSQL": [pg_srv.proc.pid] if pg_srv.proc else [],
+                    "OpenResty": [nginx.proc.pid] if nginx and nginx.proc else [],
                 },
+                openresty=nginx,
+                cookie_key=cookie_key,
             )
         finally:
             await redis.aclose()
