@@ -35,6 +35,7 @@ KNOWN_ROUTES = {
     ("get", "/"),
     ("get", "/api/openapi.json"),
     ("get", "/c/{id}"),
+    ("get", "/admin"),
     ("get", "/static/{name}"),
     ("get", "/favicon.ico"),
     ("get", "/healthz"),
@@ -334,6 +335,7 @@ async def test_real_answers_conform(
     etag = client.app[ASSETS].page.etag
     assert (await call(client, c, "get", "/", headers={"If-None-Match": etag}))[0] == 304
     assert (await call(client, c, "get", "/c/{id}", params={"id": rp}))[0] == 200
+    assert (await call(client, c, "get", "/admin"))[0] == 200
     for name in client.app[ASSETS].files:
         assert (await call(client, c, "get", "/static/{name}", params={"name": name}))[0] == 200
     assert (await call(client, c, "get", "/static/{name}", params={"name": "nope.css"}))[0] == 404
