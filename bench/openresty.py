@@ -25,7 +25,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import cast
 
 from redis.asyncio import Redis
 
@@ -203,25 +202,28 @@ class Settlement:
 
 
 async def settlement(redis: Redis, campaign_id: str) -> Settlement:
-    """Read back the campaign: winners hash, ledger stream, pool, meta counters."""
+    """Read back the campaign: winners hash, ledger stream, pool, meta counters, in one
+    MULTI (nginx may still be settling the grabs in flight when wrk stops)."""
     keys = CampaignKeys.of(campaign_id)
-    raw = cast(dict[bytes, bytes], await redis.hgetall(keys.winners))
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(keys.winners)
+        pipe.xrange(keys.ledger)
+        pipe.llen(keys.pool)
+        pipe.hmget(keys.meta, ["count", "won_count", "won_fen"])
+        raw, entries, left, meta = await pipe.execute()
     winners = {k.decode(): Envelope.decode(v) for k, v in raw.items()}
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.ledger))
     grants = [
         record
         for raw_id, fields in entries
         if isinstance(record := LedgerEntry.of(campaign_id, raw_id, fields).decode(), GrabRecord)
     ]
-    left = int(await redis.llen(keys.pool))
-    meta = cast(list[bytes | None], await redis.hmget(keys.meta, ["count", "won_count", "won_fen"]))
     count, won_count, won_fen = (int(v or 0) for v in meta)
     by_player = Counter(g.openid for g in grants)
     return Settlement(
         count=count,
         winners=len(winners),
         ledger=len(entries),
-        taken=count - left,
+        taken=count - int(left),
         won_count=won_count,
         won_fen=won_fen,
         ledger_fen=sum(g.amount_fen for g in grants),

@@ -21,8 +21,8 @@ local _M = {}
 local KEY, HOST, PORT, SELECT
 local SOURCE, EVALSHA
 -- Redis connections kept idle per worker: more than a worker ever has in flight.
+-- (Timeouts: lua_socket_*_timeout in nginx.conf.)
 local POOL_SIZE = 512
-local TIMEOUT_MS = 1000
 
 local function bulk(s)
   return "$" .. #s .. "\r\n" .. s .. "\r\n"
@@ -39,7 +39,8 @@ function _M.init(script_path)
   HOST = os.getenv("HB_REDIS_HOST") or "127.0.0.1"
   PORT = tonumber(os.getenv("HB_REDIS_PORT") or "6379")
   local db = os.getenv("HB_REDIS_DB") or "0"
-  SELECT = "*2\r\n$6\r\nSELECT\r\n" .. bulk(db)
+  -- A fresh connection is on database 0; another one is selected once per connection.
+  SELECT = db ~= "0" and "*2\r\n$6\r\nSELECT\r\n" .. bulk(db) or nil
   local file = assert(io.open(script_path, "rb"))
   SOURCE = file:read("*a")
   file:close()
@@ -103,12 +104,11 @@ end
 -- grab_envelope's reply for one player; the connection goes back to the pool after.
 local function settle(campaign_id, openid)
   local sock = tcp()
-  sock:settimeouts(TIMEOUT_MS, TIMEOUT_MS, TIMEOUT_MS)
   local ok, err = sock:connect(HOST, PORT)
   if not ok then
     return nil, err
   end
-  if sock:getreusedtimes() == 0 then
+  if SELECT and sock:getreusedtimes() == 0 then
     ok, err = sock:send(SELECT)
     local line = ok and sock:receive()
     if line ~= "+OK" then
@@ -134,8 +134,12 @@ local function settle(campaign_id, openid)
   return reply
 end
 
+local header = ngx.header
+
 local function answer(status, body)
   ngx.status = status
+  -- A length spares the chunked encoding nginx uses for a body of unknown length.
+  header["Content-Length"] = #body
   ngx.print(body)
 end
 
