@@ -462,12 +462,20 @@
       kpi(dl, 'prizes_won', '中奖 Prizes won', count(s.prizes_won));
       var left = s.tiers.reduce(function (n, t) { return n + t.left; }, 0);
       kpi(dl, 'left', '可抽库存 Stock left (released)', count(left));
+      if (s.closeout) {
+        var sum = function (key) { return s.closeout.reduce(function (n, t) { return n + t[key]; }, 0); };
+        kpi(dl, 'unwon', '结算：未抽中 Closed out: unwon', count(sum('unwon')));
+        kpi(dl, 'unreleased', '结算：未释放 Closed out: unreleased', count(sum('unreleased')));
+      }
     } else {
       kpi(dl, 'won_count', '已抢 Envelopes won', count(s.won_count) + ' / ' + count(s.count));
       kpi(dl, 'won_fen', '已抢金额 Won (yuan)', '¥' + yuan(s.won_fen));
       kpi(dl, 'remaining_count', '剩余个数 Envelopes left', count(s.remaining_count));
       kpi(dl, 'remaining_fen', '剩余金额 Left (yuan)', '¥' + yuan(s.remaining_fen));
-      if (s.refunded_count !== undefined) kpi(dl, 'refunded', '退回 Refunded', count(s.refunded_count) + ' · ¥' + yuan(s.refunded_fen));
+      if (s.refunded_count !== undefined) {
+        kpi(dl, 'refunded_count', '退回个数 Envelopes refunded', count(s.refunded_count));
+        kpi(dl, 'refunded_fen', '退回金额 Refunded (yuan)', '¥' + yuan(s.refunded_fen));
+      }
     }
     kpi(dl, 'ledger_lag', '账本延迟 Ledger lag', count(s.ledger_lag));
     $('kpis').replaceWith(dl);

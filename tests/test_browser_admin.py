@@ -1,0 +1,371 @@
+"""The operators' console (/admin) in headless Chromium, against real worker processes.
+
+Launched exactly as tests/test_browser.py launches Debian's Chromium. An operator signs in
+with the token, creates a campaign with a bad field (the 422 shows next to that field)
+then a good one, watches its counters move while players grab in the background, pauses
+it (grabs then answer 409 paused), ends it, and downloads the winners' CSV: its amounts
+sum to the stats' won_fen, one row per winner the players were told of. Screenshots,
+desktop and phone, go to test-artifacts/ (admin-*.png) with the CSV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Page, expect
+
+from app.local.embedded import free_port
+from tests.conftest import ADMIN, ADMIN_TOKEN, PAGE, worker_env
+from tests.test_browser import (
+    ARTIFACTS,
+    ROOT,
+    Service,
+    _ready,
+    _small_tap_targets,
+    _stop,
+    browser,
+    chromium,
+)
+
+__all__ = ["browser", "chromium"]  # fixtures, imported for this module's tests
+
+pytestmark = pytest.mark.slow
+
+ENVELOPES = 5_000
+BUDGET_FEN = 2_000_000  # 20,000 yuan
+
+
+@pytest.fixture
+def console_service(redis_url: str, database_url: str, clean: None) -> Iterator[Service]:
+    """Two worker processes on one port (as tests/test_browser.py runs them), dev-login on."""
+    port = free_port()
+    env = worker_env(redis_url, database_url, port)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env, cwd=ROOT)
+        for _ in range(2)
+    ]
+    try:
+        yield Service(f"http://127.0.0.1:{port}", procs)
+    finally:
+        _stop(procs)
+
+
+@dataclass(frozen=True, slots=True)
+class Told:
+    """One grab and what the player was told."""
+
+    openid: str
+    sent: float
+    status: int
+    body: dict[str, Any]
+
+
+async def _grabbing(
+    base: str, cid: str, prefix: str, stop: asyncio.Event, told: list[Told]
+) -> None:
+    """New players, one after another: dev-login, then one grab each, until ``stop``."""
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        n = 0
+        while not stop.is_set():
+            openid = f"{prefix}-{n}"
+            n += 1
+            async with http.post(
+                f"{base}/auth/dev-login", json={"openid": openid}, headers=PAGE
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                cookie = f"hb_session={resp.cookies['hb_session'].value}"
+            sent = loop.time()
+            async with http.post(
+                f"{base}/api/campaigns/{cid}/grab", headers={**PAGE, "Cookie": cookie}
+            ) as resp:
+                told.append(Told(openid, sent, resp.status, await resp.json()))
+            await asyncio.sleep(0.02)
+
+
+async def _stats(base: str, cid: str) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{base}/api/admin/campaigns/{cid}", headers=ADMIN) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        return await resp.json()  # type: ignore[no-any-return]
+
+
+class Watched:
+    """The page's JavaScript errors and CSP violations (there must be none)."""
+
+    def __init__(self, page: Page) -> None:
+        self.problems: list[str] = []
+        page.on("pageerror", lambda exc: self.problems.append(f"pageerror: {exc}"))
+        page.on("console", self._console)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        # Chromium logs every 4xx answer as "Failed to load resource": those are expected.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.problems.append(f"console: {message.text}")
+
+
+async def _sign_in(page: Page, base: str) -> None:
+    await page.goto(f"{base}/admin")
+    await expect(page.locator("#view-signin")).to_be_visible()
+    await page.fill("#token", ADMIN_TOKEN)
+    await page.locator("#signin").click()
+    await expect(page.locator("#view-list")).to_be_visible()
+
+
+async def _confirm(
+    page: Page, action: str, shot: str | None = None, name: str = "新春红包"
+) -> None:
+    await page.locator(f"#act-{action}").click()
+    dialog = page.locator("#confirm")
+    await expect(dialog).to_be_visible()
+    await expect(page.locator("#confirm-text")).to_contain_text(name)
+    if shot:
+        await page.screenshot(path=ARTIFACTS / shot)
+    await page.locator("#confirm-ok").click()
+    await expect(dialog).to_be_hidden()
+
+
+async def test_console_create_watch_pause_end_export(
+    console_service: Service, browser: Browser
+) -> None:
+    service = console_service
+    await _ready(service)
+    ARTIFACTS.mkdir(exist_ok=True)
+    context = await browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+    page = await context.new_page()
+    watched = Watched(page)
+
+    # A wrong token is refused on the sign-in form; the right one opens the list.
+    await page.goto(f"{service.base}/admin")
+    await expect(page.locator("#view-signin")).to_be_visible()
+    await page.fill("#token", "not-the-token")
+    await page.locator("#signin").click()
+    await expect(page.locator("#token-error")).to_contain_text("令牌无效")
+    assert await page.evaluate("() => sessionStorage.length") == 0
+    await page.screenshot(path=ARTIFACTS / "admin-1-signin-refused.png")
+    await page.fill("#token", ADMIN_TOKEN)
+    await page.locator("#signin").click()
+    await expect(page.locator("#view-list")).to_be_visible()
+    await expect(page.locator("#list-empty")).to_be_visible()
+    assert await page.evaluate("() => sessionStorage.getItem('hb-admin-token')") == ADMIN_TOKEN
+
+    # A bad field: the 422 names total_fen, and the message sits in that field's box.
+    await page.locator("#view-list a[href='#/new']").click()
+    await expect(page.locator("#view-create")).to_be_visible()
+    await page.fill("#f-name", "新春红包")
+    await page.fill("#f-total_fen", "100")
+    await page.fill("#f-count", str(ENVELOPES))
+    await page.locator("#create").click()
+    total_box = page.locator("[data-field='total_fen']")
+    await expect(total_box.locator(".field__error")).not_to_be_empty()
+    await expect(total_box).to_have_attribute("data-invalid", "")
+    await expect(page.locator("[data-field='count'] .field__error")).to_be_hidden()
+    await expect(page.locator("#f-total_fen")).to_be_focused()
+    await page.screenshot(path=ARTIFACTS / "admin-2-field-error.png")
+
+    # A lottery's tier field: the error lands on that tier's box (tiers[0].stock).
+    await page.locator("#kind-lottery").check()
+    await page.fill("[data-field='tiers[0].name'] input", "金元宝")
+    await page.fill("[data-field='tiers[0].stock'] input", "-1")
+    await page.locator("#create").click()
+    stock_box = page.locator("[data-field='tiers[0].stock']")
+    stock_error = stock_box.locator(".field__error")
+    await expect(stock_error).not_to_be_empty()
+    await expect(stock_box).to_have_attribute("data-invalid", "")
+    await expect(page.locator("#form-error")).to_be_hidden()
+    await page.screenshot(path=ARTIFACTS / "admin-3-tier-error.png")
+
+    # The good one: 20,000 yuan in 5,000 envelopes, open now.
+    await page.locator("#kind-red_packet").check()
+    await expect(stock_error).to_be_hidden()
+    await page.fill("#f-total_fen", str(BUDGET_FEN))
+    await expect(page.locator("#yuan-total_fen")).to_contain_text("20,000.00")
+    await page.locator("#create").click()
+    await page.wait_for_url("**/admin#/c/*")
+    cid = page.url.rsplit("/", 1)[1]
+    await expect(page.locator("#live-name")).to_have_text("新春红包")
+    await expect(page.locator("#live-state")).to_have_attribute("data-state", "open")
+    await expect(page.locator("#kpi-won_count")).to_have_text(f"0 / {ENVELOPES:,}")
+
+    # Players grab in the background: the console's counters and rate move by themselves.
+    stop = asyncio.Event()
+    told: list[Told] = []
+    grabbers = [
+        asyncio.create_task(_grabbing(service.base, cid, f"p{i}", stop, told)) for i in range(3)
+    ]
+    try:
+        won = page.locator("#kpi-won_count")
+        for _ in range(3):
+            before = await won.text_content()
+            await expect(won).not_to_have_text(before or "", timeout=10_000)
+        await expect(page.locator("#chart-rate .chart__now")).not_to_have_text("0.0 /s")
+        assert await page.locator("#chart-rate polyline").count() == 1
+        assert await page.locator("#chart-remaining polyline").count() == 1
+        await page.screenshot(path=ARTIFACTS / "admin-4-live.png", full_page=True)
+
+        # Pause, confirmed: from then on every grab (on either worker) is 409 paused.
+        await _confirm(page, "pause", "admin-5-confirm-pause.png")
+        await expect(page.locator("#live-state")).to_have_attribute("data-state", "paused")
+        paused_at = asyncio.get_running_loop().time()
+        await expect(page.locator("#act-resume")).to_be_enabled()
+        await expect(page.locator("#act-pause")).to_be_disabled()
+        while sum(1 for t in told if t.sent > paused_at) < 20:
+            await asyncio.sleep(0.05)
+        after_pause = [(t.status, t.body.get("error")) for t in told if t.sent > paused_at]
+        assert set(after_pause) == {(409, "paused")}, after_pause
+        frozen = await won.text_content()
+        await page.wait_for_timeout(1500)
+        await expect(won).to_have_text(frozen or "")
+        await page.screenshot(path=ARTIFACTS / "admin-6-paused.png", full_page=True)
+
+        # End, confirmed: grabs are then 409 ended, and nothing can resume it.
+        await _confirm(page, "end")
+        await expect(page.locator("#live-state")).to_have_attribute("data-state", "ended")
+        ended_at = asyncio.get_running_loop().time()
+        for action in ("pause", "resume", "end"):
+            await expect(page.locator(f"#act-{action}")).to_be_disabled()
+        while sum(1 for t in told if t.sent > ended_at) < 10:
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*grabbers)
+    after_end = {(t.status, t.body.get("error")) for t in told if t.sent > ended_at}
+    assert after_end == {(409, "ended")}, after_end
+
+    # Once the ledger has caught up (the console shows the lag), the CSV holds every grant.
+    await expect(page.locator("#kpi-ledger_lag")).to_have_text("0", timeout=30_000)
+    await page.screenshot(path=ARTIFACTS / "admin-7-ended.png", full_page=True)
+    async with page.expect_download() as download_info:
+        await page.locator("#act-csv").click()
+    download = await download_info.value
+    assert download.suggested_filename == f"winners-{cid}.csv"
+    await download.save_as(ARTIFACTS / "admin-winners.csv")
+    text = (ARTIFACTS / "admin-winners.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert text.splitlines()[0].split(",")[:3] == ["openid", "amount_fen", "granted_at"]
+
+    stats = await _stats(service.base, cid)
+    winners = {t.openid: t.body["amount_fen"] for t in told if t.body.get("result") == "won"}
+    assert stats["state"] == "ended"
+    assert len(winners) > 0
+    assert sum(int(r["amount_fen"]) for r in rows) == stats["won_fen"]
+    assert len(rows) == stats["won_count"] == len(winners)
+    assert {r["openid"]: int(r["amount_fen"]) for r in rows} == winners
+    assert sum(winners.values()) == stats["won_fen"]
+    assert stats["won_fen"] + stats["remaining_fen"] == BUDGET_FEN
+
+    # Back in the list, the campaign shows as ended.
+    await page.locator("#nav a[href='#/']").click()
+    item = page.locator(f"#campaigns li[data-id='{cid}']")
+    await expect(item.locator(".badge")).to_have_attribute("data-state", "ended")
+    await page.screenshot(path=ARTIFACTS / "admin-8-list.png", full_page=True)
+    assert watched.problems == []
+
+    # On a phone: nothing wider than the screen, every tap target at least 44 px.
+    phone = await browser.new_context(
+        viewport={"width": 375, "height": 667},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+        locale="zh-CN",
+    )
+    small = await phone.new_page()
+    small_watched = Watched(small)
+    await _sign_in(small, service.base)
+    await expect(small.locator(f"#campaigns li[data-id='{cid}']")).to_be_visible()
+    assert await _fits(small)
+    assert await _small_tap_targets(small) == []
+    await small.screenshot(path=ARTIFACTS / "admin-9-phone-list.png", full_page=True)
+    await small.locator(f"#campaigns li[data-id='{cid}'] a").click()
+    await expect(small.locator("#kpi-won_count")).to_have_text(
+        f"{stats['won_count']:,} / {ENVELOPES:,}"
+    )
+    assert await _fits(small)
+    assert await _small_tap_targets(small) == []
+    await small.screenshot(path=ARTIFACTS / "admin-10-phone-live.png", full_page=True)
+    await small.locator("#nav-new").click()
+    await expect(small.locator("#view-create")).to_be_visible()
+    assert await _fits(small)
+    await small.screenshot(path=ARTIFACTS / "admin-11-phone-create.png", full_page=True)
+    assert small_watched.problems == []
+    await phone.close()
+    await context.close()
+
+
+async def _fits(page: Page) -> bool:
+    """Whether the page is no wider than its viewport (no sideways scrolling)."""
+    return bool(
+        await page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    )
+
+
+async def test_console_lottery_live_tier_stock(console_service: Service, browser: Browser) -> None:
+    service = console_service
+    await _ready(service)
+    ARTIFACTS.mkdir(exist_ok=True)
+    context = await browser.new_context(viewport={"width": 1100, "height": 900}, locale="zh-CN")
+    page = await context.new_page()
+    watched = Watched(page)
+    await _sign_in(page, service.base)
+    await page.locator("#view-list a[href='#/new']").click()
+    await page.locator("#kind-lottery").check()
+    await page.fill("#f-name", "财神到")
+    await page.fill("[data-field='tiers[0].name'] input", "金元宝")
+    await page.fill("[data-field='tiers[0].stock'] input", "3")
+    await page.fill("[data-field='tiers[0].value_fen'] input", "888")
+    await page.locator("#add-tier").click()
+    await page.fill("[data-field='tiers[1].name'] input", "福袋")
+    await page.fill("[data-field='tiers[1].stock'] input", "50")
+    await page.fill("#f-no_prize_weight", "0")
+    await page.locator("#create").click()
+    await page.wait_for_url("**/admin#/c/*")
+    cid = page.url.rsplit("/", 1)[1]
+    await expect(page.locator("#live-state")).to_have_attribute("data-state", "open")
+    await expect(page.locator("#chart-tiers")).to_be_visible()
+    await expect(page.locator("#chart-remaining .chart__now")).to_have_text("53")
+
+    # Ten players draw once each: every draw wins (no-prize weight 0), the stock goes down.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        for n in range(10):
+            async with http.post(
+                f"{service.base}/auth/dev-login", json={"openid": f"d{n}"}, headers=PAGE
+            ) as resp:
+                cookie = f"hb_session={resp.cookies['hb_session'].value}"
+            async with http.post(
+                f"{service.base}/api/campaigns/{cid}/draw", headers={**PAGE, "Cookie": cookie}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["result"] == "prize"
+    await expect(page.locator("#kpi-draws")).to_have_text("10")
+    await expect(page.locator("#kpi-prizes_won")).to_have_text("10")
+    await expect(page.locator("#chart-remaining .chart__now")).to_have_text("43")
+    stats = await _stats(service.base, cid)
+    assert sum(t["won"] for t in stats["tiers"]) == 10
+    # One bar per tier, its won part drawn.
+    assert await page.locator("#chart-tiers .bar__track").count() == 2
+    assert await page.locator("#chart-tiers .bar--won").count() == sum(
+        1 for t in stats["tiers"] if t["won"]
+    )
+    await page.screenshot(path=ARTIFACTS / "admin-12-lottery-live.png", full_page=True)
+
+    # Ended: the close-out's leftover stock shows beside the counters.
+    await _confirm(page, "end", name="财神到")
+    await expect(page.locator("#live-state")).to_have_attribute("data-state", "ended")
+    await expect(page.locator("#kpi-unwon")).to_be_visible()
+    closed = (await _stats(service.base, cid))["closeout"]
+    await expect(page.locator("#kpi-unwon")).to_have_text(str(sum(t["unwon"] for t in closed)))
+    assert sum(t["unwon"] + t["unreleased"] for t in closed) == 53 - 10
+    await page.screenshot(path=ARTIFACTS / "admin-13-lottery-ended.png", full_page=True)
+    assert watched.problems == []
+    await context.close()
