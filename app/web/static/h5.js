@@ -183,6 +183,96 @@
     toast(errorText(res));
   }
 
+  // The results everyone may see (GET .../results): a finished red packet's 手气最佳 and
+  // everyone's luck, a lottery's prize list and latest winners. A red packet that has just
+  // sold out may need a moment for its ledger to catch up (409 not_finished): ask again.
+  var board = {
+    luck: $('luck'), best: $('luck-best'), bestName: $('best-name'), bestAmount: $('best-amount'),
+    summary: $('luck-summary'), list: $('luck-list'), prizes: $('prizes'), prizeList: $('prize-list'),
+    winnersTitle: $('prize-winners-title'), winners: $('prize-winners'), tries: 0, timer: 0
+  };
+  var RESULTS_RETRY_MS = 2000;
+  var RESULTS_TRIES = 30;
+
+  function clock(iso) {
+    var d = new Date(iso);
+    return isNaN(d) ? '' : pad(d.getHours()) + ':' + pad(d.getMinutes()) + ':' + pad(d.getSeconds());
+  }
+
+  function boardRow(name, note, value, badge) {
+    var li = document.createElement('li');
+    li.className = 'board__row';
+    var who = document.createElement('span');
+    who.className = 'board__who';
+    var nameEl = document.createElement('span');
+    nameEl.className = 'board__name';
+    nameEl.textContent = name;
+    var noteEl = document.createElement('span');
+    noteEl.className = 'board__note';
+    noteEl.textContent = note;
+    who.append(nameEl, noteEl);
+    var what = document.createElement('span');
+    what.className = 'board__value';
+    what.textContent = value;
+    if (badge) {
+      var mark = document.createElement('span');
+      mark.className = 'board__badge';
+      mark.textContent = badge;
+      what.append(mark);
+    }
+    li.append(who, what);
+    return li;
+  }
+
+  function emptyRow(text) {
+    var li = document.createElement('li');
+    li.className = 'board__empty';
+    li.textContent = text;
+    return li;
+  }
+
+  async function showResults() {
+    clearTimeout(board.timer);
+    var res = await api('GET', '/api/campaigns/' + encodeURIComponent(page.id) + '/results');
+    if (res.status === 409 && board.tries < RESULTS_TRIES) {
+      board.tries += 1;
+      board.timer = setTimeout(showResults, RESULTS_RETRY_MS);
+      return;
+    }
+    if (res.status !== 200) return;
+    if (res.data.kind === 'lottery') showPrizes(res.data);
+    else showLuck(res.data);
+  }
+
+  function showLuck(r) {
+    var best = r.best;
+    board.best.hidden = !best;
+    if (best) {
+      board.bestName.textContent = best.name;
+      board.bestAmount.textContent = yuan(best.amount_fen);
+    }
+    board.summary.textContent = '已领取 ' + r.won_count + '/' + r.count + ' 个，共 ' +
+      yuan(r.won_fen) + '/' + yuan(r.total_fen) + ' 元';
+    var rows = r.winners.map(function (w) {
+      var isBest = best && w.name === best.name && w.amount_fen === best.amount_fen && w.granted_at === best.granted_at;
+      return boardRow(w.name, clock(w.granted_at), yuan(w.amount_fen) + ' 元', isBest ? '手气最佳' : '');
+    });
+    board.list.replaceChildren.apply(board.list, rows.length ? rows : [emptyRow('这个红包没有人领取')]);
+    board.luck.hidden = false;
+  }
+
+  function showPrizes(r) {
+    board.prizeList.replaceChildren.apply(board.prizeList, r.prizes.map(function (p) {
+      var value = p.value_fen === null ? '奖品' : yuan(p.value_fen) + ' 元';
+      return boardRow(p.name, value, '已抽中 ' + p.won + '/' + p.stock, '');
+    }));
+    board.winnersTitle.hidden = !r.winners.length;
+    board.winners.replaceChildren.apply(board.winners, r.winners.map(function (w) {
+      return boardRow(w.name, clock(w.drawn_at), w.prize, '');
+    }));
+    board.prizes.hidden = false;
+  }
+
   function toast(text) {
     ui.toast.textContent = text;
     ui.toast.hidden = !text;
@@ -261,6 +351,7 @@
     ui.foot.textContent = mode.rules;
     ui.stage.setAttribute('data-state', c.state);
     renderAccount();
+    if (c.kind === 'lottery' || c.state === 'sold_out' || c.state === 'ended') showResults();
     var already = me ? mode.fromMe(me) : null;
     if (already) {
       setStatus('');
@@ -320,6 +411,8 @@
     if (outcome) {
       showOutcome(outcome);
       if (outcome.fen) refreshPayout();
+      // Sold out: everyone's luck is final (a lottery's prize list changed with this draw).
+      if (res.data.result === 'sold_out' || page.mode.action === 'draw') showResults();
       return;
     }
     toast(errorText(res));
