@@ -29,14 +29,17 @@ from tests.test_browser import (
     ARTIFACTS,
     ROOT,
     Service,
+    _log_in,
+    _phone,
     _ready,
     _small_tap_targets,
     _stop,
     browser,
     chromium,
+    paying_service,
 )
 
-__all__ = ["browser", "chromium"]  # fixtures, imported for this module's tests
+__all__ = ["browser", "chromium", "paying_service"]  # fixtures, for this module's tests
 
 pytestmark = pytest.mark.slow
 
@@ -264,6 +267,12 @@ async def test_console_create_watch_pause_end_export(
     assert {r["openid"]: int(r["amount_fen"]) for r in rows} == winners
     assert sum(winners.values()) == stats["won_fen"]
     assert stats["won_fen"] + stats["remaining_fen"] == BUDGET_FEN
+    # Ended with envelopes left: the close-out returned them, and the console says so.
+    assert stats["won_fen"] + stats["refunded_fen"] == BUDGET_FEN
+    assert stats["refunded_count"] == ENVELOPES - stats["won_count"]
+    await expect(page.locator("#kpi-refunded_fen")).to_have_text(
+        f"¥{stats['refunded_fen'] // 100:,}.{stats['refunded_fen'] % 100:02d}"
+    )
 
     # Back in the list, the campaign shows as ended.
     await page.locator("#nav a[href='#/']").click()
@@ -367,5 +376,44 @@ async def test_console_lottery_live_tier_stock(console_service: Service, browser
     await expect(page.locator("#kpi-unwon")).to_have_text(str(sum(t["unwon"] for t in closed)))
     assert sum(t["unwon"] + t["unreleased"] for t in closed) == 53 - 10
     await page.screenshot(path=ARTIFACTS / "admin-13-lottery-ended.png", full_page=True)
+    assert watched.problems == []
+    await context.close()
+
+
+async def test_console_shows_payout_states(paying_service: Service, browser: Browser) -> None:
+    service = paying_service
+    await _ready(service)
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{service.base}/api/admin/campaigns",
+            json={"kind": "red_packet", "name": "新春红包", "total_fen": 888, "count": 1},
+            headers=ADMIN,
+        ) as resp,
+    ):
+        assert resp.status == 201, await resp.text()
+        cid = (await resp.json())["id"]
+    player = await _phone(browser)
+    await player.goto(f"{service.base}/c/{cid}")
+    await _log_in(player, service.base, cid, "e2e-payee")
+    await player.locator("#action").click()
+    await expect(player.locator("#amount")).to_have_text("8.88")
+
+    context = await browser.new_context(viewport={"width": 1100, "height": 900}, locale="zh-CN")
+    page = await context.new_page()
+    watched = Watched(page)
+    await _sign_in(page, service.base)
+    await page.locator(f"#campaigns li[data-id='{cid}'] a").click()
+    chart = page.locator("#chart-payouts")
+    # The grant reaches PostgreSQL, its bill is made: the chart shows it by state.
+    await expect(chart).to_be_visible(timeout=30_000)
+    await expect(chart.locator(".bar__track")).to_have_count(1, timeout=30_000)
+    payouts = (await _stats(service.base, cid))["payouts"]
+    assert payouts["total"] == {"count": 1, "fen": 888}
+    (state,) = (k for k in payouts if k != "total")
+    await expect(chart).to_contain_text(state)
+    await expect(chart).to_contain_text("¥8.88")
+    await page.screenshot(path=ARTIFACTS / "admin-14-payouts.png", full_page=True)
     assert watched.problems == []
     await context.close()

@@ -15,6 +15,10 @@
     sold_out: '已抢完 Sold out', ended: '已结束 Ended'
   };
   var KINDS = { red_packet: '红包 Red packet', lottery: '抽奖 Lottery' };
+  var PAYOUT_STATES = {
+    NEW: '待发放', ACCEPTED: '已受理', PROCESSING: '处理中', WAIT_USER_CONFIRM: '待用户确认',
+    TRANSFERING: '转账中', SUCCESS: '已到账', FAIL: '失败', CANCELING: '撤销中', CANCELLED: '已撤销'
+  };
   var ACTIONS = {
     pause: { text: '暂停活动 Pause campaign', note: '暂停期间玩家不能抢红包或抽奖。 Players cannot grab or draw while it is paused.' },
     resume: { text: '恢复活动 Resume campaign', note: '玩家可以继续参与。 Players may take part again.' },
@@ -472,7 +476,8 @@
       kpi(dl, 'won_fen', '已抢金额 Won (yuan)', '¥' + yuan(s.won_fen));
       kpi(dl, 'remaining_count', '剩余个数 Envelopes left', count(s.remaining_count));
       kpi(dl, 'remaining_fen', '剩余金额 Left (yuan)', '¥' + yuan(s.remaining_fen));
-      if (s.refunded_count !== undefined) {
+      // Refunds exist only once a red packet is closed out (ended with envelopes left).
+      if (s.refunded_count !== undefined && (s.state === 'ended' || s.refunded_count > 0)) {
         kpi(dl, 'refunded_count', '退回个数 Envelopes refunded', count(s.refunded_count));
         kpi(dl, 'refunded_fen', '退回金额 Refunded (yuan)', '¥' + yuan(s.refunded_fen));
       }
@@ -516,7 +521,8 @@
       var total = s.payouts.total || { count: 0, fen: 0 };
       barChart(payouts, Object.keys(s.payouts).filter(function (k) { return k !== 'total'; }).map(function (k) {
         var p = s.payouts[k];
-        return [k + '  ' + count(p.count) + ' · ¥' + yuan(p.fen), [[p.count, 'bar--state bar--' + k.toLowerCase()]], total.count];
+        var label = (PAYOUT_STATES[k] ? PAYOUT_STATES[k] + ' ' : '') + k;
+        return [label + '  ' + count(p.count) + ' · ¥' + yuan(p.fen), [[p.count, 'bar--state bar--' + k.toLowerCase()]], total.count];
       }));
     }
   }
