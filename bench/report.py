@@ -52,14 +52,19 @@ def cpu_per_request(runs: list[Result]) -> list[float]:
     return [sum(r.cpu_s.get(c, 0.0) for r in runs) * 1e6 / requests for c in CPU_COLUMNS]
 
 
-def cpu_row(name: str, runs: list[Result], floors: list[Result] | None) -> str:
+def cpu_row(name: str, runs: list[Result], floors: list[Result] | None, server: str = "app") -> str:
     """CPU µs per request by component, the total, and the floor's total over it: the
     throughput ratio the machine allows when CPU is what runs out (less noisy than
-    req/s of 5-second runs on a shared machine)."""
+    req/s of 5-second runs on a shared machine); then the ``server``'s CPU per request
+    over the floor worker's."""
     per = cpu_per_request(runs)
-    ratio = "—" if floors is None else f"{sum(cpu_per_request(floors)) / sum(per):.2f}"
+    ratio, worker = "—", "—"
+    if floors is not None:
+        floor = cpu_per_request(floors)
+        ratio = f"{sum(floor) / sum(per):.2f}"
+        worker = f"{per[CPU_COLUMNS.index(server)] / floor[CPU_COLUMNS.index('floor')]:.2f}"
     cells = " | ".join(f"{max(v, 0.0):.0f}" for v in per)
-    return f"| {name} | {cells} | {sum(per):.0f} | {ratio} |"
+    return f"| {name} | {cells} | {sum(per):.0f} | {ratio} | {worker} |"
 
 
 def throughput(setup: Setup, measured: Measured, floors: list[Result]) -> list[str]:
@@ -168,18 +173,26 @@ def cpu_table(measured: Measured, floors: list[Result]) -> list[str]:
     """CPU per request by component, path by path."""
     return [
         "",
-        "CPU per request in µs, by component (all rounds; the machine's CPU is the sum), and",
-        "the floor's total over the path's (the ratio when CPU is what runs out):",
+        "CPU per request in µs, by component (all rounds; the machine's CPU is the sum), the",
+        "floor's total over the path's (the ratio when CPU is what runs out), and the",
+        "server's CPU per request (app workers; nginx for OpenResty) over the floor workers':",
         "",
-        "| path | " + " | ".join(CPU_COLUMNS) + " | total | CPU ratio |",
-        "|---|" + "---:|" * (len(CPU_COLUMNS) + 2),
+        "| path | " + " | ".join(CPU_COLUMNS) + " | total | CPU ratio | worker / floor |",
+        "|---|" + "---:|" * (len(CPU_COLUMNS) + 3),
         cpu_row(FLOOR, floors, None),
         *(
             cpu_row(name, [p for _, p in pairs], [f for f, _ in pairs])
             for name, pairs in measured.pairs.items()
         ),
         *(
-            [cpu_row(OPENRESTY, [o for _, o in measured.openresty], grab_floors(measured))]
+            [
+                cpu_row(
+                    OPENRESTY,
+                    [o for _, o in measured.openresty],
+                    grab_floors(measured),
+                    "OpenResty",
+                )
+            ]
             if measured.openresty
             else []
         ),

@@ -7,19 +7,24 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.records import text
+from app.store.scripts import CampaignKeys
 from bench import openresty
 from bench.campaigns import Campaigns
 from bench.measure import Result, catch_up, script_calls, tree_cpu_s, won_count, wrk
 from bench.stack import Stack
 
 GRAB = "grab (won)"
+WON_AGAIN = "already won"
 SOLD = "sold out"
 ENDED = "ended (409)"
 EARLY = "not started (409)"
 ALWAYS = "grab (won), appendfsync always"
 DRAW = "lottery draw"
 OPENRESTY = "grab, OpenResty (nginx + ngx_lua)"
-PATHS = ("grab", "openresty", "sold-out", "ended", "not-started", "draw", "always")
+PATHS = ("grab", "openresty", "already-won", "sold-out", "ended", "not-started", "draw", "always")
+# Measured on the round's grab campaign, after its grab run: they need the grab path.
+AFTER_GRAB = ("openresty", "already-won")
 
 Pair = tuple[Result, Result]
 
@@ -64,9 +69,9 @@ class Rounds:
             result.cpu_s[c] = tree_cpu_s(pids) - before[c]
         return result
 
-    def paired(self, name: str, url: str) -> Pair:
+    def paired(self, name: str, url: str, sessions: Path | None = None) -> Pair:
         """The path and, right before it, the floor: the machine is shared."""
-        return self.run("floor", self.stack.floor_url), self.run(name, url)
+        return self.run("floor", self.stack.floor_url), self.run(name, url, sessions)
 
     async def settled(self, name: str, pair: Pair) -> None:
         """Record a run that grants or draws, once the ledger has caught up with it,
@@ -91,6 +96,16 @@ class Rounds:
         self.measured.grab_requests += pair[1].requests
         self.measured.won += await won_count(redis, campaign_id)
         await self.settled(GRAB, pair)
+
+    async def already_won(self, campaign_id: str) -> None:
+        """Grabs again by the players who won the round's grab run: every answer is
+        already_won (from the script: the campaign is not sold out)."""
+        winners = await self.stack.redis.hkeys(CampaignKeys.of(campaign_id).winners)
+        openids = {text(w) for w in winners}
+        won = self.stack.work / "sessions-won.tsv"
+        with open(self.sessions) as players:
+            won.write_text("".join(li for li in players if li.partition("\t")[0] in openids))
+        self.record(WON_AGAIN, self.paired(WON_AGAIN, self.grab_url(campaign_id), won))
 
     async def openresty(self, campaign_id: str) -> None:
         """An OpenResty run on its own fresh campaign, right after
@@ -126,6 +141,8 @@ class Rounds:
             await self.grab(campaigns.grab[round_no])
         if "openresty" in paths:
             await self.openresty(campaigns.openresty[round_no])
+        if "already-won" in paths:
+            await self.already_won(campaigns.grab[round_no])
         for path, name, cid in (
             ("sold-out", SOLD, campaigns.sold),
             ("ended", ENDED, campaigns.ended),

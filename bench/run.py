@@ -23,7 +23,7 @@ from bench import openresty
 from bench.campaigns import create_all
 from bench.measure import ledger_matches
 from bench.report import Setup, render
-from bench.rounds import PATHS, Rounds
+from bench.rounds import AFTER_GRAB, PATHS, Rounds
 from bench.stack import DRAIN_NICE, Stack, running
 
 # What --quick stands for, and the defaults of a full run.
@@ -113,8 +113,9 @@ def main() -> None:
     unknown = set(args.paths) - set(PATHS)
     if unknown:
         cli.error(f"unknown paths: {', '.join(sorted(unknown))}")
-    if "openresty" in args.paths and "grab" not in args.paths:
-        cli.error("the openresty path is measured against the grab path: add grab")
+    after = [p for p in AFTER_GRAB if p in args.paths]
+    if after and "grab" not in args.paths:
+        cli.error(f"{', '.join(after)} run after the grab path: add grab")
     if shutil.which("wrk") is None or shutil.which("haproxy") is None:
         sys.exit("bench needs wrk and haproxy: apt-get install -y wrk haproxy")
     if "openresty" in args.paths and openresty.nginx_binary() is None:
