@@ -23,6 +23,7 @@ from app.background.drainer import drain_process
 from app.campaigns import operations
 from app.campaigns.service import CampaignService
 from app.errors import ApiError, OperationError
+from app.identity.operators import TOKEN_CACHE_S, OperatorDirectory, Role, render
 from app.identity.sessions import SessionStore
 from app.local.chaos import chaos
 from app.local.fakewechat import FakeWeChat, create_fake_app
@@ -210,6 +211,29 @@ async def _operate(command: str, campaign_id: str) -> int:
         await redis.aclose()
 
 
+async def _operator(args: argparse.Namespace) -> int:
+    """``operator add|list|revoke``: named operators in PostgreSQL."""
+    pool = await asyncpg.create_pool(Stores.from_env().database_url, min_size=1, max_size=2)
+    try:
+        await ledger.migrate(pool)
+        directory = OperatorDirectory(pool)
+        if args.action == "add":
+            token = await directory.add(args.name, Role(args.role))
+            print(f"operator {args.name} ({args.role}) added; its token, shown only this once:")
+            print(token)
+        elif args.action == "revoke":
+            await directory.revoke(args.name)
+            print(f"operator {args.name} revoked: refused everywhere within {TOKEN_CACHE_S:g} s")
+        else:
+            print(render(await directory.list()))
+        return 0
+    except OperationError as exc:
+        print(f"hb operator {args.action}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await pool.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = _Parser(prog="hongbao")
@@ -251,6 +275,26 @@ def main(argv: list[str] | None = None) -> int:
     p_rec.add_argument("campaign_id")
     p_reb = sub.add_parser("rebuild", help="restore a campaign lost from Redis, from PostgreSQL")
     p_reb.add_argument("campaign_id")
+    p_op = sub.add_parser(
+        "operator",
+        help="add, list or revoke named operators (admin or viewer tokens)",
+        description="Named operators of the admin API, kept in PostgreSQL (DATABASE_URL). "
+        "ADMIN_TOKEN stays the bootstrap admin, named admin.",
+    )
+    op_sub = p_op.add_subparsers(dest="action", required=True, metavar="<action>")
+    p_op_add = op_sub.add_parser("add", help="add one and print its token (shown only once)")
+    p_op_add.add_argument("name", help="1-50 visible characters, e.g. 值班-小王")
+    p_op_add.add_argument(
+        "--role",
+        choices=[str(r) for r in Role],
+        required=True,
+        help="admin: everything; viewer: reads only (GET)",
+    )
+    op_sub.add_parser("list", help="every operator, live and revoked (never their tokens)")
+    p_op_revoke = op_sub.add_parser(
+        "revoke", help=f"revoke one's token (refused everywhere within {TOKEN_CACHE_S:g} s)"
+    )
+    p_op_revoke.add_argument("name", help="the operator's name")
     p_chaos = sub.add_parser(
         "chaos", help="kill and stall each part of a local stack under load; check the books"
     )
@@ -302,6 +346,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(drain_process(stores.redis_url, stores.database_url, ledger_settings))
         return 0
+    if args.command == "operator":
+        return asyncio.run(_operator(args))
     if args.command == "chaos":
         return chaos(args.appendfsync, args.short, args.dir)
     if args.command in ("reconcile", "rebuild"):

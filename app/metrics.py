@@ -142,6 +142,12 @@ class Metrics:
             "Redis calls that failed (connection, timeout or server error).",
             registry=self.registry,
         )
+        self._audit_failures = Counter(
+            "hongbao_audit_failures",
+            "State-changing operator calls whose audit row PostgreSQL did not take "
+            "(the call went ahead; the row is in the ERROR log line instead).",
+            registry=self.registry,
+        )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and record its latency."""
@@ -195,6 +201,10 @@ class Metrics:
     def count_redis_error(self) -> None:
         """Count one failed Redis call."""
         self._redis_errors.inc()
+
+    def count_audit_failure(self) -> None:
+        """Count one audit row that could not be written."""
+        self._audit_failures.inc()
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -85,3 +85,17 @@ def time_ms(moment: datetime, field: str) -> int:
 def optional_time_ms(moment: datetime | None, field: str) -> int | None:
     """``time_ms``, passing None (no time) through."""
     return None if moment is None else time_ms(moment, field)
+
+
+def read_query(request: web.Request, kind: type[T]) -> T:
+    """The query string validated into ``kind`` (strings converted: ``limit=50`` is an
+    int); a repeated or unknown parameter is 422, as is a bad value (an empty one too)."""
+    values: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name in values:
+            raise Invalid(name, f"{name} is given more than once")
+        values[name] = value
+    try:
+        return msgspec.convert(values, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None

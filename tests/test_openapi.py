@@ -44,6 +44,9 @@ KNOWN_ROUTES = {
     ("get", "/metrics"),
     ("post", "/api/admin/campaigns"),
     ("get", "/api/admin/campaigns/{id}"),
+    ("get", "/api/admin/campaigns"),
+    ("get", "/api/admin/campaigns/{id}/winners.csv"),
+    ("get", "/api/admin/audit"),
     ("get", "/api/campaigns/{id}"),
     ("post", "/api/campaigns/{id}/grab"),
     ("get", "/api/campaigns/{id}/me"),
@@ -251,6 +254,22 @@ async def test_real_answers_conform(
         assert (await call(client, c, "get", stats, params={"id": cid}, headers=ADMIN))[0] == 200
     assert (await call(client, c, "get", stats, params={"id": rp}))[0] == 401
     assert (await call(client, c, "get", stats, params={"id": "nosuch"}, headers=ADMIN))[0] == 404
+    # Operators' reads (any role): the list, the audit log, the winners CSV.
+    status, page = await call(client, c, "get", create, headers=ADMIN)
+    assert (status, len(page["campaigns"])) == (200, 4)
+    for query in ("?limit=0", "?cursor=x"):
+        resp = await client.get(create + query, headers=ADMIN)
+        c.check("get", create, resp.status, resp.content_type, await resp.read())
+        assert resp.status == 422
+    status, page = await call(client, c, "get", "/api/admin/audit", headers=ADMIN)
+    assert (status, len(page["entries"])) == (200, 7)  # every POST but the 401
+    assert (await call(client, c, "get", "/api/admin/audit"))[0] == 401
+    resp = await client.get("/api/admin/audit?limit=x", headers=ADMIN)
+    c.check("get", "/api/admin/audit", resp.status, resp.content_type, await resp.read())
+    csv = "/api/admin/campaigns/{id}/winners.csv"
+    for cid, code in ((lottery, 200), ("nosuch", 404)):
+        assert (await call(client, c, "get", csv, params={"id": cid}, headers=ADMIN))[0] == code
+    assert (await call(client, c, "get", csv, params={"id": rp}))[0] == 401
 
     # Players: views, grabs, draws, their results, and the errors on the way.
     view, grab, draw, me = (

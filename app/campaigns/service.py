@@ -11,7 +11,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.background.events import Events
-from app.campaigns import definitions
+from app.campaigns import definitions, listing, winners
+from app.campaigns.listing import Position
+from app.campaigns.winners import Winners
 from app.errors import Ended, Invalid, NotFound, NotStarted, WrongKind
 from app.lottery.service import DrawOutcome, Lotteries
 from app.model import Campaign, Kind, now_ms
@@ -45,6 +47,7 @@ class CampaignService:
         payouts: PayoutService | None = None,
     ) -> None:
         self._redis = redis
+        self._pg = pg
         self._payouts = payouts
         # ``clock`` is this worker's; every script reply corrects it to Redis's clock,
         # the one that decides windows, release slots and the quota day.
@@ -133,6 +136,23 @@ class CampaignService:
             if totals is not None:
                 stats["payouts"] = totals
         return stats
+
+    async def list_page(
+        self,
+        *,
+        limit: int,
+        state: str | None = None,
+        kind: Kind | None = None,
+        after: Position | None = None,
+    ) -> tuple[list[dict[str, Any]], Position | None]:
+        """Operators' list: campaigns newest first with their live state (app.campaigns.listing)."""
+        return await listing.page(
+            self._redis, self._pg, limit=limit, state=state, kind=kind, after=after
+        )
+
+    async def winners(self, campaign_id: str) -> Winners:
+        """Every grant or prize of a campaign, streamed from PostgreSQL (404 if unknown)."""
+        return await winners.winners(self._pg, campaign_id)
 
     async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
         """What ``openid`` has won in a campaign, as the player sees it."""

@@ -5,6 +5,8 @@ every request, and the closed-window paths are mostly this fixed cost):
 
 - the X-Request-ID: HAProxy's, else one made here, echoed on the response;
 - the CSRF same-origin check for unsafe player requests (app.web.csrf);
+- operators on /api/admin/*: who calls, what their role allows, the audit log
+  (app.web.operators);
 - errors as JSON: ApiError, aiohttp's HTTP errors, stores that are down (503, with
   failed Redis calls counted) and crashes (500);
 - request metrics and one JSON access-log line, with the status the client gets;
@@ -30,7 +32,8 @@ from app.metrics import Metrics, Pseudonyms
 from app.settings import Settings
 from app.web.accesslog import AccessLog
 from app.web.csrf import configured_origin, csrf_refused
-from app.web.keys import OPENID
+from app.web.keys import OPENID, OPERATOR
+from app.web.operators import ADMIN_PREFIX, audit, authenticate
 
 log = logging.getLogger("hongbao.errors")
 
@@ -75,6 +78,8 @@ async def _respond(
     try:
         if csrf_refused(request, origin):
             return json_response(_CSRF, status=403)
+        if request.path.startswith(ADMIN_PREFIX):
+            await authenticate(request)
         return await handler(request)
     except ApiError as exc:
         return json_response(exc.body(), status=exc.status)
@@ -116,6 +121,8 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
         try:
             response = await _respond(request, handler, metrics, origin)
             status = response.status
+            if OPERATOR in request:
+                await audit(request, status)
             if not response.prepared:
                 response.headers[REQUEST_ID_HEADER] = request_id
             return response

@@ -9,7 +9,7 @@ from app.settings import Settings
 from app.web import openapi
 from app.web.accesslog import AccessLog
 from app.web.edge import edge_middleware
-from app.web.handlers import admin, auth, h5, ops, page, results, wechat, wechatpay
+from app.web.handlers import admin, admin_reads, auth, h5, ops, page, results, wechat, wechatpay
 from app.web.keys import ACCESS_LOG, METRICS, READINESS, SETTINGS
 from app.web.readiness import Readiness
 from app.web.resources import (
@@ -49,6 +49,7 @@ def create_app(settings: Settings, access_log: AccessLog | None = None) -> web.A
     h5.setup(app)
     results.setup(app)
     admin.setup(app)
+    admin_reads.setup(app)
     wechat.setup(app)
     wechatpay.setup(app)
     page.setup(app)

@@ -10,6 +10,7 @@ from app.background.events import Events
 from app.campaigns.results import Results
 from app.campaigns.service import CampaignService
 from app.identity.login import LoginService
+from app.identity.operators import Operator, OperatorDirectory
 from app.identity.sessions import SessionStore
 from app.metrics import Metrics
 from app.payout.service import PayoutService
@@ -29,6 +30,7 @@ CAMPAIGNS = web.AppKey("campaigns", CampaignService)
 RESULTS = web.AppKey("results", Results)
 LOGINS = web.AppKey("logins", LoginService)
 PAYOUTS = web.AppKey("payouts", PayoutService)
+OPERATORS = web.AppKey("operators", OperatorDirectory)
 ASSETS = web.AppKey("assets", Assets)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
@@ -37,3 +39,6 @@ READINESS = web.AppKey("readiness", Readiness)
 OPENAPI = web.AppKey("openapi", bytes)
 # The openid of the request's session, once a handler has looked it up (for the access log).
 OPENID = web.RequestKey("openid", str)
+# Who calls an admin route (app.web.operators), and the campaign a call created (audit).
+OPERATOR = web.RequestKey("operator", Operator)
+AUDITED_CAMPAIGN = web.RequestKey("audited_campaign", str)

@@ -20,6 +20,7 @@ from aiohttp import web
 from app.lottery.spec import LotteryDefinition
 from app.redpacket.spec import RedPacketDefinition
 from app.web.handlers import answers as a
+from app.web.handlers.admin_reads import AuditQuery, CampaignQuery
 from app.web.handlers.auth import DevLogin
 from app.web.handlers.h5 import IDEMPOTENCY_KEY
 from app.web.keys import OPENAPI
@@ -61,6 +62,8 @@ class Operation:
     query: tuple[str, ...] = ()
     headers: tuple[dict[str, Any], ...] = ()
     tags: tuple[str, ...] = ()
+    # The query parameters as the struct that decodes them (app.validation.read_query).
+    query_struct: type[msgspec.Struct] | None = None
 
 
 def _campaign_id() -> dict[str, Any]:
@@ -90,8 +93,11 @@ _PLAYER_POST = Answer(
     errors=("csrf", "forbidden"),
 )
 _ADMIN = Answer(
-    401, "Authorization: Bearer <ADMIN_TOKEN> missing or wrong", errors=("unauthenticated",)
+    401, "Authorization: Bearer <operator token> missing or wrong", errors=("unauthenticated",)
 )
+# Every admin operation that changes state may meet this (added to each below).
+_VIEWER = Answer(403, "a viewer's token: viewers may only read", errors=("forbidden",))
+_LIST_QUERY = Answer(422, "a query parameter is invalid; field names it", errors=("invalid",))
 _BODY = (
     Answer(400, "the body is not a JSON object", errors=("invalid_json",)),
     Answer(413, "the body is over the size limit", errors=("payload_too_large",)),
@@ -229,6 +235,37 @@ OPERATIONS: tuple[Operation, ...] = (
         "A campaign's live statistics",
         (Answer(200, "the statistics", (a.RedPacketStats, a.LotteryStats)), _ADMIN, _NOT_FOUND),
         security="admin",
+        tags=("operators",),
+    ),
+    Operation(
+        "get",
+        "/api/admin/campaigns",
+        "Campaigns newest first with their live state, a page at a time (any operator)",
+        (Answer(200, "a page of campaigns", a.CampaignPage), _ADMIN, _LIST_QUERY),
+        security="admin",
+        query_struct=CampaignQuery,
+        tags=("operators",),
+    ),
+    Operation(
+        "get",
+        "/api/admin/campaigns/{id}/winners.csv",
+        "Every grant (red packet) or prize (lottery) with its payout state, as UTF-8 CSV "
+        "streamed from PostgreSQL (any operator)",
+        (
+            Answer(200, "the CSV, with a header row", {"type": "string"}, media="text/csv"),
+            _ADMIN,
+            _NOT_FOUND,
+        ),
+        security="admin",
+        tags=("operators",),
+    ),
+    Operation(
+        "get",
+        "/api/admin/audit",
+        "The audit log: state-changing operator calls, newest first (any operator)",
+        (Answer(200, "a page of entries", a.AuditPage), _ADMIN, _LIST_QUERY),
+        security="admin",
+        query_struct=AuditQuery,
         tags=("operators",),
     ),
     Operation(
@@ -390,7 +427,8 @@ def _error_schema(codes: tuple[str, ...]) -> dict[str, Any]:
 
 def _responses(op: Operation) -> dict[str, Any]:
     by_status: dict[int, list[Answer]] = {}
-    for answer in (*op.answers, *_ANYWHERE):
+    writes = op.security == "admin" and op.method != "get"
+    for answer in (*op.answers, *((_VIEWER,) if writes else ()), *_ANYWHERE):
         by_status.setdefault(answer.status, []).append(answer)
     responses: dict[str, Any] = {}
     for status, group in sorted(by_status.items()):
@@ -426,6 +464,7 @@ def _operation(op: Operation, operation_id: str) -> dict[str, Any]:
         {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
         for name in op.query
     ]
+    parameters += _query_parameters(op.query_struct)
     parameters += op.headers
     doc: dict[str, Any] = {
         "summary": op.summary,
@@ -440,6 +479,22 @@ def _operation(op: Operation, operation_id: str) -> dict[str, Any]:
     if op.security is not None:
         doc["security"] = [{op.security: []}]
     return doc
+
+
+def _query_parameters(struct: type[msgspec.Struct] | None) -> list[dict[str, Any]]:
+    """One optional query parameter per field of ``struct``, with its JSON Schema."""
+    if struct is None:
+        return []
+    (ref,), components = msgspec.json.schema_components([struct])
+    fields = components[ref["$ref"].rpartition("/")[2]]["properties"]
+    parameters = []
+    for name, schema in fields.items():
+        # ``None`` is how the struct says "absent": a query names no null.
+        options = [o for o in schema.get("anyOf", ()) if o != {"type": "null"}]
+        plain = options[0] if len(options) == 1 else dict(schema)
+        plain.pop("default", None)
+        parameters.append({"name": name, "in": "query", "required": False, "schema": plain})
+    return parameters
 
 
 def _request(op: Operation) -> dict[str, Any]:
@@ -492,7 +547,12 @@ def document(app: web.Application) -> dict[str, Any]:
         "components": {
             "schemas": components,
             "securitySchemes": {
-                "admin": {"type": "http", "scheme": "bearer", "description": "ADMIN_TOKEN"},
+                "admin": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "ADMIN_TOKEN (the bootstrap admin) or a named operator's "
+                    "token (hb operator add): role admin, or viewer for GETs only",
+                },
                 "session": {"type": "apiKey", "in": "cookie", "name": "hb_session"},
             },
         },

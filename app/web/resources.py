@@ -19,6 +19,7 @@ from app.background.tasks import stop_loop
 from app.campaigns.results import Results
 from app.campaigns.service import CampaignService
 from app.identity.login import LoginService
+from app.identity.operators import OperatorDirectory
 from app.identity.sessions import SessionStore
 from app.identity.wechat import WeChatClient
 from app.model import now_ms
@@ -33,6 +34,7 @@ from app.web.keys import (
     EVENTS,
     LOGINS,
     METRICS,
+    OPERATORS,
     PAYOUTS,
     PG,
     REDIS,
@@ -146,6 +148,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         clock=lambda: now_ms() + settings.clock_skew_ms,
     )
     app[PAYOUTS] = payouts
+    app[OPERATORS] = OperatorDirectory(app[PG], settings.admin_token)
     app[EVENTS] = events
     app[SESSIONS] = sessions
     app[CAMPAIGNS] = campaigns

@@ -1,4 +1,4 @@
-"""Operator API (Bearer ADMIN_TOKEN)."""
+"""Operator API (Bearer token of an operator: app.web.operators)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from aiohttp import web
 from app.errors import json_response
 from app.validation import read_json_object
 from app.web.handlers.deps import require_admin
-from app.web.keys import CAMPAIGNS
+from app.web.keys import AUDITED_CAMPAIGN, CAMPAIGNS
 
 
 async def create_campaign(request: web.Request) -> web.Response:
@@ -16,6 +16,7 @@ async def create_campaign(request: web.Request) -> web.Response:
     data = await read_json_object(request)
     campaigns = request.app[CAMPAIGNS]
     campaign = await campaigns.create(data)
+    request[AUDITED_CAMPAIGN] = campaign.id
     return json_response(await campaigns.stats(campaign.id), status=201)
 
 

@@ -307,6 +307,68 @@ class LotteryResults(msgspec.Struct, kw_only=True):
     won_count: Count
 
 
+class RedPacketSummary(msgspec.Struct, kw_only=True, tag_field="kind", tag="red_packet"):
+    """A red packet in the operators' list: its live state and counters."""
+
+    id: str
+    name: str
+    state: State
+    starts_at: Time
+    ends_at: Time
+    created_at: datetime
+    total_fen: Fen
+    count: Count
+    won_count: Count
+    won_fen: Fen
+
+
+class LotterySummary(msgspec.Struct, kw_only=True, tag_field="kind", tag="lottery"):
+    """A lottery in the operators' list: its tiers, their total stock, prizes won."""
+
+    id: str
+    name: str
+    state: State
+    starts_at: Time
+    ends_at: Time
+    created_at: datetime
+    tiers: Count
+    stock: Count
+    prizes_won: Count
+
+
+Next = Annotated[
+    str | None, msgspec.Meta(description="the cursor of the next page; null: nothing more")
+]
+
+
+class CampaignPage(msgspec.Struct, kw_only=True):
+    """Campaigns newest first; a page filtered by state may hold fewer than ``limit``."""
+
+    campaigns: list[RedPacketSummary | LotterySummary]
+    next: Next
+
+
+class AuditEntry(msgspec.Struct, kw_only=True):
+    """One state-changing operator call: who, what, the status answered, from where."""
+
+    at: datetime
+    operator: str
+    role: Literal["admin", "viewer"]
+    method: str
+    path: str
+    campaign_id: str | None
+    status: Annotated[int, msgspec.Meta(ge=100, le=599)]
+    remote: Annotated[str | None, msgspec.Meta(description="the client, as HAProxy saw it")]
+    request_id: str | None
+
+
+class AuditPage(msgspec.Struct, kw_only=True):
+    """Audit entries, newest first."""
+
+    entries: list[AuditEntry]
+    next: Next
+
+
 class WeChatPayFail(msgspec.Struct, kw_only=True):
     """A notification refused, in the form WeChat Pay expects (it retries later)."""
 

@@ -1,14 +1,22 @@
-"""What several handlers need from a request: the session, the admin check."""
+"""What several handlers need from a request: the session, the admin check (the
+operator app.web.operators found: every admin handler calls ``require_admin``)."""
 
 from __future__ import annotations
-
-import hmac
 
 from aiohttp import web
 
 from app.errors import ApiError, Forbidden, Unauthenticated
 from app.identity.sessions import COOKIE_NAME, Session
 from app.web.keys import OPENID, SESSIONS, SETTINGS
+from app.web.operators import require_admin
+
+__all__ = [
+    "current_session",
+    "playing_session",
+    "require_admin",
+    "session_token",
+    "set_session_cookie",
+]
 
 
 def session_token(request: web.Request) -> str | None:
@@ -50,15 +58,6 @@ async def playing_session(request: web.Request) -> Session:
             "open the page in WeChat and authorise to take part", reason="snapshot_user"
         )
     return session
-
-
-def require_admin(request: web.Request) -> None:
-    """401 unless the request carries ``Authorization: Bearer <ADMIN_TOKEN>``."""
-    # aiohttp keeps undecodable header bytes as surrogates: compare the bytes sent.
-    header = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-    expected = f"Bearer {request.app[SETTINGS].admin_token}"
-    if not hmac.compare_digest(header, expected.encode()):
-        raise Unauthenticated("admin token missing or wrong")
 
 
 def set_session_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:

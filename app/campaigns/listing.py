@@ -1,0 +1,150 @@
+"""The operators' campaign list: pages of PostgreSQL's campaigns, each with its live state.
+
+Definitions come from PostgreSQL (their source of truth, and no per-worker cache fills
+up with every campaign ever listed); live state and counters from Redis, one pipeline
+per page: a red packet's lifecycle fields, counters and pool length, a lottery's
+lifecycle fields and per-tier counters, and Redis's clock, which decides windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from app.campaigns import definitions
+from app.model import Campaign, Kind
+from app.store import reads
+from app.store.scripts import CampaignKeys
+
+# Each step of a filtered listing reads this many rows at least, and a page examines at
+# most LIST_SCAN_MAX: a page of a rare state may hold fewer than ``limit`` campaigns
+# (``next`` then continues the scan), but never costs more than that.
+LIST_CHUNK = 50
+LIST_SCAN_MAX = 1000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a page ends: the (created_at, id) of its last campaign."""
+
+    created_us: int
+    campaign_id: str
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> Position:
+        """The position of a campaigns row."""
+        return cls((row["created_at"] - _EPOCH) // _US, row["id"])
+
+    def key(self) -> tuple[datetime, str]:
+        """The (created_at, id) the next page starts strictly after."""
+        return _EPOCH + self.created_us * _US, self.campaign_id
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _state(
+    campaign: Campaign[Any], meta: Sequence[bytes | None], now: int, left: int | None
+) -> str:
+    """The live state as the views compute it: ``ended`` wins, then ``scheduled``, then
+    ``paused``, then ``sold_out`` (``left`` None: never sells out), else ``open``."""
+    starts, ends, paused, closed = meta
+    opens = int(starts) if starts is not None else campaign.opens_ms
+    closes = int(ends) if ends is not None else campaign.closes_ms
+    if now >= closes or closed is not None:
+        return "ended"
+    if now < opens:
+        return "scheduled"
+    if paused == b"1":
+        return "paused"
+    return "sold_out" if left == 0 else "open"
+
+
+LIFECYCLE_FIELDS = ("starts_at_ms", "ends_at_ms", "paused", "closed_ms")
+
+
+async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
+    """The list entry of each campaigns row, its live part read in one pipeline."""
+    campaigns = [definitions.from_row(row) for row in rows]
+    async with redis.pipeline(transaction=False) as pipe:
+        for campaign in campaigns:
+            keys = CampaignKeys.of(campaign.id)
+            pipe.hmget(keys.meta, *LIFECYCLE_FIELDS)
+            if campaign.kind is Kind.RED_PACKET:
+                pipe.hmget(keys.meta, "won_count", "won_fen")
+                pipe.llen(keys.pool)
+            else:
+                pipe.hgetall(keys.tiers)
+        pipe.time()
+        replies = await pipe.execute()
+    seconds, micros = replies.pop()
+    now = seconds * 1000 + micros // 1000
+    out, at = [], 0
+    for row, campaign in zip(rows, campaigns, strict=True):
+        meta = replies[at]
+        if campaign.kind is Kind.RED_PACKET:
+            (won_count, won_fen), left = replies[at + 1], int(replies[at + 2])
+            at += 3
+            entry = {
+                **campaign.summary(_state(campaign, meta, now, left)),
+                "total_fen": campaign.spec.total_fen,
+                "count": campaign.spec.count,
+                "won_count": int(won_count or 0),
+                "won_fen": int(won_fen or 0),
+            }
+        else:
+            tiers = replies[at + 1]
+            at += 2
+            entry = {
+                **campaign.summary(_state(campaign, meta, now, None)),
+                "tiers": len(campaign.spec.tiers),
+                "stock": sum(t.stock for t in campaign.spec.tiers),
+                "prizes_won": sum(int(v) for k, v in tiers.items() if k.startswith(b"won:")),
+            }
+        entry["created_at"] = _iso(row["created_at"])
+        out.append(entry)
+    return out
+
+
+async def page(
+    redis: Redis,
+    pg: asyncpg.Pool,
+    *,
+    limit: int,
+    state: str | None = None,
+    kind: Kind | None = None,
+    after: Position | None = None,
+) -> tuple[list[dict[str, Any]], Position | None]:
+    """Up to ``limit`` campaigns (in ``state``, of ``kind``) newest first after ``after``,
+    and where the next page starts (None: no campaign is left)."""
+    found: list[dict[str, Any]] = []
+    examined = 0
+    while True:
+        want = limit - len(found)
+        chunk = want if state is None else max(want, LIST_CHUNK)
+        rows = await reads.campaigns_page(
+            pg,
+            chunk + 1,
+            None if kind is None else str(kind),
+            None if after is None else after.key(),
+        )
+        batch = rows[:chunk]
+        for i, (row, entry) in enumerate(zip(batch, await summaries(redis, batch), strict=True)):
+            after = Position.of(row)
+            examined += 1
+            if state is None or entry["state"] == state:
+                found.append(entry)
+                if len(found) == limit:
+                    return found, after if i + 1 < len(rows) else None
+        if len(rows) <= chunk:
+            return found, None
+        if examined >= LIST_SCAN_MAX:
+            return found, after
