@@ -40,12 +40,27 @@ GRAB_SCRIPT = ROOT / "lua" / "grab_envelope.lua"
 NGINX_DIRS = f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin"
 LUA_MODULE = Path("/usr/lib/nginx/modules/ngx_http_lua_module.so")
 COOKIE_TTL_S = 3600
+# What the comparison runs on, named in the report.
+PACKAGES = ("nginx-light", "libnginx-mod-http-lua", "libluajit2-5.1-2")
 
 
 def nginx_binary() -> str | None:
     """The nginx to run, if nginx and its Lua module are installed."""
     found = shutil.which("nginx", path=NGINX_DIRS)
     return found if found is not None and LUA_MODULE.exists() else None
+
+
+def versions() -> str:
+    """The Debian packages the comparison runs on, with their versions."""
+    if shutil.which("dpkg-query") is None:
+        return "versions unknown (no dpkg-query)"
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package} ${Version}, ", *PACKAGES],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.rstrip(", ") or "versions unknown"
 
 
 def mint(key: bytes, openid: str, expires_s: int) -> str:

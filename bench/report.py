@@ -24,6 +24,8 @@ class Setup:
     rounds: int
     players: int
     drain: str
+    # The Debian packages of the OpenResty comparison, if it ran.
+    openresty: str = ""
 
 
 def median_rps(pairs: list[Pair]) -> float:
@@ -96,7 +98,7 @@ def grab_floors(measured: Measured) -> list[Result]:
     return [floor for (floor, _), _ in measured.openresty]
 
 
-def openresty(measured: Measured) -> list[str]:
+def openresty(setup: Setup, measured: Measured) -> list[str]:
     """Our grab path against the OpenResty comparison of the same rounds."""
     if not measured.openresty:
         return []
@@ -111,7 +113,8 @@ def openresty(measured: Measured) -> list[str]:
         "OpenResty comparison (bench/openresty/: 2 nginx workers with ngx_lua, an HMAC-SHA1",
         "cookie checked per request, one EVALSHA of lua/grab_envelope.lua per grab over",
         "keepalive Redis connections; the same Redis, players and wrk script; no HAProxy, no",
-        "ledger drain), run right after our grab run in each round, on a fresh campaign:",
+        "ledger drain), run right after our grab run in each round, on a fresh campaign;",
+        f"{setup.openresty}:",
         "",
         "| grab path | grabs/s | p50 ms | p99 ms | server CPU µs/grab | total CPU µs/grab |",
         "|---|---:|---:|---:|---:|---:|",
@@ -207,6 +210,6 @@ def render(setup: Setup, measured: Measured, ledger_ok: bool) -> str:
             *throughput(setup, measured, floors),
             *figures(setup, measured, ledger_ok),
             *cpu_table(measured, floors),
-            *openresty(measured),
+            *openresty(setup, measured),
         ]
     )

@@ -69,6 +69,7 @@ async def bench(args: argparse.Namespace) -> str:
         rounds=args.rounds,
         players=args.players,
         drain=args.drain,
+        openresty=openresty.versions() if "openresty" in args.paths else "",
     )
     return render(setup, rounds.measured, ledger_ok)
 

@@ -20,6 +20,7 @@ from app.local.embedded import free_port
 from app.store.scripts import CAMPAIGNS_SET
 from bench import openresty
 from bench.measure import Result
+from bench.report import Setup
 from bench.report import openresty as comparison
 from bench.rounds import Measured
 from tests.conftest import create_campaign, gather_limited
@@ -115,11 +116,13 @@ def test_report_shows_both_ratios_and_openresty_p99() -> None:
     theirs.p99_ms = 12.5
     measured.openresty = [((floor, ours), theirs)]
     measured.openresty_calls = 100_000
-    text = "\n".join(comparison(measured))
+    setup = Setup(2, 64, 5, 1, 100_000, "process", "nginx-light 1.22.1")
+    text = "\n".join(comparison(setup, measured))
     # ours: 9 s of CPU over 50,000 grabs = 180 µs; theirs: 10 s over 100,000 = 100 µs.
     assert "| ours (HAProxy + app workers) | 10,000 | 5.00 | 20.00 | 100 | 180 |" in text
     assert "| OpenResty | 20,000 | 5.00 | 12.50 | 40 | 100 |" in text
     assert "grabs/s 0.50 (median of paired rounds)" in text
     assert "CPU per grab 1.80 times OpenResty's (its server alone: 2.50 times)" in text
+    assert "on a fresh campaign;\nnginx-light 1.22.1:" in text
     assert "1.000 script calls per grab" in text
     assert text.endswith("nobody twice, in every run: yes")
