@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's entry point. `./hb serve` runs the service, `./hb test` runs the tests;
-# both create .venv and install the project on first use.
+# The project's entry point. `./hb serve` runs the service, `./hb test` runs the tests,
+# `./hb --help` lists every command; each creates .venv and installs the project on first use.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -62,6 +62,6 @@ case "$cmd" in
   bench-drain) ensure_venv; exec .venv/bin/python -m bench.drain "$@" ;;
   chaos) ensure_venv; exec .venv/bin/python -m app chaos "$@" ;;
   lint)  ensure_venv; .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports && exec .venv/bin/mypy ;;
-  help|-h|--help) echo "usage: ./hb serve [--workers N] [--port P] | ./hb test [pytest args] | ./hb lint | ./hb bench [--quick] | ./hb bench-drain | ./hb <app command>" ;;
+  help|-h|--help) ensure_venv; exec .venv/bin/python -m app --help ;;
   *)     ensure_venv; exec .venv/bin/python -m app "$cmd" "$@" ;;
 esac

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import asyncpg
 import orjson
@@ -21,8 +22,9 @@ from redis.exceptions import RedisError
 from app import logs
 from app.background.drainer import drain_process
 from app.campaigns import operations
+from app.campaigns.progress import Bars
 from app.campaigns.service import CampaignService
-from app.errors import ApiError, OperationError
+from app.errors import ApiError, Invalid, OperationError
 from app.identity.operators import TOKEN_CACHE_S, OperatorDirectory, Role, render
 from app.identity.sessions import SessionStore
 from app.local.chaos import chaos
@@ -33,6 +35,7 @@ from app.model import Kind
 from app.payout import commands as payout_commands
 from app.payout.client import open_client
 from app.payout.worker import payout_process
+from app.reports import Progress
 from app.settings import (
     LedgerSettings,
     PayoutSettings,
@@ -53,6 +56,20 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Print ``prog: message`` and exit with code 2."""
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+class _CommandList(argparse.RawDescriptionHelpFormatter):
+    """``hb --help``: one line per command, the epilog as written."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=24, width=100)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        """Measure the commands at the indent they print at (argparse measures them two
+        columns short, and then wraps the longest names)."""
+        super().add_argument(action)
+        if action.nargs == argparse.PARSER:
+            self._action_max_length += 2
 
 
 def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -144,7 +161,64 @@ async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
     return list(zip(openids, tokens, strict=True))
 
 
-async def _create_campaign(args: argparse.Namespace) -> dict[str, object]:
+# create-campaign's red-packet flags, by the definition field each one sets.
+CREATE_FLAGS = {
+    "name": "--name",
+    "total_fen": "--total-fen",
+    "count": "--count",
+    "min_fen": "--min-fen",
+    "max_fen": "--max-fen",
+    "starts_at": "--starts-at",
+    "ends_at": "--ends-at",
+}
+_FIELD_NAMES = re.compile(r"\b(" + "|".join(CREATE_FLAGS) + r")\b")
+
+
+class _Refused(Exception):
+    """create-campaign cannot go on; the message says why, in the command's own terms."""
+
+
+def _definition(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """The definition create-campaign was given, and where it came from (None: flags)."""
+    given = [flag for field, flag in CREATE_FLAGS.items() if getattr(args, field) is not None]
+    if args.file is None:
+        missing = [f for f in ("--name", "--total-fen", "--count") if f not in given]
+        if missing:
+            raise _Refused(f"give --file, or a red packet's {', '.join(missing)} (see --help)")
+        flags = {field: getattr(args, field) for field in CREATE_FLAGS}
+        return {"kind": Kind.RED_PACKET, **{k: v for k, v in flags.items() if v is not None}}, None
+    if given:
+        raise _Refused(f"--file holds the whole definition: drop {', '.join(given)}")
+    source = "stdin" if args.file == "-" else args.file
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise _Refused(f"{source}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _Refused(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _Refused(f"{source}: must hold one JSON object, a campaign definition")
+    return data, source
+
+
+def _refusal(exc: Invalid, source: str | None) -> str:
+    """A refused field named as the user gave it: the file's field, or the flag."""
+    field = str(exc.extra["field"])
+    message = exc.message.removeprefix(f"{field}: ")
+    flag = CREATE_FLAGS.get(field)
+    if source is None and flag is not None:
+        # Flags throughout: "--total-fen must be at least --count * --min-fen".
+        message = _FIELD_NAMES.sub(lambda m: CREATE_FLAGS[m[1]], message)
+        return message if message.startswith(f"{flag} ") else f"{flag}: {message}"
+    where = "" if source is None else f"{source}: "
+    if message.startswith(f"{field} "):
+        return f"{where}field {message}"
+    return f"{where}field {field}: {message}"
+
+
+async def _create_campaign(definition: dict[str, Any], progress: Progress) -> dict[str, object]:
     stores = Stores.from_env()
     redis = Redis.from_url(stores.redis_url)
     pg = await asyncpg.create_pool(stores.database_url, min_size=1, max_size=2)
@@ -152,33 +226,32 @@ async def _create_campaign(args: argparse.Namespace) -> dict[str, object]:
         await ledger.migrate(pg)
         service = CampaignService(redis, pg, Scripts(redis), batch_max=1)
         started = time.monotonic()
-
-        def progress(done: int, total: int) -> None:
-            print(
-                f"\rloading envelopes into Redis: {done:,}/{total:,} "
-                f"({100 * done // total}%, {time.monotonic() - started:.1f}s)",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        body = {
-            "kind": Kind.RED_PACKET,
-            "name": args.name,
-            "total_fen": args.total_fen,
-            "count": args.count,
-            "min_fen": args.min_fen,
-            "max_fen": args.max_fen,
-            "starts_at": args.starts_at,
-            "ends_at": args.ends_at,
-        }
-        campaign = await service.create(body, progress)
-        print(file=sys.stderr)
+        campaign = await service.create(definition, progress)
         stats = await service.stats(campaign.id)
         stats["seconds"] = round(time.monotonic() - started, 2)
         return stats
     finally:
         await pg.close()
+        await redis.aclose()
+
+
+def _create(args: argparse.Namespace) -> int:
+    """create-campaign: the stats of the new campaign on stdout, progress on stderr."""
+    try:
+        definition, source = _definition(args)
+        with Bars() as bars:
+            stats = asyncio.run(_create_campaign(definition, bars))
+    except _Refused as exc:
+        print(f"hb create-campaign: {exc}", file=sys.stderr)
+        return 2
+    except Invalid as exc:
+        print(f"hb create-campaign: {_refusal(exc, source)}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"hb create-campaign: {exc}", file=sys.stderr)
+        return 2
+    print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
+    return 0
 
 
 async def _operate(command: str, campaign_id: str) -> int:
@@ -234,47 +307,110 @@ async def _operator(args: argparse.Namespace) -> int:
         await pool.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
-    parser = _Parser(prog="hongbao")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ./hb's own commands (the script runs them without python -m app), for --help.
+WRAPPER_COMMANDS = """\
+./hb itself also runs:
+  test [pytest args]    the tests (first installs the system packages they need)
+  lint                  ruff, ruff format --check, lint-imports, mypy --strict
+  bench [--quick]       the grab benchmarks (./hb bench --help)
+  bench-drain [flags]   the ledger drain benchmark (./hb bench-drain --help)
+
+Flags of a command: ./hb <command> --help. Commands that touch the stores use
+REDIS_URL and DATABASE_URL, by default the ones ./hb serve embeds."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every command and flag, each with a line of help."""
+    parser = _Parser(
+        prog="hb",
+        description="hongbao: WeChat red packets and lotteries at peak load.",
+        epilog=WRAPPER_COMMANDS,
+        formatter_class=_CommandList,
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, title="commands", metavar="<command>"
+    )
     p_serve = sub.add_parser("serve", help="run the service (embedded Redis/PostgreSQL if unset)")
-    p_serve.add_argument("--workers", type=COUNT, default=os.cpu_count() or 1)
-    p_serve.add_argument("--port", type=PORT, default=os.environ.get("PORT", "8080"))
-    p_serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p_serve.add_argument(
+        "--workers",
+        type=COUNT,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: one per CPU, %(default)s here)",
+    )
+    p_serve.add_argument(
+        "--port",
+        type=PORT,
+        default=os.environ.get("PORT", "8080"),
+        help="the port players and operators use (default: $PORT, else 8080)",
+    )
+    p_serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="the embedded stores' data, keys and logs (default: %(default)s)",
+    )
     p_serve.add_argument(
         "--no-haproxy", action="store_true", help="workers share the port even if haproxy exists"
     )
     sub.add_parser("worker", help="run one worker process (settings from the environment)")
     p_fake = sub.add_parser("fake-wechat", help="run the fake WeChat (WECHAT_APPID/SECRET)")
-    p_fake.add_argument("--host", default="127.0.0.1")
-    p_fake.add_argument("--port", type=PORT, required=True)
+    p_fake.add_argument("--host", default="127.0.0.1", help="listen here (default: %(default)s)")
+    p_fake.add_argument("--port", type=PORT, required=True, help="listen on this port")
     p_pay = sub.add_parser("fake-wechatpay", help="run the fake WeChat Pay (keys: ./hb serve)")
-    p_pay.add_argument("--host", default="127.0.0.1")
-    p_pay.add_argument("--port", type=PORT, required=True)
+    p_pay.add_argument("--host", default="127.0.0.1", help="listen here (default: %(default)s)")
+    p_pay.add_argument("--port", type=PORT, required=True, help="listen on this port")
     sub.add_parser("payout", help="run one payout worker (outbox -> WeChat Pay transfer bills)")
     p_retry = sub.add_parser("payout-retry", help="retry a campaign's failed or cancelled bills")
-    p_retry.add_argument("campaign_id")
+    p_retry.add_argument("campaign_id", help="the campaign whose bills to retry")
     p_mint = sub.add_parser("mint-sessions", help="create N player sessions for load tests")
-    p_mint.add_argument("--count", type=COUNT, required=True)
-    p_mint.add_argument("--out", type=Path, required=True)
-    p_mint.add_argument("--prefix", default="load-")
-    p_mint.add_argument("--ttl", type=COUNT, default=24 * 3600)
-    p_create = sub.add_parser(
-        "create-campaign", help="create a red packet from the shell, with load progress"
+    p_mint.add_argument("--count", type=COUNT, required=True, help="how many sessions")
+    p_mint.add_argument(
+        "--out", type=Path, required=True, help="write them here, one openid<TAB>cookie a line"
     )
-    p_create.add_argument("--name", required=True)
-    p_create.add_argument("--total-fen", type=int, required=True)
-    p_create.add_argument("--count", type=COUNT, required=True)
-    p_create.add_argument("--min-fen", type=int, default=1)
-    p_create.add_argument("--max-fen", type=int, default=None)
-    p_create.add_argument("--starts-at", default=None, help="RFC 3339")
-    p_create.add_argument("--ends-at", default=None, help="RFC 3339")
+    p_mint.add_argument(
+        "--prefix", default="load-", help="openids are PREFIX00000000 on (default: %(default)s)"
+    )
+    p_mint.add_argument(
+        "--ttl", type=COUNT, default=24 * 3600, help="seconds they last (default: %(default)s)"
+    )
+    p_create = sub.add_parser(
+        "create-campaign",
+        help="create a campaign of any kind (--file) or a red packet (flags), with progress",
+        description="Create a campaign, showing each phase (split, PostgreSQL, Redis) on "
+        "stderr; its stats (with its id) go to stdout as JSON. Give --file, or --name, "
+        "--total-fen and --count for a red packet.",
+    )
+    p_create.add_argument(
+        "--file",
+        metavar="PATH",
+        help="a definition of any kind: the JSON body of POST /api/admin/campaigns (- reads stdin)",
+    )
+    p_create.add_argument("--name", help="a red packet's name, shown to players")
+    p_create.add_argument(
+        "--total-fen", type=int, metavar="FEN", help="its budget in fen (100 fen = 1 元)"
+    )
+    p_create.add_argument(
+        "--count", type=COUNT, metavar="N", help="how many envelopes share the budget"
+    )
+    p_create.add_argument(
+        "--min-fen", type=int, metavar="FEN", help="the least one envelope holds (default: 1)"
+    )
+    p_create.add_argument(
+        "--max-fen", type=int, metavar="FEN", help="the most one envelope holds (default: any)"
+    )
+    p_create.add_argument(
+        "--starts-at",
+        metavar="TIME",
+        help="when it opens, RFC 3339 with an offset (default: at once)",
+    )
+    p_create.add_argument(
+        "--ends-at", metavar="TIME", help="when it closes, RFC 3339 (default: never)"
+    )
     sub.add_parser("drain", help="run one ledger drainer process (Redis stream -> PostgreSQL)")
     p_rec = sub.add_parser("reconcile", help="compare a campaign in Redis and PostgreSQL")
-    p_rec.add_argument("campaign_id")
+    p_rec.add_argument("campaign_id", help="the campaign's id")
     p_reb = sub.add_parser("rebuild", help="restore a campaign lost from Redis, from PostgreSQL")
-    p_reb.add_argument("campaign_id")
+    p_reb.add_argument("campaign_id", help="the campaign's id")
     p_op = sub.add_parser(
         "operator",
         help="add, list or revoke named operators (admin or viewer tokens)",
@@ -298,17 +434,26 @@ def main(argv: list[str] | None = None) -> int:
     p_chaos = sub.add_parser(
         "chaos", help="kill and stall each part of a local stack under load; check the books"
     )
-    p_chaos.add_argument("--appendfsync", choices=("always", "everysec"), default="always")
+    p_chaos.add_argument(
+        "--appendfsync",
+        choices=("always", "everysec"),
+        default="always",
+        help="the Redis fsync policy under test (default: %(default)s)",
+    )
     p_chaos.add_argument("--short", action="store_true", help="shorter faults (~1-2 min, CI)")
     p_chaos.add_argument("--dir", type=Path, help="keep the run's data and logs here")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
     logs.configure()
     try:
         return _dispatch(args)
     except (OSError, RedisError, SettingsError) as exc:
         # Stores that do not answer, or settings that do not parse: one line, no traceback.
-        print(f"hongbao {args.command}: {exc}", file=sys.stderr)
+        print(f"hb {args.command}: {exc}", file=sys.stderr)
         return 2
 
 
@@ -329,13 +474,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {args.count} sessions (openid<TAB>cookie value) to {args.out}")
         return 0
     if args.command == "create-campaign":
-        try:
-            stats = asyncio.run(_create_campaign(args))
-        except ApiError as exc:
-            print(f"hongbao: {exc}", file=sys.stderr)
-            return 2
-        print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
-        return 0
+        return _create(args)
     if args.command == "drain":
         try:
             ledger_settings = LedgerSettings.from_env()

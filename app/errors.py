@@ -67,6 +67,13 @@ class Ended(ApiError):
     code = "ended"
 
 
+class Paused(ApiError):
+    """An operator paused the campaign: grabs and draws wait until it is resumed."""
+
+    status = 409
+    code = "paused"
+
+
 class WrongKind(ApiError):
     """A grab on a lottery or a draw on a red packet."""
 

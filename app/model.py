@@ -55,12 +55,16 @@ class Campaign(Generic[S]):
         """When the campaign ends (FAR_FUTURE_MS: never)."""
         return FAR_FUTURE_MS if self.ends_at_ms is None else self.ends_at_ms
 
-    def state(self, now: int, remaining: int | None = None) -> str:
-        """scheduled | open | sold_out | ended (``remaining`` None: never sells out)."""
+    def state(self, now: int, remaining: int | None = None, life: Lifecycle | None = None) -> str:
+        """scheduled | open | paused | sold_out | ended (``remaining`` None: never sells
+        out). Ended wins over everything, paused over open and sold out."""
+        life = life or ACTIVE
+        if life.ended(now, self):
+            return "ended"
         if now < self.opens_ms:
             return "scheduled"
-        if now >= self.closes_ms:
-            return "ended"
+        if life.paused:
+            return "paused"
         return "sold_out" if remaining == 0 else "open"
 
     def summary(self, state: str) -> dict[str, Any]:
@@ -73,6 +77,26 @@ class Campaign(Generic[S]):
             "starts_at": iso(self.starts_at_ms),
             "ends_at": iso(self.ends_at_ms),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """What operators and time did to a campaign since its creation, kept beside its
+    immutable definition: paused, ended early (``ends_at_ms`` moved to the end), closed
+    out (its leftovers returned, once it ended)."""
+
+    paused: bool = False
+    ends_at_ms: int | None = None
+    closed: bool = False
+
+    def ended(self, now: int, campaign: Campaign[Any]) -> bool:
+        """Whether ``campaign`` has ended by ``now``: closed out, or past its end."""
+        ends = campaign.closes_ms if self.ends_at_ms is None else self.ends_at_ms
+        return self.closed or now >= min(ends, campaign.closes_ms)
+
+
+# A campaign no operator has touched.
+ACTIVE = Lifecycle()
 
 
 def new_campaign_id() -> str:

@@ -6,7 +6,11 @@
   shares, the kind's own fields beside them;
 * ledger stream entries, as the settlement scripts XADD them: a grab is ``u`` openid,
   ``s`` envelope seq, ``a`` fen, ``t`` unix ms; a draw is ``k=draw``, ``u``, ``n`` draw
-  number, ``p`` tier or -1, ``a`` fen, ``t`` unix ms, ``d`` YYYYMMDD.
+  number, ``p`` tier or -1, ``a`` fen, ``t`` unix ms, ``d`` YYYYMMDD; a pause or resume
+  is ``k=pause``, ``p`` 1 or 0, ``t``; a red packet's close-out is ``k=refund``, ``c``
+  envelopes and ``a`` fen returned, ``e`` when it ended, ``t``; a lottery's is
+  ``k=leftover``, ``r`` its leftovers per tier (below), ``e``, ``t``;
+* a lottery's leftovers at its close-out, per tier in order: ``"unreleased:unwon,"``.
 
 A value that does not parse raises ``MalformedRecord``, whatever the format.
 """
@@ -20,7 +24,7 @@ from typing import Any
 
 from redis.typing import EncodableT, FieldT
 
-from app.model import Campaign, Kind, day_date
+from app.model import Campaign, Kind, Lifecycle, day_date
 
 
 class MalformedRecord(ValueError):
@@ -81,6 +85,51 @@ def decode_meta_common(meta: Mapping[bytes, bytes]) -> MetaCommon:
         raise MalformedRecord(f"campaign meta: {exc!r}") from None
 
 
+# The meta fields a campaign's lifecycle is read from (set_paused.lua, close_campaign.lua).
+LIFECYCLE_FIELDS = ("paused", "ends_at_ms", "closed_ms")
+
+
+def decode_lifecycle(meta: Mapping[bytes, bytes]) -> Lifecycle:
+    """Paused, the effective end and whether closed out, from a meta hash (or the
+    LIFECYCLE_FIELDS of one)."""
+    return Lifecycle(
+        paused=meta.get(b"paused") == b"1",
+        ends_at_ms=meta_int(meta, b"ends_at_ms"),
+        closed=bool(meta.get(b"closed_ms")),
+    )
+
+
+def lifecycle_of(values: list[bytes | None]) -> Lifecycle:
+    """``decode_lifecycle`` of an HMGET of LIFECYCLE_FIELDS."""
+    return decode_lifecycle(
+        {f.encode(): v for f, v in zip(LIFECYCLE_FIELDS, values, strict=True) if v is not None}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TierLeftover:
+    """What a lottery tier did not give out: stock never released, released and unwon."""
+
+    unreleased: int
+    unwon: int
+
+
+def decode_leftovers(raw: bytes | str) -> tuple[TierLeftover, ...]:
+    """A lottery's leftovers, ``"unreleased:unwon,"`` per tier in order."""
+    out = []
+    for part in text(raw).split(","):
+        if not part:
+            continue
+        unreleased, sep, unwon = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError("no ':'")
+            out.append(TierLeftover(int(unreleased), int(unwon)))
+        except ValueError as exc:
+            raise MalformedRecord(f"lottery leftovers {raw!r}: {exc}") from None
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """One red-packet envelope: its position in the split and its amount."""
@@ -128,6 +177,9 @@ class EntryKind(enum.StrEnum):
 
     GRAB = "grab"
     DRAW = "draw"
+    PAUSE = "pause"
+    REFUND = "refund"
+    LEFTOVER = "leftover"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +213,31 @@ class DrawRecord:
     at_ms: int
 
 
-Record = GrabRecord | DrawRecord
+@dataclass(frozen=True, slots=True)
+class PauseRecord:
+    """An operator paused (or resumed) a campaign at ``at_ms``."""
+
+    campaign_id: str
+    stream_id: str
+    paused: bool
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseoutRecord:
+    """A campaign's close-out: a red packet's envelopes and fen returned to the budget
+    (``tiers`` None), or a lottery's leftovers per tier (count and fen 0)."""
+
+    campaign_id: str
+    stream_id: str
+    refunded_count: int
+    refunded_fen: int
+    tiers: tuple[TierLeftover, ...] | None
+    ended_ms: int
+    at_ms: int
+
+
+Record = GrabRecord | DrawRecord | PauseRecord | CloseoutRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +265,7 @@ class LedgerEntry:
         return self.fields.get("k", EntryKind.GRAB)
 
     def decode(self) -> Record:
-        """The grant or draw this entry records; raises MalformedRecord."""
+        """The grant, draw, pause or close-out this entry records; raises MalformedRecord."""
         f = self.fields
         where = f"{self.kind} entry {self.stream_id}"
         try:
@@ -214,6 +290,30 @@ class LedgerEntry:
                 )
                 day_date(draw.day)
                 return draw
+            if self.kind == EntryKind.PAUSE:
+                if f["p"] not in ("0", "1"):
+                    raise ValueError(f"p={f['p']!r}")
+                return PauseRecord(self.campaign_id, self.stream_id, f["p"] == "1", int(f["t"]))
+            if self.kind == EntryKind.REFUND:
+                refund = CloseoutRecord(
+                    self.campaign_id,
+                    self.stream_id,
+                    int(f["c"]),
+                    int(f["a"]),
+                    None,
+                    int(f["e"]),
+                    int(f["t"]),
+                )
+                if refund.refunded_count < 0 or refund.refunded_fen < 0:
+                    raise ValueError("out of range")
+                return refund
+            if self.kind == EntryKind.LEFTOVER:
+                tiers = decode_leftovers(f["r"])
+                if any(t.unreleased < 0 or t.unwon < 0 for t in tiers):
+                    raise ValueError("out of range")
+                return CloseoutRecord(
+                    self.campaign_id, self.stream_id, 0, 0, tiers, int(f["e"]), int(f["t"])
+                )
         except KeyError as exc:
             raise MalformedRecord(f"{where}: no field {exc}") from None
         except ValueError as exc:

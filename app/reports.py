@@ -1,14 +1,32 @@
-"""What the operator reports (reconcile, rebuild) of every kind print alike, and the
-one table layout every CLI command prints (``table``)."""
+"""What the operator reports (reconcile, rebuild) of every kind print alike, the one
+table layout every CLI command prints (``table``), and the phases a creation reports."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import enum
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import wcwidth
 
 MAX_LISTED = 50
+
+
+class Phase(enum.StrEnum):
+    """A step of creating a campaign, as create-campaign's progress bars name it."""
+
+    SPLIT = "split"
+    POSTGRESQL = "PostgreSQL"
+    REDIS = "Redis"
+
+
+# ``progress(phase, done, total)``: how far a phase of a creation has come, in envelopes
+# (a red packet) or tiers (a lottery); each phase reports 0 first, ``total`` last.
+Progress = Callable[[Phase, int, int], None]
+
+
+def quiet(phase: Phase, done: int, total: int) -> None:
+    """The progress of a creation nobody watches (the API's)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,39 @@ Timestamp = Annotated[
 MIN_TIME_MS = from_datetime(datetime(1, 1, 1, tzinfo=UTC))
 MAX_TIME_MS = FAR_FUTURE_MS
 
-_NAMED = re.compile(r"^Object (?:missing required|contains unknown) field `(?P<name>.*)`$")
+_NAMED = re.compile(r"^Object (?P<how>missing required|contains unknown) field `(?P<name>.*)`$")
+# msgspec's wording of a few common failures, said plainly ("Expected `int` >= 1").
+_BOUND = re.compile(r"^Expected `[^`]+` (?P<op>>=|<=|>|<) (?P<n>\S+)$")
+_LENGTH = re.compile(r"^Expected `(?P<type>str|array|object)` of length (?P<op>>=|<=) (?P<n>\d+)$")
+_TYPE = re.compile(r"^Expected `(?P<want>[^`]+)`, got `(?P<got>[^`]+)`$")
+_OPS = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}
+_ITEMS = {"str": "characters", "array": "items", "object": "fields"}
+_JSON_TYPES = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "a boolean",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
+    "datetime": "an RFC 3339 time",
+}
+
+
+def _plain(what: str) -> str:
+    """msgspec's description of a failure, in the words of a JSON body."""
+    if bound := _BOUND.match(what):
+        return f"must be {_OPS[bound['op']]} {bound['n']}"
+    if length := _LENGTH.match(what):
+        most = "at least" if length["op"] == ">=" else "at most"
+        items = _ITEMS[length["type"]]
+        return f"must have {most} {length['n']} {items[:-1] if length['n'] == '1' else items}"
+    if wrong := _TYPE.match(what):
+        want = " or ".join(_JSON_TYPES.get(t, t) for t in wrong["want"].split(" | "))
+        return f"must be {want}, not {_JSON_TYPES.get(wrong['got'], wrong['got'])}"
+    if named := _NAMED.match(what):
+        return "is required" if named["how"] == "missing required" else "is not a known field"
+    return what
 
 
 def _invalid(exc: msgspec.ValidationError) -> Invalid:
@@ -51,7 +83,7 @@ def _invalid(exc: msgspec.ValidationError) -> Invalid:
     if "matching regex" in what:
         what = "has characters not allowed here (see its pattern in /api/openapi.json)"
     field = path or "body"
-    return Invalid(field, f"{field}: {what}")
+    return Invalid(field, f"{field}: {_plain(what)}")
 
 
 def convert(data: Mapping[str, Any], kind: type[T]) -> T:

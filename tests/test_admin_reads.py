@@ -47,7 +47,9 @@ async def test_list_newest_first_with_live_state_in_pages(client: TestClient) ->
     )
     lottery = await (await client.post("/api/admin/campaigns", json=LOTTERY, headers=ADMIN)).json()
     await login(client, "alice")
-    assert (await (await client.post(f"/api/campaigns/{sold['id']}/grab")).json())["result"] == "won"
+    assert (await (await client.post(f"/api/campaigns/{sold['id']}/grab")).json())[
+        "result"
+    ] == "won"
 
     page = await listing(client)
     entries = page["campaigns"]
@@ -55,7 +57,8 @@ async def test_list_newest_first_with_live_state_in_pages(client: TestClient) ->
     assert [e["id"] for e in entries] == [lottery["id"], over["id"], later["id"], sold["id"]]  # type: ignore[index]
     assert [e["state"] for e in entries] == ["open", "ended", "scheduled", "sold_out"]  # type: ignore[index]
     red = entries[-1]  # type: ignore[index]
-    assert red["name"] == "售罄" and red["kind"] == "red_packet"
+    assert red["name"] == "售罄"
+    assert red["kind"] == "red_packet"
     assert (red["total_fen"], red["count"], red["won_count"], red["won_fen"]) == (100, 1, 1, 100)
     assert red["created_at"].endswith("Z")
     lot = entries[0]  # type: ignore[index]
@@ -71,7 +74,9 @@ async def test_list_newest_first_with_live_state_in_pages(client: TestClient) ->
             break
     assert seen == [e["id"] for e in entries]  # type: ignore[index]
 
-    assert [e["id"] for e in (await listing(client, kind="lottery"))["campaigns"]] == [lottery["id"]]  # type: ignore[attr-defined]
+    assert [e["id"] for e in (await listing(client, kind="lottery"))["campaigns"]] == [
+        lottery["id"]
+    ]  # type: ignore[attr-defined]
     assert [e["id"] for e in (await listing(client, state="sold_out"))["campaigns"]] == [sold["id"]]  # type: ignore[attr-defined]
     filtered = await listing(client, state="ended", kind="red_packet", limit="1")
     assert [e["id"] for e in filtered["campaigns"]] == [over["id"]]  # type: ignore[attr-defined]
@@ -101,7 +106,9 @@ def parse_csv(raw: bytes) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
 
 
-async def test_red_packet_csv_adds_up(client: TestClient, redis: Redis, pg: asyncpg.Connection) -> None:
+async def test_red_packet_csv_adds_up(
+    client: TestClient, redis: Redis, pg: asyncpg.Connection
+) -> None:
     campaign = await create_campaign(client, total_fen=99_999, count=40)
     cid = str(campaign["id"])
     for i in range(60):
@@ -124,10 +131,13 @@ async def test_red_packet_csv_adds_up(client: TestClient, redis: Redis, pg: asyn
     # Every grant has its payout row (the outbox trigger): its state is shown.
     assert {r["payout_state"] for r in rows} == {"NEW"}
     times = [r["granted_at"] for r in rows]
-    assert times == sorted(times) and all(t.endswith("Z") for t in times)
+    assert times == sorted(times)
+    assert all(t.endswith("Z") for t in times)
 
 
-async def test_lottery_csv_one_row_per_prize(client: TestClient, redis: Redis, pg: asyncpg.Connection) -> None:
+async def test_lottery_csv_one_row_per_prize(
+    client: TestClient, redis: Redis, pg: asyncpg.Connection
+) -> None:
     lottery = await (await client.post("/api/admin/campaigns", json=LOTTERY, headers=ADMIN)).json()
     cid = lottery["id"]
     for i in range(7):
@@ -144,12 +154,13 @@ async def test_lottery_csv_one_row_per_prize(client: TestClient, redis: Redis, p
     stats = await (await client.get(f"/api/admin/campaigns/{cid}", headers=ADMIN)).json()
     assert len(rows) == stats["prizes_won"] == 21  # no no-prize weight: every draw wins
     ledger = await pg.fetch(
-        "SELECT openid, draw_no, tier, value_fen FROM draws WHERE campaign_id = $1 AND tier IS NOT NULL",
+        "SELECT openid, draw_no, tier, value_fen FROM draws"
+        " WHERE campaign_id = $1 AND tier IS NOT NULL",
         cid,
     )
-    assert sorted((r["openid"], int(r["draw_no"]), int(r["tier"]), int(r["value_fen"])) for r in rows) == sorted(
-        (r["openid"], r["draw_no"], r["tier"], r["value_fen"]) for r in ledger
-    )
+    assert sorted(
+        (r["openid"], int(r["draw_no"]), int(r["tier"]), int(r["value_fen"])) for r in rows
+    ) == sorted((r["openid"], r["draw_no"], r["tier"], r["value_fen"]) for r in ledger)
     names = {"0": "金元宝", "1": "'=1+1 福袋"}  # as named; a formula-looking cell is not one
     assert all(r["prize"] == names[r["tier"]] for r in rows)
     for r in rows:
@@ -159,7 +170,8 @@ async def test_lottery_csv_one_row_per_prize(client: TestClient, redis: Redis, p
 
 async def test_csv_of_unknown_or_empty_campaign(client: TestClient) -> None:
     resp = await client.get("/api/admin/campaigns/nope/winners.csv", headers=ADMIN)
-    assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    assert resp.status == 404
+    assert (await resp.json())["error"] == "not_found"
     resp = await client.get("/api/admin/campaigns/nope/winners.csv")
     assert resp.status == 401
     cid = (await create_campaign(client))["id"]

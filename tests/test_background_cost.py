@@ -1,7 +1,7 @@
 """Background work follows live campaigns, not history.
 
 A private Redis (its command counters see nobody else) holds one live campaign and a
-thousand old ones: ended, their streams drained. After a drainer's first refresh lets go
+thousand old ones: ended, closed out, their streams drained. After a drainer's first refresh lets go
 of the old ones, its steps and the lag sampler send as many commands as with the live
 campaign alone; PostgreSQL still knows the old campaigns.
 """
@@ -81,7 +81,7 @@ async def test_drainer_and_sampler_cost_does_not_grow_with_old_campaigns(
     lag_alone = await commands(private) - before
 
     # A thousand campaigns that ended an hour ago, drained as a drainer leaves them: the
-    # consumer group made, every entry recorded and deleted.
+    # consumer group made, closed out, every entry recorded and deleted.
     ended = int(time.time() * 1000) - 3_600_000
     old = [f"old{i:04d}" for i in range(OLD)]
     async with private.pipeline(transaction=False) as pipe:
@@ -90,6 +90,7 @@ async def test_drainer_and_sampler_cost_does_not_grow_with_old_campaigns(
         await pipe.execute()
     for cid in old:
         await open_campaign(private, cid, ended)
+        await private.hset(CampaignKeys.of(cid).meta, "closed_ms", ended)
     assert await private.scard(CAMPAIGNS_SET) == OLD + 1
 
     with_history = Drainer(private, pg_pool, SETTINGS, "with-history")
@@ -121,9 +122,11 @@ async def test_an_ended_campaign_is_followed_until_its_stream_is_drained(
         CampaignKeys.of("late").ledger, {"u": "p", "s": "0", "a": "1", "t": str(ended - 1)}
     )
     drainer = Drainer(private, pg_pool, SETTINGS, "late")
-    assert await drainer.step() == 1
+    # Its refresh closes it out: the grant and the close-out are drained together.
+    assert await drainer.step() == 2
     assert await private.smembers(CAMPAIGNS_SET) == {b"late"}
     assert await ledger.fetch_grabs(pg_pool, "late") == {"p": Envelope(0, 1)}
+    assert await ledger.fetch_closeout(pg_pool, "late") is not None
     # Drained now: the next refresh lets go of it.
     await asyncio.sleep(REFRESH_S)
     await drainer.step()

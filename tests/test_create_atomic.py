@@ -22,6 +22,7 @@ from app.model import Campaign, Kind
 from app.records import Envelope
 from app.redpacket import pool as redpacket_pool
 from app.redpacket.spec import RedPacketSpec
+from app.reports import Phase
 from app.settings import Settings
 from app.store import ledger
 from app.store.scripts import Scripts
@@ -82,9 +83,14 @@ async def test_postgres_refuses_after_redis_loaded(private: Redis, pg_pool: asyn
     async with pg_pool.acquire() as conn:
         await conn.execute(REFUSE_ENVELOPES)
     loads: list[int] = []
+
+    def progress(phase: Phase, done: int, total: int) -> None:
+        if phase is Phase.REDIS:
+            loads.append(done)
+
     service = CampaignService(private, pg_pool, Scripts(private), batch_max=16)
     with pytest.raises(asyncpg.RaiseError, match="refused by the test"):
-        await service.create(RED_PACKET, progress=lambda done, total: loads.append(done))
+        await service.create(RED_PACKET, progress=progress)
     # The Redis half had loaded every envelope before PostgreSQL refused them.
     assert loads[-1] == RED_PACKET["count"]
     await nothing_left(private, pg_pool)

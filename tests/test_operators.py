@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from app.errors import OperationError
 from app.identity import operators as ops
 from app.identity.operators import OperatorDirectory, Role
 from app.web.keys import OPERATORS
@@ -43,7 +44,8 @@ async def audit(client: TestClient, **query: str) -> dict[str, object]:
 
 async def test_tokens_are_kept_hashed(client: TestClient, pg: asyncpg.Connection) -> None:
     token = await add(client, "值班-小王", Role.VIEWER)
-    assert token.startswith("hbo_") and len(token) == 4 + 43
+    assert token.startswith("hbo_")
+    assert len(token) == 4 + 43
     row = await pg.fetchrow("SELECT * FROM operators WHERE name = '值班-小王'")
     assert row["token_sha256"] == hashlib.sha256(token.encode()).digest()
     assert token.encode() not in b"".join(str(v).encode() for v in row.values())
@@ -79,7 +81,9 @@ async def test_every_state_changing_call_is_audited(client: TestClient) -> None:
         headers={**ADMIN, "X-Request-ID": "req-422"},
     )
     assert bad.status == 422
-    assert (await client.post("/api/admin/campaigns", json=LOTTERY, headers=bearer(viewer))).status == 403
+    assert (
+        await client.post("/api/admin/campaigns", json=LOTTERY, headers=bearer(viewer))
+    ).status == 403
     await client.get(f"/api/admin/campaigns/{cid}", headers=bearer(admin))  # a read: not audited
     await client.post("/api/admin/campaigns", json=LOTTERY)  # no operator: 401, not audited
 
@@ -90,7 +94,8 @@ async def test_every_state_changing_call_is_audited(client: TestClient) -> None:
         ("ops", "admin", 201),
     ]
     first = entries[-1]  # type: ignore[index]
-    assert first["method"] == "POST" and first["path"] == "/api/admin/campaigns"
+    assert first["method"] == "POST"
+    assert first["path"] == "/api/admin/campaigns"
     assert first["campaign_id"] == cid  # the campaign the call created
     assert first["remote"] == "127.0.0.1"
     assert first["at"].endswith("Z")
@@ -109,15 +114,23 @@ async def test_audit_pages(client: TestClient) -> None:
         cursor = page["next"]  # type: ignore[assignment]
         if cursor is None:
             break
-    assert pages == 3 and len(seen) == 5
+    assert pages == 3
+    assert len(seen) == 5
     assert [e["status"] for e in seen] == [422] * 5
     ats = [e["at"] for e in seen]
     assert ats == sorted(ats, reverse=True)
-    for query in ({"limit": "0"}, {"limit": "201"}, {"limit": "x"}, {"cursor": "!!"}, {"cursor": "YWJj"}, {"page": "2"}):
+    for query in (
+        {"limit": "0"},
+        {"limit": "201"},
+        {"limit": "x"},
+        {"cursor": "!!"},
+        {"cursor": "YWJj"},
+        {"page": "2"},
+    ):
         resp = await client.get("/api/admin/audit", params=query, headers=ADMIN)
         body = await resp.json()
         assert resp.status == 422, query
-        assert body["error"] == "invalid" and body["field"] == next(iter(query)), body
+        assert (body["error"], body["field"]) == ("invalid", next(iter(query))), body
 
 
 async def test_revoked_token_stops_within_the_cache_ttl(client: TestClient) -> None:
@@ -136,13 +149,15 @@ async def test_revoked_token_stops_within_the_cache_ttl(client: TestClient) -> N
     assert (await client.get("/api/admin/campaigns", headers=bearer(token))).status == 401
 
 
-async def test_directory_never_takes_an_empty_or_bootstrap_name(database_url: str, pg: asyncpg.Connection, client: TestClient) -> None:
+async def test_directory_never_takes_an_empty_or_bootstrap_name(
+    database_url: str, pg: asyncpg.Connection, client: TestClient
+) -> None:
     directory = client.app[OPERATORS]
     for name in ("admin", "", "a\x00b", " ", "x" * 51):
-        with pytest.raises(Exception, match="operator|bootstrap"):
+        with pytest.raises(OperationError, match=r"operator|bootstrap"):
             await directory.add(name, Role.ADMIN)
     await directory.add("dup", Role.ADMIN)
-    with pytest.raises(Exception, match="exists"):
+    with pytest.raises(OperationError, match="exists"):
         await directory.add("dup", Role.VIEWER)
     # Without a bootstrap token (the CLI) an empty bearer is nobody.
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
@@ -173,9 +188,11 @@ async def test_cli_add_list_revoke(client: TestClient, database_url: str) -> Non
     assert (await client.get("/api/admin/campaigns", headers=bearer(token))).status == 200
 
     again = run_cli(database_url, "add", "值班-小王", "--role", "admin")
-    assert again.returncode == 2 and "exists" in again.stderr
+    assert again.returncode == 2
+    assert "exists" in again.stderr
     wrong = run_cli(database_url, "add", "x", "--role", "root")
-    assert wrong.returncode == 2 and "--role" in wrong.stderr
+    assert wrong.returncode == 2
+    assert "--role" in wrong.stderr
     assert run_cli(database_url, "revoke", "nobody").returncode == 2
     assert run_cli(database_url, "revoke", "ops").returncode == 0
 
@@ -190,5 +207,7 @@ async def test_cli_add_list_revoke(client: TestClient, database_url: str) -> Non
     role_at = {line.split()[0]: width(line[: line.index(line.split()[1])]) for line in lines[1:]}
     assert role_at["值班-小王"] == role_at["ops"] == width(lines[0][: lines[0].index("role")])
     # By name: ops (revoked: a time) before 值班-小王 (live: "-").
-    assert lines[1].startswith("ops") and lines[1].endswith("UTC")
-    assert lines[2].startswith("值班-小王") and lines[2].rstrip().endswith("-")
+    assert lines[1].startswith("ops")
+    assert lines[1].endswith("UTC")
+    assert lines[2].startswith("值班-小王")
+    assert lines[2].rstrip().endswith("-")

@@ -240,7 +240,8 @@ async def test_create_campaign_cli_shows_progress_and_loads_exactly(
         check=False,
     )
     assert bad.returncode == 2
-    assert "total_fen" in bad.stderr
+    # Named as the flags were given.
+    assert "--total-fen must be at least --count * --min-fen" in bad.stderr
 
 
 def _hongbao(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -14,10 +14,12 @@ COMMIT acknowledge and delete the entries (XACK + XDEL in one MULTI). So:
   acknowledges nothing; grabs never wait on it.
 
 Drainers (and the lag sampler) follow the campaigns in ``hb:campaigns``; a drainer
-removes a campaign from it once the campaign has ended by Redis's clock and its stream is
-empty. No entry can follow then (the scripts refuse after the end), so background work
-is proportional to live campaigns, not to history; PostgreSQL still knows every
-campaign for reconcile and rebuild, and a rebuild lists the campaign again.
+closes out a campaign that has ended by Redis's clock (close_campaign.lua, once: its
+leftovers become one last entry of its stream), and removes it once it is closed out
+and its stream is empty. No entry can follow then (the scripts refuse after the end,
+and close out only once), so background work is proportional to live campaigns, not to
+history; PostgreSQL still knows every campaign for reconcile and rebuild, and a rebuild
+lists the campaign again.
 
 Entries carry their kind in field ``k`` (absent: a grab); the ledger (app.store.ledger)
 decodes and records each by its kind, and keeps an entry it cannot decode in
@@ -44,7 +46,7 @@ from app.records import LedgerEntry
 from app.settings import LedgerSettings
 from app.store import ledger
 from app.store.ledger import Written
-from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, Scripts
 
 log = logging.getLogger("hongbao.drainer")
 
@@ -82,6 +84,7 @@ class Drainer:
         metrics: Metrics | None = None,
     ) -> None:
         self._redis = redis
+        self._scripts = Scripts(redis)
         self._metrics = metrics
         self._pg = pg
         self._settings = settings
@@ -181,7 +184,7 @@ class Drainer:
         """Pick up new campaigns: create their consumer group (from the stream's start);
         let go of ended, drained ones."""
         members = cast(set[bytes], await self._redis.smembers(CAMPAIGNS_SET))
-        ids = await self._prune(sorted(m.decode() for m in members))
+        ids = await self._prune(await self._close_ended(sorted(m.decode() for m in members)))
         new = {CampaignKeys.of(cid).ledger: cid for cid in ids}
         missing = [key for key in new if key not in self._streams]
         if missing:
@@ -194,16 +197,34 @@ class Drainer:
                     raise result
         self._streams = new
 
+    async def _close_ended(self, ids: list[str]) -> list[str]:
+        """Close out the campaigns that have ended by Redis's clock and are not closed out
+        yet; return ``ids``. Idempotent: drainers racing here write one close-out between
+        them, and it is drained like any entry before the campaign is let go."""
+        if not ids:
+            return ids
+        seconds, micros = await self._redis.time()
+        now = seconds * 1000 + micros // 1000
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.hmget(CampaignKeys.of(cid).meta, "ends_at_ms", "closed_ms")
+            reply = await pipe.execute()
+        for cid, (ends, closed) in zip(ids, reply, strict=True):
+            if ends is not None and closed is None and now >= int(ends):
+                await self._scripts.close_campaign(cid, end_now=False)
+        return ids
+
     async def _prune(self, ids: list[str]) -> list[str]:
-        """Remove from ``hb:campaigns`` the campaigns ended by Redis's clock whose stream
-        is empty; return the others. A campaign without meta (loading) stays."""
+        """Remove from ``hb:campaigns`` the campaigns closed out (hence ended by Redis's
+        clock) whose stream is empty; return the others. A campaign without meta
+        (loading) stays."""
         if not ids:
             return ids
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.time()
             for cid in ids:
                 keys = CampaignKeys.of(cid)
-                pipe.hget(keys.meta, "ends_at_ms")
+                pipe.hget(keys.meta, "closed_ms")
                 pipe.xlen(keys.ledger)
             reply = await pipe.execute()
         seconds, micros = reply[0]

@@ -2,9 +2,10 @@
 
 Some answers a worker gives from its own memory, without asking Redis: a session token
 whose signature checks is not revoked, a campaign it knows to be sold out has no
-envelope left. Whatever changes such a fact is published on ``hb:events`` as
-``"<kind> <argument>"`` (``revoke <sid> <expires>``, ``sold_out <campaign>``,
-``reset <campaign>``) and every worker listens.
+envelope left, a campaign it knows to be paused or ended takes no grab. Whatever
+changes such a fact is published on ``hb:events`` as ``"<kind> <argument>"`` (``revoke
+<sid> <expires>``, ``sold_out <campaign>``, ``reset <campaign>``, ``paused <campaign>``,
+``resumed <campaign>``, ``ended <campaign> <ms>``) and every worker listens.
 
 Pub/sub delivers only to those subscribed at the time, so a worker that (re)subscribes
 first resynchronises from Redis (each consumer's ``on_resync``), and only then counts
@@ -48,7 +49,7 @@ class Events:
     def __init__(self, redis: Redis, metrics: Metrics | None = None) -> None:
         self._redis = redis
         self._metrics = metrics
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, list[Handler]] = {}
         self._resyncs: list[Resync] = []
         self._live = False
         # Whether the last subscription got as far as a resync (resets the back-off).
@@ -65,8 +66,9 @@ class Events:
             self._metrics.set_events_live(live)
 
     def on(self, kind: str, handler: Handler) -> None:
-        """Call ``handler(argument)`` for every ``kind`` message."""
-        self._handlers[kind] = handler
+        """Call ``handler(argument)`` for every ``kind`` message (after those already
+        registered for it)."""
+        self._handlers.setdefault(kind, []).append(handler)
 
     def on_resync(self, resync: Resync) -> None:
         """Call ``resync()`` on every (re)subscription, before the worker counts as live."""
@@ -79,14 +81,15 @@ class Events:
 
     def _dispatch(self, message: str) -> None:
         kind, _, argument = message.partition(" ")
-        handler = self._handlers.get(kind)
-        if handler is None:
+        handlers = self._handlers.get(kind)
+        if not handlers:
             log.warning("unknown event %r", message)
             return
-        try:
-            handler(argument)
-        except ValueError:
-            log.warning("malformed event %r", message)
+        for handler in handlers:
+            try:
+                handler(argument)
+            except ValueError:
+                log.warning("malformed event %r", message)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Listen until ``stop`` is set; reconnect and resync after any failure."""

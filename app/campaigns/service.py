@@ -14,7 +14,8 @@ from app.background.events import Events
 from app.campaigns import definitions, listing, winners
 from app.campaigns.listing import Position
 from app.campaigns.winners import Winners
-from app.errors import Ended, Invalid, NotFound, NotStarted, WrongKind
+from app.campaigns.lifecycle import Lifecycles
+from app.errors import Ended, Invalid, NotFound, NotStarted, Paused, WrongKind
 from app.lottery.service import DrawOutcome, Lotteries
 from app.model import Campaign, Kind, now_ms
 from app.payout.service import PayoutService
@@ -32,8 +33,8 @@ KINDS = ", ".join(f"'{k}'" for k in Kind)
 
 
 class CampaignService:
-    """Definitions (cached per worker; they never change), and grabs, draws and views
-    handed to the campaign's kind."""
+    """Definitions (cached per worker; they never change) with their lifecycle beside
+    (app.campaigns.lifecycle), and grabs, draws and views handed to the campaign's kind."""
 
     def __init__(
         self,
@@ -57,6 +58,7 @@ class CampaignService:
         )
         self.lotteries = Lotteries(redis, pg, scripts, batch_max=batch_max, clock=self._clock)
         self._cache: dict[str, Campaign[Any]] = {}
+        self.lifecycles = Lifecycles(redis, scripts, events)
         self._fetching: dict[str, asyncio.Future[Campaign[Any]]] = {}
 
     async def create(
@@ -89,21 +91,25 @@ class CampaignService:
         return await asyncio.shield(fetching)
 
     async def _fetch(self, campaign_id: str) -> Campaign[Any]:
+        mark = self.lifecycles.mark(campaign_id)
         meta = cast(
             dict[bytes, bytes], await self._redis.hgetall(CampaignKeys.of(campaign_id).meta)
         )
         if not meta:
             raise NotFound("no such campaign")
         campaign = definitions.from_meta(campaign_id, meta)
+        await self.lifecycles.learn(campaign_id, meta, mark)
         self._cache[campaign_id] = campaign
         return campaign
 
     async def ensure_open(self, campaign_id: str) -> Campaign[Any]:
-        """The campaign if its window is open now; 404 / 409 from the cached definition.
+        """The campaign if its window is open now and it is not paused; 404 / 409 from
+        the cached definition and lifecycle.
 
         Needs no Redis once the definition is cached and Redis's clock read (once per
-        worker), so ended and not-started campaigns are answered before any session
-        lookup. "Now" is Redis's clock as the last script reply showed it: only a hint,
+        worker), so ended, not-started and paused campaigns are answered before any
+        session lookup (paused only while the events listener is live: otherwise the
+        script decides). "Now" is Redis's clock as the last script reply showed it: only a hint,
         since the script checks the window again by Redis's clock itself, so a worker
         whose clock is wrong grants nothing outside it.
         """
@@ -111,18 +117,22 @@ class CampaignService:
         if not self._clock.synced:
             await self._clock.sync(self._redis)
         now = self._clock()
+        life = self.lifecycles.of(campaign_id)
+        if life.ended(now, campaign):
+            raise Ended("the campaign has ended")
         if now < campaign.opens_ms:
             raise NotStarted("the campaign has not started yet")
-        if now >= campaign.closes_ms:
-            raise Ended("the campaign has ended")
+        if life.paused and self.lifecycles.trusted:
+            raise Paused("the campaign is paused; try again later")
         return campaign
 
     async def public_view(self, campaign_id: str) -> dict[str, Any]:
         """What a player sees of a campaign."""
         campaign = await self.get(campaign_id)
+        life = self.lifecycles.of(campaign_id)
         if campaign.kind is Kind.LOTTERY:
-            return await self.lotteries.public_view(campaign)
-        return await self.red_packets.public_view(campaign)
+            return await self.lotteries.public_view(campaign, life)
+        return await self.red_packets.public_view(campaign, life)
 
     async def stats(self, campaign_id: str) -> dict[str, Any]:
         """Live operator statistics."""
@@ -153,6 +163,18 @@ class CampaignService:
     async def winners(self, campaign_id: str) -> Winners:
         """Every grant or prize of a campaign, streamed from PostgreSQL (404 if unknown)."""
         return await winners.winners(self._pg, campaign_id)
+
+    async def pause(self, campaign_id: str, paused: bool) -> dict[str, Any]:
+        """Pause (or resume) a campaign on every worker; its stats after (409 once ended)."""
+        await self.get(campaign_id)
+        await self.lifecycles.pause(campaign_id, paused)
+        return await self.stats(campaign_id)
+
+    async def end(self, campaign_id: str) -> dict[str, Any]:
+        """End a campaign now and close it out, on every worker; its stats after."""
+        await self.get(campaign_id)
+        await self.lifecycles.end(campaign_id)
+        return await self.stats(campaign_id)
 
     async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
         """What ``openid`` has won in a campaign, as the player sees it."""
@@ -187,6 +209,7 @@ class CampaignService:
         """Finish grabs and draws in flight (graceful shutdown)."""
         await self.red_packets.drain()
         await self.lotteries.drain()
+        await self.lifecycles.close()
 
 
 async def _from_ledger(read: Awaitable[T]) -> T | None:

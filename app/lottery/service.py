@@ -11,15 +11,15 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 from redis.asyncio import Redis
 
-from app.errors import Ended, NotFound, NotStarted, QuotaExhausted, WrongKind
+from app.errors import Ended, NotFound, NotStarted, Paused, QuotaExhausted, WrongKind
 from app.lottery.spec import RANDOM_BITS, Lottery, LotterySpec, parse, to_meta
-from app.model import new_campaign_id, shanghai_day
-from app.records import decode_wins
+from app.model import Lifecycle, new_campaign_id, shanghai_day
+from app.records import LIFECYCLE_FIELDS, decode_leftovers, decode_wins, lifecycle_of
 from app.store import ledger
 from app.store.batching import KeyedBatchers
 from app.store.scripts import (
@@ -134,6 +134,8 @@ class Lotteries:
             raise Ended("the campaign has ended")
         if status is DrawStatus.WRONG_KIND:
             raise WrongKind("this campaign is not a lottery")
+        if status is DrawStatus.PAUSED:
+            raise Paused("the campaign is paused; try again later")
         if result.code is DrawCode.QUOTA_TOTAL:
             raise QuotaExhausted("you have used all your draws", scope="total")
         if result.code is DrawCode.QUOTA_DAILY:
@@ -153,11 +155,12 @@ class Lotteries:
             return [(batch.status, refused)] * len(users)
         return [(batch.status, result) for result in batch.results]
 
-    async def public_view(self, campaign: Lottery) -> dict[str, Any]:
-        """Player-facing definition: prize names and values, quotas (no stock or odds)."""
+    async def public_view(self, campaign: Lottery, life: Lifecycle) -> dict[str, Any]:
+        """Player-facing definition: prize names and values, quotas (no stock or odds);
+        ``life`` as this worker knows it."""
         spec = campaign.spec
         return {
-            **campaign.summary(campaign.state(self._clock())),
+            **campaign.summary(campaign.state(self._clock(), None, life)),
             "prizes": [spec.prize(i) for i in range(len(spec.tiers))],
             "fallback": spec.fallback,
             "quota_total": spec.quota_total,
@@ -185,7 +188,14 @@ class Lotteries:
         }
 
     async def stats(self, campaign: Lottery) -> dict[str, Any]:
-        """Operator view: per tier stock, released (now), won and left; draws per day."""
+        """Operator view: per tier stock, released (now), won and left; draws per day; the
+        lifecycle as Redis has it and, once closed out, each tier's leftovers."""
+        meta = cast(
+            list[bytes | None],
+            await self._redis.hmget(
+                CampaignKeys.of(campaign.id).meta, *LIFECYCLE_FIELDS, "closeout"
+            ),
+        )
         spec = campaign.spec
         keys = CampaignKeys.of(campaign.id)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -216,8 +226,14 @@ class Lotteries:
                 }
             )
         per_day = {d: n for d, n in sorted(days.items()) if not d.startswith("won:")}
+        closeout = {}
+        if meta[-1] is not None:
+            closeout["closeout"] = [
+                {"tier": i, "unreleased": t.unreleased, "unwon": t.unwon}
+                for i, t in enumerate(decode_leftovers(meta[-1]))
+            ]
         return {
-            **campaign.summary(campaign.state(now)),
+            **campaign.summary(campaign.state(now, None, lifecycle_of(meta[:-1]))),
             **spec.to_json(),
             "tiers": tiers,
             "draws": sum(per_day.values()),
@@ -225,6 +241,7 @@ class Lotteries:
             "draws_per_day": per_day,
             "prizes_per_day": {d: days.get(f"won:{d}", 0) for d in per_day},
             "ledger_lag": int(ledger_lag),
+            **closeout,
         }
 
     async def drain(self) -> None:

@@ -13,9 +13,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.background.events import Events
-from app.errors import Ended, NotFound, NotStarted
-from app.model import new_campaign_id
-from app.records import Envelope
+from app.errors import Ended, NotFound, NotStarted, Paused
+from app.model import Lifecycle, new_campaign_id
+from app.records import LIFECYCLE_FIELDS, Envelope, lifecycle_of
 from app.redpacket import pool
 from app.redpacket.soldout import SoldOut
 from app.redpacket.spec import RedPacket, parse
@@ -110,7 +110,7 @@ class RedPackets:
 
     async def grab(self, campaign: RedPacket, openid: str) -> GrabOutcome:
         """Settle one player's grab in an open campaign; raises NotFound / NotStarted /
-        Ended if Redis disagrees with the cached definition."""
+        Ended / Paused if Redis disagrees with the cached definition and lifecycle."""
         campaign_id = campaign.id
         sold_out = self._sold_out
         if sold_out is not None and sold_out.knows(campaign):
@@ -126,6 +126,8 @@ class RedPackets:
             raise NotStarted("the campaign has not started yet")
         if status is GrabStatus.ENDED:
             raise Ended("the campaign has ended")
+        if status is GrabStatus.PAUSED:
+            raise Paused("the campaign is paused; try again later")
         return outcome
 
     async def _settle(
@@ -151,32 +153,38 @@ class RedPackets:
             for value in raw
         ]
 
-    async def public_view(self, campaign: RedPacket) -> dict[str, Any]:
-        """What a player sees of a red packet."""
+    async def public_view(self, campaign: RedPacket, life: Lifecycle) -> dict[str, Any]:
+        """What a player sees of a red packet (``life``: as this worker knows it)."""
         remaining = int(await self._redis.llen(CampaignKeys.of(campaign.id).pool))
         return {
-            **campaign.summary(campaign.state(self._clock(), remaining)),
+            **campaign.summary(campaign.state(self._clock(), remaining, life)),
             "remaining_count": remaining,
         }
 
     async def stats(self, campaign: RedPacket) -> dict[str, Any]:
-        """Live operator statistics, read as one consistent snapshot."""
+        """Live operator statistics, read as one consistent snapshot; the lifecycle is
+        Redis's (refunded: 0 until the close-out)."""
         keys = CampaignKeys.of(campaign.id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hmget(keys.meta, "won_count", "won_fen")
+            pipe.hmget(keys.meta, "won_count", "won_fen", "refunded_count", "refunded_fen")
+            pipe.hmget(keys.meta, *LIFECYCLE_FIELDS)
             pipe.llen(keys.pool)
             # Drainers XDEL what they commit: the stream holds exactly the unrecorded entries.
             pipe.xlen(keys.ledger)
-            (won_count, won_fen), remaining, ledger_lag = await pipe.execute()
+            counters, life, remaining, ledger_lag = await pipe.execute()
+        won_count, won_fen, refunded_count, refunded_fen = counters
         won_f = int(won_fen or 0)
         spec = campaign.spec
+        state = campaign.state(self._clock(), int(remaining), lifecycle_of(life))
         return {
-            **campaign.summary(campaign.state(self._clock(), int(remaining))),
+            **campaign.summary(state),
             **spec.view(),
             "remaining_count": int(remaining),
             "remaining_fen": spec.total_fen - won_f,
             "won_count": int(won_count or 0),
             "won_fen": won_f,
+            "refunded_count": int(refunded_count or 0),
+            "refunded_fen": int(refunded_fen or 0),
             "ledger_lag": int(ledger_lag),
         }
 

@@ -12,8 +12,17 @@ import asyncpg
 import asyncpg.pool
 import orjson
 
-from app.model import Campaign, day_date, optional_datetime, to_datetime
-from app.records import DrawRecord, Envelope, GrabRecord, LedgerEntry, MalformedRecord
+from app.model import Campaign, day_date, from_datetime, optional_datetime, to_datetime
+from app.records import (
+    CloseoutRecord,
+    DrawRecord,
+    Envelope,
+    GrabRecord,
+    LedgerEntry,
+    MalformedRecord,
+    PauseRecord,
+    TierLeftover,
+)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any constant will do; it only has to be the same for every worker.
@@ -338,6 +347,7 @@ async def record(pool: asyncpg.Pool, entries: Sequence[LedgerEntry]) -> Written:
     malformed ones kept as rejects; several kinds or rejects in one transaction."""
     grabs: list[GrabRecord] = []
     draws: list[DrawRecord] = []
+    changes: list[PauseRecord | CloseoutRecord] = []
     bad: list[tuple[LedgerEntry, str]] = []
     for entry in entries:
         try:
@@ -347,13 +357,16 @@ async def record(pool: asyncpg.Pool, entries: Sequence[LedgerEntry]) -> Written:
             continue
         if isinstance(decoded, GrabRecord):
             grabs.append(decoded)
-        else:
+        elif isinstance(decoded, DrawRecord):
             draws.append(decoded)
+        else:
+            changes.append(decoded)
     async with pool.acquire() as conn:
-        if not bad and not (grabs and draws):
+        if not bad and not changes and not (grabs and draws):
             return await (write_grabs(conn, grabs) if grabs else write_draws(conn, draws))
         async with conn.transaction():
             written = await write_grabs(conn, grabs) + await write_draws(conn, draws)
+            written += await write_lifecycle(conn, changes)
             if bad:
                 written += await insert_rejects(conn, bad)
             return written
@@ -396,3 +409,98 @@ async def fetch_grabs(
 async def fetch_rejects(pool: asyncpg.Pool, campaign_id: str) -> list[asyncpg.Record]:
     """Entries of a campaign the drainers kept aside, oldest first."""
     return await pool.fetch(SELECT_REJECTS, campaign_id)
+
+
+# --- A campaign's lifecycle: pauses and its close-out, recorded from the stream -----------
+
+# Pauses and resumes apply in stream order: an entry delivered late (claimed after a
+# stall) never overwrites a newer one; stream ids compare as (ms, seq) numbers.
+UPDATE_PAUSED = """
+UPDATE campaigns SET paused = $2, paused_entry = $3
+WHERE id = $1
+  AND (paused_entry IS NULL
+       OR string_to_array(paused_entry, '-')::bigint[] < string_to_array($3, '-')::bigint[])
+"""
+INSERT_CLOSEOUT = """
+INSERT INTO closeouts (campaign_id, refunded_count, refunded_fen, tiers, ended_at, closed_at,
+                       stream_id)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)
+ON CONFLICT (campaign_id) DO NOTHING
+"""
+SET_ENDED = "UPDATE campaigns SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL"
+SELECT_CLOSEOUT = "SELECT * FROM closeouts WHERE campaign_id = $1"
+REJECT_CLOSEOUT = """
+INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
+VALUES ($1, $2, 'closeout', $3::jsonb, 'contradicts the recorded close-out of the campaign')
+ON CONFLICT DO NOTHING
+"""
+
+
+def _tiers_json(tiers: Sequence[TierLeftover] | None) -> str | None:
+    if tiers is None:
+        return None
+    return orjson.dumps([{"unreleased": t.unreleased, "unwon": t.unwon} for t in tiers]).decode()
+
+
+async def write_lifecycle(conn: Conn, records: Sequence[PauseRecord | CloseoutRecord]) -> Written:
+    """Record pauses (the newest by stream order wins) and close-outs (one per campaign:
+    a replay is skipped, a different one kept as a reject), in stream order."""
+    written = Written()
+    for r in records:
+        if isinstance(r, PauseRecord):
+            status = await conn.execute(UPDATE_PAUSED, r.campaign_id, r.paused, r.stream_id)
+            written += Written(int(status.split()[-1]))
+            continue
+        tiers = _tiers_json(r.tiers)
+        status = await conn.execute(
+            INSERT_CLOSEOUT,
+            r.campaign_id,
+            r.refunded_count,
+            r.refunded_fen,
+            tiers,
+            to_datetime(r.ended_ms),
+            to_datetime(r.at_ms),
+            r.stream_id,
+        )
+        if status.split()[-1] == "1":
+            await conn.execute(SET_ENDED, r.campaign_id, to_datetime(r.ended_ms))
+            written += Written(1)
+            continue
+        kept = await conn.fetchrow(SELECT_CLOSEOUT, r.campaign_id)
+        if kept is not None and kept["stream_id"] != r.stream_id:
+            fields = {"c": r.refunded_count, "a": r.refunded_fen, "r": tiers, "e": r.ended_ms}
+            await conn.execute(
+                REJECT_CLOSEOUT, r.campaign_id, r.stream_id, orjson.dumps(fields).decode()
+            )
+            written += Written(0, 1)
+    return written
+
+
+@dataclass(frozen=True, slots=True)
+class Closeout:
+    """A campaign's close-out as PostgreSQL records it."""
+
+    refunded_count: int
+    refunded_fen: int
+    tiers: tuple[TierLeftover, ...] | None
+    ended_ms: int
+    closed_ms: int
+    stream_id: str
+
+
+async def fetch_closeout(pool: asyncpg.Pool, campaign_id: str) -> Closeout | None:
+    """The recorded close-out of a campaign, or None."""
+    row = await pool.fetchrow(SELECT_CLOSEOUT, campaign_id)
+    if row is None:
+        return None
+    tiers = None
+    if row["tiers"] is not None:
+        tiers = tuple(TierLeftover(t["unreleased"], t["unwon"]) for t in orjson.loads(row["tiers"]))
+    return Closeout(
+        row["refunded_count"],
+        row["refunded_fen"],
+        tiers,
+        from_datetime(row["ended_at"]),
+        from_datetime(row["closed_at"]),
+        row["stream_id"],
+    )

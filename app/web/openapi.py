@@ -79,8 +79,8 @@ def _campaign_id() -> dict[str, Any]:
 _NOT_FOUND = Answer(404, "no such campaign", errors=("not_found",))
 _WINDOW = Answer(
     409,
-    "outside the campaign's window, or the other kind of campaign",
-    errors=("not_started", "ended", "wrong_kind"),
+    "outside the campaign's window, paused by an operator, or the other kind of campaign",
+    errors=("not_started", "ended", "paused", "wrong_kind"),
 )
 _SESSION = (
     Answer(400, "more than one session cookie", errors=("bad_request",)),
@@ -234,6 +234,45 @@ OPERATIONS: tuple[Operation, ...] = (
         "/api/admin/campaigns/{id}",
         "A campaign's live statistics",
         (Answer(200, "the statistics", (a.RedPacketStats, a.LotteryStats)), _ADMIN, _NOT_FOUND),
+        security="admin",
+        tags=("operators",),
+    ),
+    Operation(
+        "post",
+        "/api/admin/campaigns/{id}/end",
+        "End a campaign now and close it out: its leftovers return to the budget "
+        "(idempotent: a repeat answers the same)",
+        (
+            Answer(200, "ended: its statistics", (a.RedPacketStats, a.LotteryStats)),
+            _ADMIN,
+            _NOT_FOUND,
+        ),
+        security="admin",
+        tags=("operators",),
+    ),
+    Operation(
+        "post",
+        "/api/admin/campaigns/{id}/pause",
+        "Pause a campaign: grabs and draws answer 409 paused until resumed (idempotent)",
+        (
+            Answer(200, "paused: its statistics", (a.RedPacketStats, a.LotteryStats)),
+            _ADMIN,
+            _NOT_FOUND,
+            Answer(409, "the campaign has ended", errors=("ended",)),
+        ),
+        security="admin",
+        tags=("operators",),
+    ),
+    Operation(
+        "post",
+        "/api/admin/campaigns/{id}/resume",
+        "Resume a paused campaign (idempotent)",
+        (
+            Answer(200, "resumed: its statistics", (a.RedPacketStats, a.LotteryStats)),
+            _ADMIN,
+            _NOT_FOUND,
+            Answer(409, "the campaign has ended", errors=("ended",)),
+        ),
         security="admin",
         tags=("operators",),
     ),

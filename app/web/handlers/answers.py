@@ -17,7 +17,8 @@ from msgspec import UNSET, UnsetType
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Fen = Annotated[int, msgspec.Meta(ge=0, description="integer fen (1 元 = 100 fen)")]
 Tier = Annotated[int, msgspec.Meta(ge=0, description="the tier's index in the definition")]
-State = Literal["scheduled", "open", "sold_out", "ended"]
+State = Literal["scheduled", "open", "paused", "sold_out", "ended"]
+LotteryState = Literal["scheduled", "open", "paused", "ended"]
 Split = Literal["random", "fixed"]
 Time = Annotated[datetime | None, msgspec.Meta(description="RFC 3339 in UTC; null: none")]
 
@@ -89,7 +90,7 @@ class LotteryView(msgspec.Struct, kw_only=True):
     id: str
     kind: Literal["lottery"]
     name: str
-    state: Literal["scheduled", "open", "ended"]
+    state: LotteryState
     starts_at: Time
     ends_at: Time
     prizes: list[Prize]
@@ -194,8 +195,8 @@ PayoutTotals = dict[str, Tally] | UnsetType
 
 
 class RedPacketStats(msgspec.Struct, kw_only=True):
-    """A red packet's definition and live counters (``ledger_lag``: grabs not yet in
-    PostgreSQL)."""
+    """A red packet's definition and live counters (``ledger_lag``: entries not yet in
+    PostgreSQL; ``refunded_*``: what its close-out returned to the budget, 0 before)."""
 
     id: str
     kind: Literal["red_packet"]
@@ -212,6 +213,8 @@ class RedPacketStats(msgspec.Struct, kw_only=True):
     remaining_fen: Fen
     won_count: Count
     won_fen: Fen
+    refunded_count: Count
+    refunded_fen: Fen
     ledger_lag: Count
     payouts: PayoutTotals = UNSET
 
@@ -229,13 +232,23 @@ class TierStats(msgspec.Struct, kw_only=True):
     left: int
 
 
+class TierLeftover(msgspec.Struct, kw_only=True):
+    """What a tier did not give out, at the lottery's close-out: stock never released
+    (its slots were at or after the end), and released but not won."""
+
+    tier: Tier
+    unreleased: Count
+    unwon: Count
+
+
 class LotteryStats(msgspec.Struct, kw_only=True):
-    """A lottery's definition and live counters; days are YYYYMMDD in Asia/Shanghai."""
+    """A lottery's definition and live counters; days are YYYYMMDD in Asia/Shanghai;
+    ``closeout`` once it ended and was closed out."""
 
     id: str
     kind: Literal["lottery"]
     name: str
-    state: Literal["scheduled", "open", "ended"]
+    state: LotteryState
     starts_at: Time
     ends_at: Time
     tiers: list[TierStats]
@@ -249,6 +262,7 @@ class LotteryStats(msgspec.Struct, kw_only=True):
     draws_per_day: dict[str, Count]
     prizes_per_day: dict[str, Count]
     ledger_lag: Count
+    closeout: list[TierLeftover] | UnsetType = UNSET
     payouts: PayoutTotals = UNSET
 
 

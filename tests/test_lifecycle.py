@@ -1,0 +1,252 @@
+"""Pause, resume and end through the API, and the close-out: real Redis and PostgreSQL.
+
+Invariants: nothing is granted while paused or after the end; grants + the close-out's
+refund == the budget exactly, however grabs race the end; exactly one close-out record
+reaches PostgreSQL, however many workers end and drainers close out; reconcile checks
+it; a rebuild after Redis lost the campaign keeps it paused, ended and closed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from app.background.drainer import Drainer
+from app.campaigns import operations
+from app.settings import LedgerSettings, Settings
+from app.store import ledger
+from app.store.scripts import CampaignKeys
+from app.web.factory import create_app
+from app.web.keys import EVENTS, PG, REDIS
+from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
+from tests.test_lottery_api import create_lottery
+
+MANUAL = LedgerSettings(drain_in_worker=False, block_ms=50, claim_idle_ms=200)
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The tests drain with drainers of their own, when they choose."""
+    return settings.with_(ledger=MANUAL)
+
+
+async def admin(client: TestClient, cid: str, action: str) -> tuple[int, dict[str, Any]]:
+    resp = await client.post(f"/api/admin/campaigns/{cid}/{action}", headers=ADMIN)
+    return resp.status, await resp.json()
+
+
+async def stats(client: TestClient, cid: str) -> dict[str, Any]:
+    resp = await client.get(f"/api/admin/campaigns/{cid}", headers=ADMIN)
+    assert resp.status == 200
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def grab(client: TestClient, token: str, cid: str) -> tuple[int, dict[str, Any]]:
+    resp = await client.post(f"/api/campaigns/{cid}/grab", cookies={"hb_session": token})
+    return resp.status, await resp.json()
+
+
+async def view_state(client: TestClient, cid: str) -> str:
+    resp = await client.get(f"/api/campaigns/{cid}")
+    return str((await resp.json())["state"])
+
+
+async def live(*clients: TestClient) -> None:
+    deadline = time.monotonic() + 5
+    while not all(c.app[EVENTS].live for c in clients):
+        assert time.monotonic() < deadline, "event listener never went live"
+        await asyncio.sleep(0.01)
+
+
+async def drain(client: TestClient, consumers: int = 1) -> None:
+    """Drain every stream with ``consumers`` drainers racing, until nothing is left."""
+    redis, pg = client.app[REDIS], client.app[PG]
+    drainers = [Drainer(redis, pg, MANUAL, f"test-{i}") for i in range(consumers)]
+    for _ in range(50):
+        done = await asyncio.gather(*(d.step() for d in drainers))
+        if not any(done):
+            return
+    raise AssertionError("the streams never drained")
+
+
+async def test_pause_resume_end_answers_and_idempotency(client: TestClient) -> None:
+    cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
+    token = await login(client, "alice")
+    client.session.cookie_jar.clear()
+    await live(client)
+
+    status, paused = await admin(client, cid, "pause")
+    assert (status, paused["state"]) == (200, "paused")
+    assert (await admin(client, cid, "pause")) == (200, paused)
+    assert await grab(client, token, cid) == (
+        409,
+        {"error": "paused", "message": "the campaign is paused; try again later"},
+    )
+    assert await view_state(client, cid) == "paused"
+    assert (await stats(client, cid))["won_count"] == 0
+
+    status, resumed = await admin(client, cid, "resume")
+    assert (status, resumed["state"]) == (200, "open")
+    assert (await admin(client, cid, "resume")) == (200, resumed)
+    status, won = await grab(client, token, cid)
+    assert (status, won["result"]) == (200, "won")
+    assert await view_state(client, cid) == "open"
+
+    status, ended = await admin(client, cid, "end")
+    assert status == 200
+    assert ended["state"] == "ended"
+    assert (ended["won_count"], ended["refunded_count"]) == (1, 9)
+    assert ended["won_fen"] + ended["refunded_fen"] == 1_000
+    assert (await admin(client, cid, "end")) == (200, ended)
+    for action in ("pause", "resume"):
+        status, body = await admin(client, cid, action)
+        assert (status, body["error"]) == (409, "ended")
+    other = await login(client, "bob")
+    client.session.cookie_jar.clear()
+    assert (await grab(client, other, cid))[1]["error"] == "ended"
+    assert await view_state(client, cid) == "ended"
+    assert await stats(client, cid) == ended
+
+    for action in ("end", "pause", "resume"):
+        status, body = await admin(client, "0123456789abcdef", action)
+        assert (status, body["error"]) == (404, "not_found")
+        resp = await client.post(f"/api/admin/campaigns/{cid}/{action}")
+        assert resp.status == 401
+
+
+async def test_before_the_close_out_nothing_is_refunded(client: TestClient) -> None:
+    cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
+    body = await stats(client, cid)
+    assert (body["refunded_count"], body["refunded_fen"], body["state"]) == (0, 0, "open")
+
+
+async def test_a_lottery_pauses_and_closes_out_per_tier(client: TestClient, pg: asyncpg.Connection) -> None:
+    cid = (await create_lottery(client, quota_total=100, quota_daily=None))["id"]
+    token = await login(client, "drawer")
+    client.session.cookie_jar.clear()
+    await live(client)
+    status, body = await admin(client, cid, "pause")
+    assert (status, body["state"]) == (200, "paused")
+    resp = await client.post(f"/api/campaigns/{cid}/draw", cookies={"hb_session": token})
+    assert (resp.status, (await resp.json())["error"]) == (409, "paused")
+    assert await view_state(client, cid) == "paused"
+    await admin(client, cid, "resume")
+    for _ in range(5):
+        resp = await client.post(f"/api/campaigns/{cid}/draw", cookies={"hb_session": token})
+        assert resp.status == 200
+    status, ended = await admin(client, cid, "end")
+    assert (status, ended["state"]) == (200, "ended")
+    closeout = ended["closeout"]
+    assert [c["tier"] for c in closeout] == [t["tier"] for t in ended["tiers"]]
+    for tier, left in zip(ended["tiers"], closeout, strict=True):
+        assert left["unreleased"] + left["unwon"] + tier["won"] == tier["stock"]
+    await drain(client)
+    row = await pg.fetchrow("SELECT * FROM closeouts WHERE campaign_id = $1", cid)
+    assert row is not None
+    assert (row["refunded_count"], row["refunded_fen"]) == (0, 0)
+    report = await operations.reconcile(client.app[REDIS], client.app[PG], cid)
+    assert report.ok, report.render()
+
+
+async def test_pause_grants_nothing_and_resume_grants_again(
+    client: TestClient, redis: Redis
+) -> None:
+    cid = str((await create_campaign(client, total_fen=10_000, count=100))["id"])
+    tokens = [await login(client, f"p{i:03d}") for i in range(60)]
+    client.session.cookie_jar.clear()
+    await live(client)
+    first = await gather_limited([grab(client, t, cid) for t in tokens[:20]])
+    assert {s for s, _ in first} == {200}
+    await admin(client, cid, "pause")
+    before = await stats(client, cid)
+    during = await gather_limited([grab(client, t, cid) for t in tokens])
+    assert {(s, b["error"]) for s, b in during} == {(409, "paused")}
+    after = await stats(client, cid)
+    for field in ("won_count", "won_fen", "remaining_count", "remaining_fen"):
+        assert after[field] == before[field] == (20 if field == "won_count" else after[field])
+    assert await redis.hlen(CampaignKeys.of(cid).winners) == 20
+    await admin(client, cid, "resume")
+    again = await gather_limited([grab(client, t, cid) for t in tokens])
+    results = [b["result"] for _, b in again]
+    assert results.count("already_won") == 20
+    assert results.count("won") == 40
+    assert await redis.hlen(CampaignKeys.of(cid).winners) == 60
+
+
+async def test_grabs_racing_end_on_two_workers_add_up_and_close_out_once(
+    aiohttp_client, settings: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:  # type: ignore[no-untyped-def]
+    a = await aiohttp_client(create_app(settings), headers=PAGE)
+    b = await aiohttp_client(create_app(settings), headers=PAGE)
+    total, count = 100_000, 500
+    cid = str((await create_campaign(a, total_fen=total, count=count))["id"])
+    tokens = [await login(a, f"r{i:04d}") for i in range(400)]
+    a.session.cookie_jar.clear()
+    await live(a, b)
+
+    async def end_soon(worker: TestClient) -> tuple[int, dict[str, Any]]:
+        # In the thick of it: once a quarter of the players have won.
+        while int(await redis.hget(CampaignKeys.of(cid).meta, "won_count") or 0) < 100:
+            await asyncio.sleep(0.001)
+        return await admin(worker, cid, "end")
+
+    grabs = gather_limited([grab(a if i % 2 else b, t, cid) for i, t in enumerate(tokens)], 50)
+    answers, end_a, end_b = await asyncio.gather(grabs, end_soon(a), end_soon(b))
+    assert end_a[0] == end_b[0] == 200
+    assert end_a[1] == end_b[1]
+    ended = end_a[1]
+    won = [body["amount_fen"] for status, body in answers if status == 200]
+    refused = [body["error"] for status, body in answers if status != 200]
+    assert set(refused) <= {"ended"}
+    assert len(won) + len(refused) == len(tokens)
+    assert (ended["won_count"], ended["won_fen"]) == (len(won), sum(won))
+    assert ended["won_fen"] + ended["refunded_fen"] == total
+    assert ended["won_count"] + ended["refunded_count"] == count
+    # Two workers ended it and three drainers race: one close-out row, the grants exact.
+    await drain(a, consumers=3)
+    rows = await pg.fetch("SELECT * FROM closeouts WHERE campaign_id = $1", cid)
+    assert [(r["refunded_count"], r["refunded_fen"]) for r in rows] == [
+        (ended["refunded_count"], ended["refunded_fen"])
+    ]
+    granted = await pg.fetchval(
+        "SELECT coalesce(sum(amount_fen), 0) FROM grabs WHERE campaign_id = $1", cid
+    )
+    assert 100 <= len(won) < len(tokens)
+    assert granted + rows[0]["refunded_fen"] == total
+    ended_at = await pg.fetchval("SELECT ended_at FROM campaigns WHERE id = $1", cid)
+    assert ended_at == rows[0]["ended_at"]
+    report = await operations.reconcile(a.app[REDIS], a.app[PG], cid)
+    assert report.ok, report.render()
+    assert await redis.xlen(CampaignKeys.of(cid).ledger) == 0
+
+
+async def test_pause_reaches_the_other_worker_at_once(
+    aiohttp_client, settings: Settings, redis: Redis
+) -> None:  # type: ignore[no-untyped-def]
+    a = await aiohttp_client(create_app(settings), headers=PAGE)
+    b = await aiohttp_client(create_app(settings), headers=PAGE)
+    cid = str((await create_campaign(a, total_fen=1_000, count=10))["id"])
+    token = await login(a, "carol")
+    a.session.cookie_jar.clear()
+    await live(a, b)
+    assert await view_state(b, cid) == "open"
+    await admin(a, cid, "pause")
+    # The script refuses on b at once, whatever b knows yet.
+    assert (await grab(b, token, cid))[1]["error"] == "paused"
+    deadline = time.monotonic() + 5
+    while await view_state(b, cid) != "paused":
+        assert time.monotonic() < deadline, "b never learned of the pause"
+        await asyncio.sleep(0.01)
+    await admin(a, cid, "end")
+    deadline = time.monotonic() + 5
+    while await view_state(b, cid) != "ended":
+        assert time.monotonic() < deadline, "b never learned of the end"
+        await asyncio.sleep(0.01)
+    assert await redis.hlen(CampaignKeys.of(cid).winners) == 0
