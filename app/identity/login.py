@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import re
 import secrets
 from dataclasses import dataclass
 from typing import cast
 
+import asyncpg
 from redis.asyncio import Redis
 
 from app.identity.sessions import Session, SessionStore
@@ -31,7 +33,10 @@ from app.identity.wechat import (
     WeChatError,
     WeChatUnavailable,
 )
+from app.store.results import remember_name
 from app.store.scripts import RedeemCode, Scripts, login_key
+
+log = logging.getLogger("hongbao.login")
 
 # From /auth/wechat/login to the callback: WeChat's page, the player reading it (the
 # code WeChat hands back lives five minutes too).
@@ -46,6 +51,8 @@ MAX_CODE_LEN = 256
 _STATE_RE = re.compile(r"^[0-9a-f]{32}$")
 _COOKIE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _CODE_RE = re.compile(r"^[\x21-\x7e]+$")
+# Keeping a nickname (snsapi_userinfo) never holds a login up longer than this.
+NAME_WRITE_S = 1.0
 
 
 class LoginFailed(Exception):
@@ -99,12 +106,19 @@ class LoginService:
     """Starts and finishes WeChat logins; state lives in Redis, shared by all workers."""
 
     def __init__(
-        self, redis: Redis, scripts: Scripts, sessions: SessionStore, wechat: WeChatClient
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        sessions: SessionStore,
+        wechat: WeChatClient,
+        names: asyncpg.Pool | None = None,
     ) -> None:
         self._redis = redis
         self._scripts = scripts
         self._sessions = sessions
         self.wechat = wechat
+        # Where nicknames are kept for the public results (PostgreSQL's player_names).
+        self._names = names
 
     async def start(self, next_path: str, browser_cookie: str) -> str:
         """Record a login for this browser; return its ``state``."""
@@ -164,11 +178,23 @@ class LoginService:
         token = await self._sessions.create(
             Session(identity.openid, identity.unionid, snapshot=identity.snapshot)
         )
+        if identity.nickname is not None:
+            await self._remember(identity.openid, identity.nickname)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, "t", token)
             pipe.expire(key, DONE_TTL_S)
             await pipe.execute()
         return token
+
+    async def _remember(self, openid: str, nickname: str) -> None:
+        """Keep the nickname for the results; a PostgreSQL that is down or slow costs the
+        name (shown masked until a later login), never the login."""
+        if self._names is None:
+            return
+        try:
+            await asyncio.wait_for(remember_name(self._names, openid, nickname), NAME_WRITE_S)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("nickname of a login not kept: %s", type(exc).__name__)
 
     async def _wait_for_token(self, state: str, nxt: str) -> str:
         """Another request is exchanging this very code: wait for its session."""

@@ -4,12 +4,17 @@
   shows a consent page (同意 / 拒绝, with the openid to log in as) and redirects to
   ``redirect_uri?code=CODE&state=STATE``, or ``redirect_uri?state=STATE`` on refusal.
   For automation, ``&fake_openid=ID`` approves at once (``&fake_snapshot=1`` makes a
-  snapshot-page user, ``&fake_unionid=U`` sets the unionid, ``&fake_deny=1`` refuses).
+  snapshot-page user, ``&fake_unionid=U`` sets the unionid, ``&fake_nickname=N`` the
+  nickname, ``&fake_deny=1`` refuses).
 - ``GET /sns/oauth2/access_token?appid&secret&code&grant_type=authorization_code``
   answers ``{access_token, expires_in, refresh_token, openid, scope[, unionid]
   [, is_snapshotuser]}`` or ``{errcode, errmsg}``: 40013 invalid appid, 40125 invalid
   appsecret, 40002 invalid grant_type, 41008 missing code, 40029 invalid code (unknown,
   expired after 5 minutes, or another app's), 40163 code been used.
+- ``GET /sns/userinfo?access_token&openid&lang`` (scope snsapi_userinfo) answers
+  ``{openid, nickname, sex, province, city, country, headimgurl, privilege[, unionid]}``
+  or 40001 invalid credential (unknown access token), 40003 invalid openid, 48001 api
+  unauthorized (a snsapi_base token, or a snapshot-page user).
 
 Codes live in this process's memory; the clock is injectable so tests can expire them.
 """
@@ -41,6 +46,7 @@ class Grant:
     snapshot: bool
     expires_at: float
     used: bool = False
+    nickname: str = ""
 
 
 class FakeWeChat:
@@ -53,9 +59,13 @@ class FakeWeChat:
         self._secret = secret
         self._clock = clock
         self.grants: dict[str, Grant] = {}
+        # access token -> the grant it was issued for (kept for the life of the process)
+        self.tokens: dict[str, Grant] = {}
         self.exchanges = 0
 
-    def issue(self, openid: str, scope: str, unionid: str | None, snapshot: bool) -> str:
+    def issue(
+        self, openid: str, scope: str, unionid: str | None, snapshot: bool, nickname: str = ""
+    ) -> str:
         """A one-time code for ``openid``, valid for five minutes."""
         now = self._clock()
         for code in [c for c, g in self.grants.items() if g.expires_at <= now]:
@@ -70,6 +80,7 @@ class FakeWeChat:
             unionid if scope == "snsapi_userinfo" else None,
             snapshot,
             now + CODE_TTL_S,
+            nickname=nickname or f"玩家{openid[-4:]}",
         )
         return code
 
@@ -90,8 +101,10 @@ class FakeWeChat:
         if grant.used:
             return _error(40163, "code been used")
         grant.used = True
+        access_token = secrets.token_urlsafe(48)
+        self.tokens[access_token] = grant
         answer: dict[str, object] = {
-            "access_token": secrets.token_urlsafe(48),
+            "access_token": access_token,
             "expires_in": 7200,
             "refresh_token": secrets.token_urlsafe(48),
             "openid": grant.openid,
@@ -101,6 +114,29 @@ class FakeWeChat:
             answer["unionid"] = grant.unionid
         if grant.snapshot:
             answer["is_snapshotuser"] = 1
+        return answer
+
+    def userinfo(self, access_token: str, openid: str) -> dict[str, object]:
+        """The userinfo endpoint's JSON answer."""
+        grant = self.tokens.get(access_token)
+        if grant is None:
+            return _error(40001, "invalid credential, access_token is invalid or not latest")
+        if openid != grant.openid:
+            return _error(40003, "invalid openid")
+        if grant.scope != "snsapi_userinfo" or grant.snapshot:
+            return _error(48001, "api unauthorized")
+        answer: dict[str, object] = {
+            "openid": grant.openid,
+            "nickname": grant.nickname,
+            "sex": 0,
+            "province": "",
+            "city": "",
+            "country": "",
+            "headimgurl": "",
+            "privilege": [],
+        }
+        if grant.unionid is not None:
+            answer["unionid"] = grant.unionid
         return answer
 
 
@@ -128,11 +164,16 @@ font-size:17px}}.allow{{background:#07c160;color:#fff}}.deny{{background:#fff;co
 <form method="get" action="/connect/oauth2/fake-decide">
 {hidden}<label for="openid">以此 openid 登录</label>
 <input type="text" id="openid" name="fake_openid" value="{openid}" maxlength="64">
-<label class="check"><input type="checkbox" name="fake_snapshot" value="1">
+{nickname}<label class="check"><input type="checkbox" name="fake_snapshot" value="1">
 快照页虚拟用户（只能看，不能抢）</label>
 <button class="allow" type="submit" name="decision" value="allow">同意</button>
 <button class="deny" type="submit" name="decision" value="deny">拒绝</button>
 </form></main></body></html>
+"""
+
+_NICKNAME = """<label for="nickname">昵称</label>
+<input type="text" id="nickname" name="fake_nickname" value="" maxlength="64"
+ placeholder="留空：玩家 + openid 末四位">
 """
 
 _FORWARDED = ("appid", "redirect_uri", "response_type", "scope", "state")
@@ -172,7 +213,11 @@ def _decide(request: web.Request, approve: bool) -> web.Response:
         return _back(q["redirect_uri"], q.get("state", ""), None)
     openid = q.get("fake_openid", "").strip()[:64] or f"o{secrets.token_hex(8)}"
     code = request.app[FAKE].issue(
-        openid, q["scope"], q.get("fake_unionid") or None, q.get("fake_snapshot") == "1"
+        openid,
+        q["scope"],
+        q.get("fake_unionid") or None,
+        q.get("fake_snapshot") == "1",
+        q.get("fake_nickname", "").strip()[:64],
     )
     return _back(q["redirect_uri"], q.get("state", ""), code)
 
@@ -191,12 +236,14 @@ async def authorize(request: web.Request) -> web.Response:
         f'<input type="hidden" name="{name}" value="{html.escape(q.get(name, ""))}">'
         for name in _FORWARDED
     )
-    what = "基本信息（昵称、头像）" if q["scope"] == "snsapi_userinfo" else "身份标识（openid）"
+    userinfo = q["scope"] == "snsapi_userinfo"
+    what = "基本信息（昵称、头像）" if userinfo else "身份标识（openid）"
     page = _CONSENT.format(
         appid=html.escape(q["appid"]),
         what=what,
         hidden=hidden,
         openid=f"o{secrets.token_hex(6)}",
+        nickname=_NICKNAME if userinfo else "",
     )
     return web.Response(text=page, content_type="text/html")
 
@@ -218,6 +265,13 @@ async def access_token(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(answer), content_type="text/plain")
 
 
+async def userinfo(request: web.Request) -> web.Response:
+    """The userinfo endpoint (snsapi_userinfo): JSON over GET, as WeChat answers it."""
+    q = request.query
+    answer = request.app[FAKE].userinfo(q.get("access_token", ""), q.get("openid", ""))
+    return web.Response(body=orjson.dumps(answer), content_type="text/plain")
+
+
 def create_fake_app(fake: FakeWeChat) -> web.Application:
     """The fake WeChat as an aiohttp application."""
     app = web.Application()
@@ -225,4 +279,5 @@ def create_fake_app(fake: FakeWeChat) -> web.Application:
     app.router.add_get("/connect/oauth2/authorize", authorize)
     app.router.add_get("/connect/oauth2/fake-decide", decide)
     app.router.add_get("/sns/oauth2/access_token", access_token)
+    app.router.add_get("/sns/userinfo", userinfo)
     return app

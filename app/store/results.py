@@ -59,6 +59,18 @@ ORDER BY 1, 2
 """
 
 
+UPSERT_NAME = """
+INSERT INTO player_names (openid, nickname) VALUES ($1, $2)
+ON CONFLICT (openid) DO UPDATE SET nickname = EXCLUDED.nickname, updated_at = now()
+WHERE player_names.nickname IS DISTINCT FROM EXCLUDED.nickname
+"""
+
+
+async def remember_name(pg: asyncpg.Pool, openid: str, nickname: str) -> None:
+    """Keep the player's latest WeChat nickname for the results."""
+    await pg.execute(UPSERT_NAME, openid, nickname)
+
+
 def public_name(openid: str, nickname: str | None = None) -> str:
     """How a player is shown to everyone: the WeChat nickname, else the openid masked
     (its first and last two characters around ``***``; short ones mostly hidden)."""

@@ -177,7 +177,7 @@ async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
             api_base=settings.wechat_api_base,
             scope=settings.wechat_scope,
         )
-        app[LOGINS] = LoginService(app[REDIS], app[SCRIPTS], app[SESSIONS], client)
+        app[LOGINS] = LoginService(app[REDIS], app[SCRIPTS], app[SESSIONS], client, names=app[PG])
         yield
 
 
