@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -279,6 +280,16 @@ async def test_console_create_watch_pause_end_export(
     item = page.locator(f"#campaigns li[data-id='{cid}']")
     await expect(item.locator(".badge")).to_have_attribute("data-state", "ended")
     await page.screenshot(path=ARTIFACTS / "admin-8-list.png", full_page=True)
+
+    # The audit log names who created, paused and ended it, newest first.
+    await page.locator("#nav-audit").click()
+    entries = page.locator("#audit li")
+    await expect(entries.first).to_contain_text(f"POST /api/admin/campaigns/{cid}/end")
+    texts = await entries.all_text_contents()
+    for action in ("pause", "end"):
+        assert any(f"admin (admin) POST /api/admin/campaigns/{cid}/{action}" in t for t in texts)
+    assert any("POST /api/admin/campaigns" in t and "201" in t for t in texts), texts
+    await page.screenshot(path=ARTIFACTS / "admin-8b-audit.png", full_page=True)
     assert watched.problems == []
 
     # On a phone: nothing wider than the screen, every tap target at least 44 px.
@@ -415,5 +426,55 @@ async def test_console_shows_payout_states(paying_service: Service, browser: Bro
     await expect(chart).to_contain_text(state)
     await expect(chart).to_contain_text("¥8.88")
     await page.screenshot(path=ARTIFACTS / "admin-14-payouts.png", full_page=True)
+    assert watched.problems == []
+    await context.close()
+
+
+async def test_console_viewer_may_look_but_not_act(
+    console_service: Service, browser: Browser, database_url: str
+) -> None:
+    service = console_service
+    await _ready(service)
+    added = subprocess.run(
+        [sys.executable, "-m", "app", "operator", "add", "值班-小王", "--role", "viewer"],
+        env={**os.environ, "DATABASE_URL": database_url},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    viewer = added.stdout.strip().splitlines()[-1]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{service.base}/api/admin/campaigns",
+            json={"kind": "red_packet", "name": "新春红包", "total_fen": 1_000, "count": 10},
+            headers=ADMIN,
+        ) as resp,
+    ):
+        assert resp.status == 201, await resp.text()
+        cid = (await resp.json())["id"]
+    context = await browser.new_context(viewport={"width": 1100, "height": 900}, locale="zh-CN")
+    page = await context.new_page()
+    watched = Watched(page)
+    await page.goto(f"{service.base}/admin")
+    await page.fill("#token", viewer)
+    await page.locator("#signin").click()
+    await page.locator(f"#campaigns li[data-id='{cid}'] a").click()
+    await expect(page.locator("#live-state")).to_have_attribute("data-state", "open")
+    # Its pause is refused (403), said on the page; the campaign stays open.
+    await _confirm(page, "pause")
+    await expect(page.locator("#live-error")).to_contain_text("只读")
+    await expect(page.locator("#live-state")).to_have_attribute("data-state", "open")
+    assert (await _stats(service.base, cid))["state"] == "open"
+    await page.screenshot(path=ARTIFACTS / "admin-15-viewer-refused.png", full_page=True)
+    # Creating is refused the same way, above the form's buttons.
+    await page.locator("#nav-new").click()
+    await page.fill("#f-name", "不该有")
+    await page.fill("#f-total_fen", "100")
+    await page.fill("#f-count", "1")
+    await page.locator("#create").click()
+    await expect(page.locator("#form-error")).to_contain_text("只读")
+    await expect(page.locator("#view-create")).to_be_visible()
     assert watched.problems == []
     await context.close()

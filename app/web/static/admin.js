@@ -26,8 +26,9 @@
   };
 
   var $ = function (id) { return document.getElementById(id); };
-  var views = ['signin', 'list', 'create', 'live'];
+  var views = ['signin', 'list', 'create', 'audit', 'live'];
   var list = { next: null, loading: false };
+  var audit = { next: null, loading: false };
   var live = { id: null, timer: 0, samples: [], stats: null, busy: false };
 
   function el(tag, attrs, text) {
@@ -142,6 +143,7 @@
     var match = /^#\/c\/([^/]+)$/.exec(hash);
     if (match) return openLive(decodeURIComponent(match[1]));
     if (hash === '#/new') return openCreate();
+    if (hash === '#/audit') return openAudit();
     return openList();
   }
 
@@ -160,7 +162,8 @@
     a.appendChild(head);
     var facts = [KINDS[c.kind] || c.kind];
     if (c.kind === 'red_packet' && c.total_fen !== undefined) facts.push('¥' + yuan(c.total_fen) + ' / ' + count(c.count));
-    facts.push(when(c.starts_at) + ' → ' + (c.ends_at ? when(c.ends_at) : '—'));
+    if (c.starts_at || c.ends_at) facts.push(when(c.starts_at) + ' → ' + when(c.ends_at));
+    if (c.created_at) facts.push('创建 Created ' + when(c.created_at));
     a.appendChild(el('span', { class: 'campaign__facts' }, facts.join(' · ')));
     li.appendChild(a);
     return li;
@@ -189,6 +192,43 @@
     show('list');
     list.next = null;
     loadList(true);
+  }
+
+  // ---- the audit log ------------------------------------------------------------------------
+
+  function auditItem(e) {
+    var li = el('li', { class: 'campaign audit-entry' });
+    var box = el('div', { class: 'campaign__link' });
+    var head = el('span', { class: 'campaign__head' });
+    head.appendChild(el('span', { class: 'campaign__name' }, e.operator + ' (' + e.role + ') ' + e.method + ' ' + e.path));
+    head.appendChild(el('span', { class: 'badge ' + (e.status < 300 ? 'badge--open' : 'badge--sold_out'), 'data-status': String(e.status) }, String(e.status)));
+    box.appendChild(head);
+    box.appendChild(el('span', { class: 'campaign__facts' }, [when(e.at), e.remote || '—', e.request_id || ''].join(' · ')));
+    li.appendChild(box);
+    return li;
+  }
+
+  async function loadAudit(reset) {
+    if (audit.loading) return;
+    audit.loading = true;
+    var params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+    if (!reset && audit.next) params.set('cursor', audit.next);
+    var res = await api('GET', '/api/admin/audit?' + params);
+    audit.loading = false;
+    $('audit-error').textContent = res.status === 200 ? '' : problem(res);
+    if (res.status !== 200) return;
+    var ul = $('audit');
+    if (reset) ul.replaceChildren();
+    res.data.entries.forEach(function (e) { ul.appendChild(auditItem(e)); });
+    audit.next = res.data.next;
+    $('audit-more').hidden = !audit.next;
+    $('audit-empty').hidden = ul.children.length > 0;
+  }
+
+  function openAudit() {
+    show('audit');
+    audit.next = null;
+    loadAudit(true);
   }
 
   // ---- creating a campaign ------------------------------------------------------------------
@@ -453,7 +493,8 @@
     $('live-kind').textContent = KINDS[s.kind] || s.kind;
     $('live-id').textContent = s.id;
     $('live-page').setAttribute('href', '/c/' + encodeURIComponent(s.id));
-    $('live-window').textContent = '开始 Starts ' + when(s.starts_at) + ' · 结束 Ends ' + when(s.ends_at);
+    $('live-window').textContent = '开始 Starts ' + (s.starts_at ? when(s.starts_at) : '立即 at once') +
+      ' · 结束 Ends ' + (s.ends_at ? when(s.ends_at) : '不设 none');
     $('act-pause').disabled = s.state === 'paused' || s.state === 'ended';
     $('act-resume').disabled = s.state !== 'paused';
     $('act-end').disabled = s.state === 'ended';
@@ -581,6 +622,7 @@
   $('filter-state').addEventListener('change', function () { loadList(true); });
   $('filter-kind').addEventListener('change', function () { loadList(true); });
   $('more').addEventListener('click', function () { loadList(false); });
+  $('audit-more').addEventListener('click', function () { loadAudit(false); });
   $('create-form').addEventListener('submit', create);
   $('create-form').addEventListener('input', showYuan);
   $('create-form').addEventListener('change', function (event) {
