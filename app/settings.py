@@ -42,6 +42,8 @@ class Stores:
     database_given: bool = True
     embedded_redis_port: int = 16379
     embedded_pg_port: int = 15432
+    # REDIS_CLUSTER=1: REDIS_URL is a seed node of a Redis Cluster (app.store.client).
+    redis_cluster: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Stores:
@@ -66,6 +68,7 @@ class Stores:
             database_given=bool(database_url),
             embedded_redis_port=redis_port,
             embedded_pg_port=pg_port,
+            redis_cluster=_bool(env, "REDIS_CLUSTER", _default(cls, "redis_cluster")),
         )
 
 
@@ -334,6 +337,11 @@ class Settings:
     # Bound on connecting to Redis and on waiting for any reply (script line and pools):
     # a Redis that went silent fails calls with 503 after this long instead of hanging.
     redis_timeout_ms: int = 2000
+    # REDIS_CLUSTER=1: REDIS_URL is a seed node of a Redis Cluster (app.store.client).
+    redis_cluster: bool = False
+    # A settlement (grab, draw) is answered only once this many replicas of the Redis
+    # that settled it have it (WAIT on the script line); 0 answers at once.
+    redis_wait_replicas: int = 0
     pg_pool_max: int = 4
     # Upper bound on grabs settled by one script call; concurrent grabs coalesce up to it.
     grab_batch_max: int = 128
@@ -398,6 +406,10 @@ class Settings:
                 env, "REDIS_MAX_CONNECTIONS", d("redis_max_connections"), minimum=2
             ),
             redis_timeout_ms=_int(env, "REDIS_TIMEOUT_MS", d("redis_timeout_ms"), minimum=50),
+            redis_cluster=_bool(env, "REDIS_CLUSTER", d("redis_cluster")),
+            redis_wait_replicas=_int(
+                env, "REDIS_WAIT_REPLICAS", d("redis_wait_replicas"), minimum=0, maximum=16
+            ),
             pg_pool_max=_int(env, "PG_POOL_MAX", d("pg_pool_max"), minimum=1),
             grab_batch_max=_int(env, "GRAB_BATCH_MAX", d("grab_batch_max"), minimum=1),
             shutdown_timeout_s=float(
@@ -419,6 +431,9 @@ class Settings:
 
     def checked(self) -> Settings:
         """Cross-field rules; raises SettingsError."""
+        if self.redis_wait_replicas and not self.redis_url.startswith("redis://"):
+            # WAIT runs on the script line's connection, which speaks redis:// only.
+            raise SettingsError("REDIS_WAIT_REPLICAS needs a redis:// REDIS_URL")
         if self.redis_timeout_ms <= self.ledger.block_ms:
             # The drainer's XREADGROUP blocks for block_ms on a pooled connection.
             raise SettingsError(

@@ -21,6 +21,13 @@ and close out only once), so background work is proportional to live campaigns, 
 history; PostgreSQL still knows every campaign for reconcile and rebuild, and a rebuild
 lists the campaign again.
 
+On a Redis Cluster each campaign's stream lives in its own slot, and a cluster refuses
+one XREADGROUP over streams of several slots. There a read is one XREADGROUP per stream
+(not blocking), pipelined: redis-py sends each shard its streams' reads in one round
+trip, all shards at once; when no stream had anything, the drainer waits
+``CLUSTER_POLL_S`` before reading again. Claims (XAUTOCLAIM) were per stream already;
+the acknowledgement is one MULTI per stream.
+
 Entries carry their kind in field ``k`` (absent: a grab); the ledger (app.store.ledger)
 decodes and records each by its kind, and keeps an entry it cannot decode in
 ``ledger_rejects`` rather than lose it.
@@ -45,6 +52,7 @@ from app.metrics import Metrics
 from app.records import LedgerEntry
 from app.settings import LedgerSettings
 from app.store import ledger
+from app.store.client import cluster_of, open_redis
 from app.store.ledger import Written
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, Scripts
 
@@ -56,6 +64,8 @@ REFRESH_S = 2.0
 # Errors that no retry can fix: the batch is written entry by entry to isolate the culprit.
 PERMANENT_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 FIRST_RETRY_S = 0.05
+# On a Redis Cluster (no blocking read across slots): the wait after a read found nothing.
+CLUSTER_POLL_S = 0.1
 
 
 def consumer_name() -> str:
@@ -85,6 +95,7 @@ class Drainer:
     ) -> None:
         self._redis = redis
         self._scripts = Scripts(redis)
+        self._cluster = cluster_of(redis) is not None
         self._metrics = metrics
         self._pg = pg
         self._settings = settings
@@ -172,6 +183,8 @@ class Drainer:
         RuntimeWarning at garbage collection). Built here, a task cancelled that early
         has created nothing, and one that has started cancels the command it awaits.
         """
+        if self._cluster:
+            return await self._read_slot_by_slot()
         return await self._redis.xreadgroup(
             GROUP,
             self.consumer,
@@ -179,6 +192,18 @@ class Drainer:
             count=self._settings.batch_max,
             block=self._settings.block_ms,
         )
+
+    async def _read_slot_by_slot(self) -> list[Any]:
+        """A cluster's read: every stream's XREADGROUP, pipelined by shard; waits
+        CLUSTER_POLL_S when nothing came."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in self._streams:
+                pipe.xreadgroup(GROUP, self.consumer, {key: ">"}, count=self._settings.batch_max)
+            replies = await pipe.execute()
+        reply = [stream for streams in replies for stream in streams or []]
+        if not any(items for _, items in reply):
+            await self._pause(min(CLUSTER_POLL_S, self._settings.block_ms / 1000))
+        return reply
 
     async def _refresh(self) -> None:
         """Pick up new campaigns: create their consumer group (from the stream's start);
@@ -220,18 +245,18 @@ class Drainer:
         (loading) stays."""
         if not ids:
             return ids
+        # Redis's clock first (a cluster pipeline refuses TIME): what ended by then ended.
+        seconds, micros = await self._redis.time()
+        now = seconds * 1000 + micros // 1000
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.time()
             for cid in ids:
                 keys = CampaignKeys.of(cid)
                 pipe.hget(keys.meta, "closed_ms")
                 pipe.xlen(keys.ledger)
             reply = await pipe.execute()
-        seconds, micros = reply[0]
-        now = seconds * 1000 + micros // 1000
         done = [
             cid
-            for cid, ends, lag in zip(ids, reply[1::2], reply[2::2], strict=True)
+            for cid, ends, lag in zip(ids, reply[0::2], reply[1::2], strict=True)
             if ends is not None and now >= int(ends) and int(lag) == 0
         ]
         if not done:
@@ -293,12 +318,19 @@ class Drainer:
                 entry.stream_id
             )
         # XACK and XDEL together: the stream then holds exactly the unrecorded entries.
+        if self._cluster:
+            # A MULTI stays within one slot there: one per stream, all at once.
+            await asyncio.gather(*(self._ack({key: ids}) for key, ids in by_stream.items()))
+        else:
+            await self._ack(by_stream)
+        return True
+
+    async def _ack(self, by_stream: dict[str, list[str]]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             for key, ids in by_stream.items():
                 pipe.xack(key, GROUP, *ids)
                 pipe.xdel(key, *ids)
             await pipe.execute()
-        return True
 
     async def _record(self, entries: list[LedgerEntry]) -> bool:
         """Write ``entries`` to PostgreSQL, retrying until it works or we are stopped."""
@@ -348,11 +380,14 @@ class Drainer:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
 
-async def drain_process(redis_url: str, database_url: str, settings: LedgerSettings) -> None:
-    """``python -m app drain``: one drainer in its own process, until SIGTERM or SIGINT."""
+async def drain_process(
+    redis_url: str, database_url: str, settings: LedgerSettings, cluster: bool = False
+) -> None:
+    """``python -m app drain``: one drainer in its own process, until SIGTERM or SIGINT;
+    ``cluster``: ``redis_url`` is a node of a Redis Cluster."""
     if settings.drain_nice:
         os.nice(settings.drain_nice)
-    redis = Redis.from_url(redis_url)
+    redis = open_redis(redis_url, cluster=cluster)
     # min_size=0: start (and keep running) even while PostgreSQL is down.
     pool = await asyncpg.create_pool(database_url, min_size=0, max_size=2)
     drainer = Drainer(redis, pool, settings, consumer_name())

@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 
 from app.background.events import Events, publish
 from app.store.batching import Batcher
+from app.store.client import cluster_of
 from app.store.scripts import REVOKED_SET, SESSION_SIGNING_KEY, session_key
 
 COOKIE_NAME = "hb_session"
@@ -175,7 +176,14 @@ class SessionStore:
             events.on_resync(self._resync)
 
     async def _count(self, sids: list[str]) -> list[int]:
-        values = cast(list[bytes | None], await self._redis.mget(map(session_key, sids)))
+        keys = [session_key(sid) for sid in sids]
+        if cluster_of(self._redis) is not None:
+            # A cluster refuses MGET across slots: one EXISTS per key, pipelined by node.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)
+                return [int(n) for n in await pipe.execute()]
+        values = cast(list[bytes | None], await self._redis.mget(keys))
         return [0 if value is None else 1 for value in values]
 
     async def _load_key(self) -> bytes:

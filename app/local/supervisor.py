@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.local.cluster import EmbeddedCluster
 from app.local.demo import demo_page, start_fake_wechat, wait_ready
 from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, port_busy
 from app.local.fakewechatpay import start_fake_wechatpay
@@ -137,9 +138,14 @@ def start_edge(data_dir: Path, public_port: int, worker_ports: list[int]) -> Edg
 
 
 def serve(
-    workers: int, port: int, data_dir: Path = DEFAULT_DATA_DIR, use_haproxy: bool = True
+    workers: int,
+    port: int,
+    data_dir: Path = DEFAULT_DATA_DIR,
+    use_haproxy: bool = True,
+    redis_cluster: int = 0,
 ) -> int:
-    """Run the service until interrupted; return the exit code."""
+    """Run the service until interrupted; return the exit code. ``redis_cluster`` N > 0:
+    on a local Redis Cluster of N masters and N replicas instead of one Redis."""
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     try:
@@ -151,7 +157,7 @@ def serve(
     if busy:
         print(busy, file=sys.stderr)
         return 2
-    services: list[EmbeddedRedis | EmbeddedPostgres] = []
+    services: list[EmbeddedRedis | EmbeddedPostgres | EmbeddedCluster] = []
     procs: list[subprocess.Popen[bytes]] = []
     keeper = Keeper(procs)
     edge: EdgeProxy | None = None
@@ -164,7 +170,26 @@ def serve(
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        if not stores.redis_given:
+        if redis_cluster:
+            if stores.redis_given:
+                print(
+                    "hongbao: --redis-cluster starts its own cluster: unset REDIS_URL",
+                    file=sys.stderr,
+                )
+                return 2
+            fsync = env.get("REDIS_APPENDFSYNC") or "everysec"
+            cluster = EmbeddedCluster(
+                data_dir / "redis-cluster", masters=redis_cluster, appendfsync=fsync
+            )
+            services.append(cluster)
+            cluster.start()
+            env["REDIS_URL"], env["REDIS_CLUSTER"] = cluster.url, "1"
+            print(
+                f"local Redis Cluster: {redis_cluster} masters + {redis_cluster} replicas "
+                f"on ports {cluster.ports} (seed {cluster.url})",
+                flush=True,
+            )
+        elif not stores.redis_given:
             fsync = env.get("REDIS_APPENDFSYNC") or "everysec"
             if fsync not in APPENDFSYNC_POLICIES:
                 print(f"REDIS_APPENDFSYNC must be one of {APPENDFSYNC_POLICIES}", file=sys.stderr)

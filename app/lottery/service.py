@@ -22,6 +22,7 @@ from app.model import Lifecycle, new_campaign_id, shanghai_day
 from app.records import LIFECYCLE_FIELDS, decode_leftovers, decode_wins, lifecycle_of
 from app.store import ledger
 from app.store.batching import KeyedBatchers
+from app.store.client import clock_ms, cluster_of
 from app.store.scripts import (
     CAMPAIGNS_SET,
     CampaignKeys,
@@ -97,10 +98,9 @@ class Lotteries:
         MULTI, so Redis holds all of it or none)."""
         keys = CampaignKeys.of(campaign_id)
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(keys.meta, keys.tiers)
-                pipe.srem(CAMPAIGNS_SET, campaign_id)
-                await pipe.execute()
+            # Apart: the list has its own slot on a Redis Cluster.
+            await self._redis.delete(keys.meta, keys.tiers)
+            await self._redis.srem(CAMPAIGNS_SET, campaign_id)
         except Exception as exc:
             log.warning("failed lottery %s not removed from Redis: %s", campaign_id, exc)
         try:
@@ -109,12 +109,13 @@ class Lotteries:
             log.warning("failed lottery %s not removed from PostgreSQL: %s", campaign_id, exc)
 
     async def load(self, campaign: Lottery) -> None:
-        """Write tiers, then meta (its presence opens the campaign), in one transaction."""
+        """List the campaign for the drainers (apart: the list has its own slot on a Redis
+        Cluster), then write tiers and meta (its presence opens it) in one transaction."""
         keys = CampaignKeys.of(campaign.id)
+        await self._redis.sadd(CAMPAIGNS_SET, campaign.id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.tiers, mapping=campaign.spec.redis_tiers())
             pipe.hset(keys.meta, mapping=to_meta(campaign))
-            pipe.sadd(CAMPAIGNS_SET, campaign.id)
             await pipe.execute()
 
     async def draw(
@@ -198,15 +199,22 @@ class Lotteries:
         )
         spec = campaign.spec
         keys = CampaignKeys.of(campaign.id)
+        cluster = cluster_of(self._redis) is not None
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(keys.tiers)
             pipe.hgetall(keys.days)
             # Drainers XDEL what they commit: the stream holds exactly the unrecorded draws.
             pipe.xlen(keys.ledger)
-            # "Released" by the clock the script releases by, at the same instant.
-            pipe.time()
-            tiers_raw, days_raw, ledger_lag, (seconds, micros) = await pipe.execute()
-        now = seconds * 1000 + micros // 1000
+            # "Released" by the clock the script releases by, at the same instant (on a
+            # cluster, whose MULTI refuses TIME, the same node's clock just after).
+            if not cluster:
+                pipe.time()
+            tiers_raw, days_raw, ledger_lag, *clock = await pipe.execute()
+        if clock:
+            seconds, micros = clock[0]
+            now = seconds * 1000 + micros // 1000
+        else:
+            now = await clock_ms(self._redis, keys.meta)
         counters = _ints({k: v for k, v in tiers_raw.items() if k.startswith(b"won:")})
         days = _ints(days_raw)
         tiers = []

@@ -18,7 +18,6 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.background.tasks import stop_loop
@@ -26,6 +25,7 @@ from app.payout.client import Refused, Unclear, WeChatPayClient
 from app.payout.ratelimit import SharedLimit
 from app.settings import PayoutSettings
 from app.store import ledger, payouts
+from app.store.client import open_redis
 from app.store.payouts import NEW, STATES, Bill
 
 log = logging.getLogger("hongbao.payout")
@@ -229,11 +229,14 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-async def payout_process(redis_url: str, database_url: str, settings: PayoutSettings) -> None:
-    """``python -m app payout``: one payout worker until SIGTERM or SIGINT."""
+async def payout_process(
+    redis_url: str, database_url: str, settings: PayoutSettings, cluster: bool = False
+) -> None:
+    """``python -m app payout``: one payout worker until SIGTERM or SIGINT (``cluster``:
+    ``redis_url`` is a node of a Redis Cluster)."""
     if not settings.enabled:
         raise RuntimeError("payouts are off: set WECHATPAY_MCHID and the WeChat Pay keys")
-    redis = Redis.from_url(redis_url)
+    redis = open_redis(redis_url, cluster=cluster)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -63,21 +63,23 @@ async def load(
 
 
 async def open_campaign(redis: Redis, campaign: RedPacket, won: Totals = Totals()) -> None:
-    """Write meta (the script treats its absence as "not open"), keep the loaded pool and
-    winners for good, and list the campaign for the drainers."""
+    """List the campaign for the drainers, then write meta (the script treats its absence
+    as "not open") and keep the loaded pool and winners for good, in one MULTI.
+
+    The list is a key of its own slot on a Redis Cluster, so it is written first, apart:
+    a listed campaign without meta is one still loading, which drainers keep following.
+    """
     keys = CampaignKeys.of(campaign.id)
+    await redis.sadd(CAMPAIGNS_SET, campaign.id)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.meta, mapping=to_meta(campaign, won.count, won.fen))
         pipe.persist(keys.pool)
         pipe.persist(keys.winners)
-        pipe.sadd(CAMPAIGNS_SET, campaign.id)
         await pipe.execute()
 
 
 async def discard(redis: Redis, campaign_id: str) -> None:
     """Remove whatever a failed creation left of a campaign in Redis."""
     keys = CampaignKeys.of(campaign_id)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.meta, keys.pool, keys.winners)
-        pipe.srem(CAMPAIGNS_SET, campaign_id)
-        await pipe.execute()
+    await redis.delete(keys.meta, keys.pool, keys.winners)
+    await redis.srem(CAMPAIGNS_SET, campaign_id)

@@ -15,6 +15,19 @@ where the old primary just disappears) is noticed by a watchdog: once the oldest
 has waited ``timeout_s``, the connection is aborted, every call on it fails with
 redis-py's TimeoutError, and the next call opens a new one. TCP keepalive notices a
 peer that vanished while the line was idle.
+
+With ``wait_replicas`` N > 0 every script call is followed, on the same connection and
+in the same write, by ``WAIT N``: its reply is handed back only once N replicas have
+acknowledged everything the call wrote, and a call whose WAIT fell short fails with
+``NotReplicated`` (503: the player retries, and a grant that did settle answers
+``already_won``). A master that dies after answering cannot take such a grant with it.
+
+On a Redis Cluster, ``ClusterLine`` keeps one ScriptLine per master and the slot map:
+each call goes to the master of its keys' slot (all keys of one script share a hash
+tag), follows ``MOVED`` (and reloads the map) and ``ASK`` (ASKING then the call, on
+one connection), and reloads the map when a master's connection fails or the cluster
+says CLUSTERDOWN/TRYAGAIN, so calls on a failed master's slots reach its promoted
+replica as soon as the cluster has promoted it. NOSCRIPT is answered per node.
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ from typing import Any, cast
 from urllib.parse import unquote
 
 import hiredis
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from yarl import URL
 
@@ -36,6 +50,10 @@ Arg = bytes | str | int
 DEFAULT_TIMEOUT_S = 2.0
 # Keepalive probes after this many idle seconds, then every interval, so many times.
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 5, 2, 3
+
+
+class NotReplicated(RedisError):
+    """WAIT answered fewer replicas than REDIS_WAIT_REPLICAS: the call is not acknowledged."""
 
 
 def keepalive_options() -> dict[int, int]:
@@ -135,16 +153,20 @@ class ScriptLine:
         username: str | None,
         password: str | None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_replicas: int = 0,
     ) -> None:
         self._host, self._port, self._db = host, port, db
         self._username, self._password = username, password
         self.timeout_s = timeout_s
+        self.wait_replicas = wait_replicas
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
 
     @classmethod
-    def from_url(cls, url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ScriptLine | None:
+    def from_url(
+        cls, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, wait_replicas: int = 0
+    ) -> ScriptLine | None:
         """A line to the Redis of ``url``; None for what it does not speak (TLS, sockets)."""
         parsed = URL(url)
         if parsed.scheme != "redis" or not parsed.host:
@@ -158,7 +180,13 @@ class ScriptLine:
             unquote(parsed.raw_user) if parsed.raw_user else None,
             unquote(parsed.raw_password) if parsed.raw_password else None,
             timeout_s,
+            wait_replicas,
         )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The host and port this line connects to."""
+        return self._host, self._port
 
     @property
     def waiting(self) -> int:
@@ -175,14 +203,52 @@ class ScriptLine:
             self._arm()
         return await future
 
-    async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Arg]) -> Any:
-        """EVALSHA, loading ``script`` once if Redis has lost it (restart, failover)."""
+    async def call_together(self, *commands: tuple[Arg, ...]) -> list[Any]:
+        """Send ``commands`` back to back in one write (nothing else between them on the
+        connection); every reply, in order, or the first error once all have answered."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+            protocol = await self._connect()
+        futures = [protocol.send(command) for command in commands]
+        if self._watchdog is None:
+            self._arm()
+        replies = await asyncio.gather(*futures, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
+
+    async def ping(self) -> None:
+        """PING (readiness: the hot path's connection answers)."""
+        await self.call("PING")
+
+    async def evalsha(
+        self, sha: str, script: str, keys: list[str], args: list[Arg], asking: bool = False
+    ) -> Any:
+        """EVALSHA, loading ``script`` once if Redis has lost it (restart, failover);
+        ``asking``: preceded by ASKING (a cluster slot being migrated here)."""
         command = ("EVALSHA", sha, len(keys), *keys, *args)
         try:
-            return await self.call(*command)
+            return await self._eval(command, asking)
         except NoScriptError:
             await self.call("SCRIPT", "LOAD", script)
+            return await self._eval(command, asking)
+
+    async def _eval(self, command: tuple[Arg, ...], asking: bool) -> Any:
+        if not asking and not self.wait_replicas:
             return await self.call(*command)
+        commands = [command]
+        if asking:
+            commands.insert(0, ("ASKING",))
+        if self.wait_replicas:
+            # WAIT must not outlast the watchdog, which would abort the connection.
+            commands.append(("WAIT", self.wait_replicas, int(self.timeout_s * 500)))
+        replies = await self.call_together(*commands)
+        if self.wait_replicas and int(replies[-1]) < self.wait_replicas:
+            raise NotReplicated(
+                f"{int(replies[-1])} of {self.wait_replicas} replicas acknowledged in time"
+            )
+        return replies[1] if asking else replies[0]
 
     def _arm(self) -> None:
         # One timer per line, not one per call: the hot path pays nothing for the bound.
@@ -254,3 +320,163 @@ class ScriptLine:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
+
+
+# Slots of a Redis Cluster; reloads of the slot map at most this often.
+CLUSTER_SLOTS = 16384
+RELOAD_EVERY_S = 0.05
+# Redirections followed for one call before giving up (a map changing under our feet).
+MAX_REDIRECTS = 5
+_RELOAD_ERRORS = ("CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN")
+
+
+def _address(raw: bytes | str) -> tuple[str, int]:
+    host, _, port = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(":")
+    return host, int(port)
+
+
+class ClusterLine:
+    """Pipelined script calls on a Redis Cluster: one ScriptLine per master, by slot."""
+
+    def __init__(
+        self,
+        seed: tuple[str, int],
+        username: str | None,
+        password: str | None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_replicas: int = 0,
+    ) -> None:
+        self._seed = seed
+        self._username, self._password = username, password
+        self.timeout_s = timeout_s
+        self.wait_replicas = wait_replicas
+        self._lines: dict[tuple[str, int], ScriptLine] = {}
+        # slot -> master address; empty until the first load.
+        self._slots: list[tuple[str, int] | None] = []
+        self._reloading: asyncio.Future[None] | None = None
+        self._reloaded_at = float("-inf")
+        self.reloads = 0
+
+    @classmethod
+    def from_url(
+        cls, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, wait_replicas: int = 0
+    ) -> ClusterLine | None:
+        """A line to the cluster ``url`` names a node of; None for TLS or sockets."""
+        parsed = URL(url)
+        if parsed.scheme != "redis" or not parsed.host:
+            return None
+        return cls(
+            (parsed.host, parsed.port or 6379),
+            unquote(parsed.raw_user) if parsed.raw_user else None,
+            unquote(parsed.raw_password) if parsed.raw_password else None,
+            timeout_s,
+            wait_replicas,
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Calls sent and not answered yet, on every master's connection."""
+        return sum(line.waiting for line in self._lines.values())
+
+    def _line(self, address: tuple[str, int]) -> ScriptLine:
+        line = self._lines.get(address)
+        if line is None:
+            host, port = address
+            line = ScriptLine(
+                host, port, 0, self._username, self._password, self.timeout_s, self.wait_replicas
+            )
+            self._lines[address] = line
+        return line
+
+    async def _master(self, slot: int) -> ScriptLine:
+        if not self._slots:
+            await self.reload(force=True)
+        address = self._slots[slot]
+        if address is None:
+            await self.reload(force=True)
+            address = self._slots[slot]
+            if address is None:
+                raise ConnectionError(f"no Redis Cluster master serves slot {slot}")
+        return self._line(address)
+
+    async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Arg]) -> Any:
+        """EVALSHA on the master of ``keys``' slot, following redirections."""
+        slot = key_slot(keys[0].encode())
+        line = await self._master(slot)
+        asking = False
+        for _ in range(MAX_REDIRECTS):
+            try:
+                return await line.evalsha(sha, script, keys, args, asking=asking)
+            except NotReplicated:
+                raise
+            except ResponseError as exc:
+                kind, _, rest = str(exc).partition(" ")
+                if kind == "MOVED":
+                    address = _address(rest.split()[1])
+                    self._slots[slot] = address
+                    self._reload_soon()
+                    line, asking = self._line(address), False
+                    continue
+                if kind == "ASK":
+                    line, asking = self._line(_address(rest.split()[1])), True
+                    continue
+                if kind in _RELOAD_ERRORS:
+                    self._reload_soon()
+                raise
+            except (ConnectionError, RedisTimeoutError):
+                # A master gone (or silent): the next calls ask the cluster who serves now.
+                self._reload_soon()
+                raise
+        raise ResponseError(f"slot {slot}: more than {MAX_REDIRECTS} redirections")
+
+    async def ping(self) -> None:
+        """PING every master (readiness: each connection of the hot path answers)."""
+        if not self._slots:
+            await self.reload(force=True)
+        masters = {address for address in self._slots if address is not None}
+        await asyncio.gather(*(self._line(address).ping() for address in masters))
+
+    def _reload_soon(self) -> None:
+        if self._reloading is None:
+            task = asyncio.ensure_future(self.reload())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def reload(self, force: bool = False) -> None:
+        """Read the slot map (CLUSTER SLOTS) from any node that answers; concurrent
+        callers share one read, and a read is skipped within RELOAD_EVERY_S of the last."""
+        if self._reloading is None:
+            if not force and time.monotonic() - self._reloaded_at < RELOAD_EVERY_S:
+                return
+            self._reloading = asyncio.ensure_future(self._read_map())
+            self._reloading.add_done_callback(self._reloaded)
+        await asyncio.shield(self._reloading)
+
+    def _reloaded(self, attempt: asyncio.Future[None]) -> None:
+        self._reloading = None
+        self._reloaded_at = time.monotonic()
+
+    async def _read_map(self) -> None:
+        candidates = [self._seed, *(a for a in self._lines if a != self._seed)]
+        errors: list[str] = []
+        for address in candidates:
+            line = self._line(address)
+            try:
+                reply = await line.call("CLUSTER", "SLOTS")
+            except RedisError as exc:
+                errors.append(f"{address[0]}:{address[1]}: {exc}")
+                continue
+            slots: list[tuple[str, int] | None] = [None] * CLUSTER_SLOTS
+            for low, high, master, *_ in reply:
+                host = master[0].decode() or address[0]
+                for slot in range(int(low), int(high) + 1):
+                    slots[slot] = (host, int(master[1]))
+            self._slots = slots
+            self.reloads += 1
+            return
+        raise ConnectionError(f"no Redis Cluster node answers CLUSTER SLOTS: {errors}")
+
+    def close(self) -> None:
+        """Close every master's connection (shutdown)."""
+        for line in self._lines.values():
+            line.close()
+        self._lines.clear()

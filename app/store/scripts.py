@@ -48,7 +48,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from app.model import now_ms
-from app.store.scriptline import ScriptLine
+from app.store.scriptline import ClusterLine, ScriptLine
 
 CAMPAIGNS_SET = "hb:campaigns"
 # The payout processes' shared rate limit (one key per call kind) and pause.
@@ -282,7 +282,7 @@ class Scripts:
     the others, through redis-py's AsyncScript.
     """
 
-    def __init__(self, redis: Redis, line: ScriptLine | None = None) -> None:
+    def __init__(self, redis: Redis, line: ScriptLine | ClusterLine | None = None) -> None:
         self._line = line
         self._sources = {name: load_lua(name) for name in ("grab_envelope", "draw_prize")}
         self._grab = redis.register_script(self._sources["grab_envelope"])
@@ -306,7 +306,7 @@ class Scripts:
     async def ping_line(self) -> None:
         """PING on the script line (readiness: the hot path's connection answers)."""
         if self._line is not None:
-            await self._line.call("PING")
+            await self._line.ping()
 
     async def ensure_loaded(self, redis: Redis) -> int:
         """Load any script Redis lost (restart, failover, SCRIPT FLUSH); return how many."""

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import aiohttp
 import asyncpg
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
 
 from app.background.drainer import Drainer, consumer_name
 from app.background.events import Events
@@ -25,7 +24,8 @@ from app.identity.wechat import WeChatClient
 from app.model import now_ms
 from app.payout.service import PayoutService
 from app.store import ledger
-from app.store.scriptline import ScriptLine, keepalive_options
+from app.store.client import open_redis
+from app.store.scriptline import ClusterLine, ScriptLine
 from app.store.scripts import Scripts
 from app.web.assets import Assets
 from app.web.keys import (
@@ -51,20 +51,20 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Redis client, with every Lua script loaded (a broken script stops start-up)."""
     settings = app[SETTINGS]
     timeout_s = settings.redis_timeout_ms / 1000
-    # A blocking pool waits for a free connection instead of failing under bursts. Every
-    # call is bounded: connect and reply within REDIS_TIMEOUT_MS, and (redis-py's
+    # Every call is bounded: connect and reply within REDIS_TIMEOUT_MS, and (redis-py's
     # default) never retried, so a pub/sub connection that broke is seen to break.
-    pool = BlockingConnectionPool.from_url(
+    redis = open_redis(
         settings.redis_url,
+        cluster=settings.redis_cluster,
         max_connections=settings.redis_max_connections,
-        timeout=5,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        socket_keepalive=True,
-        socket_keepalive_options=keepalive_options(),
+        timeout_s=timeout_s,
     )
-    redis = Redis.from_pool(pool)
-    line = ScriptLine.from_url(settings.redis_url, timeout_s)
+    wait = settings.redis_wait_replicas
+    line = (
+        ClusterLine.from_url(settings.redis_url, timeout_s, wait)
+        if settings.redis_cluster
+        else ScriptLine.from_url(settings.redis_url, timeout_s, wait)
+    )
     scripts = Scripts(redis, line)
     await scripts.preload(redis)
     app[REDIS] = redis

