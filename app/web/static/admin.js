@@ -29,7 +29,8 @@
   var views = ['signin', 'list', 'create', 'audit', 'live'];
   var list = { next: null, loading: false };
   var audit = { next: null, loading: false };
-  var live = { id: null, timer: 0, samples: [], stats: null, busy: false };
+  // gen: one polling loop per opening of the live view (a reply from an older one is dropped).
+  var live = { id: null, gen: 0, timer: 0, samples: [], stats: null, busy: false };
 
   function el(tag, attrs, text) {
     var node = document.createElement(tag);
@@ -435,6 +436,7 @@
   function stopLive() {
     clearTimeout(live.timer);
     live.id = null;
+    live.gen += 1;
   }
 
   function openLive(id) {
@@ -446,12 +448,12 @@
     $('live-name').textContent = '…';
     $('kpis').replaceChildren();
     $('live-error').textContent = '';
-    tick(id);
+    tick(id, live.gen);
   }
 
-  async function tick(id) {
+  async function tick(id, gen) {
     var res = await api('GET', '/api/admin/campaigns/' + encodeURIComponent(id));
-    if (live.id !== id) return;
+    if (live.gen !== gen) return;
     if (res.status === 200) {
       sample(res.data);
       $('live-error').textContent = '';
@@ -461,7 +463,7 @@
       $('live-dot').setAttribute('data-stale', '');
       if (res.status === 404 || res.status === 401) return;
     }
-    live.timer = setTimeout(function () { tick(id); }, POLL_MS);
+    live.timer = setTimeout(function () { tick(id, gen); }, POLL_MS);
   }
 
   // What moves: envelopes won (red packet) or draws made (lottery), per second between polls.
