@@ -12,15 +12,15 @@ from redis.asyncio import Redis
 
 from app.background.events import Events
 from app.campaigns import definitions, listing, winners
+from app.campaigns.lifecycle import Lifecycles
 from app.campaigns.listing import Position
 from app.campaigns.winners import Winners
-from app.campaigns.lifecycle import Lifecycles
 from app.errors import Ended, Invalid, NotFound, NotStarted, Paused, WrongKind
 from app.lottery.service import DrawOutcome, Lotteries
 from app.model import Campaign, Kind, now_ms
 from app.payout.service import PayoutService
-from app.redpacket.pool import Progress
 from app.redpacket.service import GrabOutcome, RedPackets
+from app.reports import Progress
 from app.store.scripts import CampaignKeys, RedisClock, Scripts
 
 log = logging.getLogger("hongbao.campaigns")
@@ -64,13 +64,14 @@ class CampaignService:
     async def create(
         self, data: Mapping[str, Any], progress: Progress | None = None
     ) -> Campaign[Any]:
-        """Create a campaign of the kind ``data`` names (validated by that kind)."""
+        """Create a campaign of the kind ``data`` names (validated by that kind);
+        ``progress`` follows each phase (app.reports.Phase) as it goes."""
         raw = data.get("kind")
         kind = Kind(raw) if isinstance(raw, str) and raw in set(Kind) else None
         if kind is Kind.RED_PACKET:
             return await self.red_packets.create(data, progress)
         if kind is Kind.LOTTERY:
-            return await self.lotteries.create(data)
+            return await self.lotteries.create(data, progress)
         raise Invalid("kind", f"kind must be one of {KINDS}")
 
     async def get(self, campaign_id: str) -> Campaign[Any]:

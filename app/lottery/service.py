@@ -20,6 +20,7 @@ from app.errors import Ended, NotFound, NotStarted, Paused, QuotaExhausted, Wron
 from app.lottery.spec import RANDOM_BITS, Lottery, LotterySpec, parse, to_meta
 from app.model import Lifecycle, new_campaign_id, shanghai_day
 from app.records import LIFECYCLE_FIELDS, decode_leftovers, decode_wins, lifecycle_of
+from app.reports import Phase, Progress, quiet
 from app.store import ledger
 from app.store.batching import KeyedBatchers
 from app.store.client import clock_ms, cluster_of
@@ -81,13 +82,19 @@ class Lotteries:
             KeyedBatchers(self._settle, max_size=batch_max)
         )
 
-    async def create(self, data: Mapping[str, Any], progress: object = None) -> Lottery:
+    async def create(self, data: Mapping[str, Any], progress: Progress | None = None) -> Lottery:
         """Validate, record in PostgreSQL, then load into Redis and open; all or nothing:
-        a failed load removes the recorded definition again."""
+        a failed load removes the recorded definition again. ``progress`` counts tiers."""
         campaign = parse(data, new_campaign_id())
+        tiers = len(campaign.spec.tiers)
+        step = progress or quiet
+        step(Phase.POSTGRESQL, 0, tiers)
         await ledger.insert_campaign(self._pg, campaign, config=campaign.spec.to_json())
+        step(Phase.POSTGRESQL, tiers, tiers)
         try:
+            step(Phase.REDIS, 0, tiers)
             await self.load(campaign)
+            step(Phase.REDIS, tiers, tiers)
         except BaseException:
             await self._discard(campaign.id)
             raise

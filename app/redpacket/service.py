@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import asyncpg
@@ -19,6 +20,7 @@ from app.records import LIFECYCLE_FIELDS, Envelope, lifecycle_of
 from app.redpacket import pool
 from app.redpacket.soldout import SoldOut
 from app.redpacket.spec import RedPacket, parse
+from app.reports import Phase, Progress, quiet
 from app.store import ledger
 from app.store.batching import KeyedBatchers
 from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, RedisClock, Scripts
@@ -63,17 +65,21 @@ class RedPackets:
         )
         self._sold_out = None if events is None else SoldOut(redis, events)
 
-    async def create(
-        self, data: Mapping[str, Any], progress: pool.Progress | None = None
-    ) -> RedPacket:
+    async def create(self, data: Mapping[str, Any], progress: Progress | None = None) -> RedPacket:
         """Validate, split, record in PostgreSQL and load into Redis side by side, then open;
-        all or nothing: a failure of either half leaves neither behind."""
+        all or nothing: a failure of either half leaves neither behind. ``progress``
+        counts envelopes through each phase."""
         campaign = parse(data, new_campaign_id())
         spec = campaign.spec
+        step = progress or quiet
+        step(Phase.SPLIT, 0, spec.count)
         amounts = await asyncio.get_running_loop().run_in_executor(None, spec.envelopes)
+        step(Phase.SPLIT, spec.count, spec.count)
         envelopes = [Envelope(seq, amount) for seq, amount in enumerate(amounts)]
+        step(Phase.POSTGRESQL, 0, spec.count)
+        step(Phase.REDIS, 0, spec.count)
         loaded = asyncio.ensure_future(
-            pool.load(self._redis, campaign, envelopes, progress=progress)
+            pool.load(self._redis, campaign, envelopes, progress=partial(step, Phase.REDIS))
         )
         try:
             # PostgreSQL commits only once the Redis half has loaded: a failed load rolls
@@ -85,6 +91,7 @@ class RedPackets:
                 config=spec.config(),
                 amounts=amounts,
                 commit_after=loaded,
+                progress=partial(step, Phase.POSTGRESQL),
             )
             await pool.open_campaign(self._redis, campaign)
         except BaseException:

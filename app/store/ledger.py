@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from app.records import (
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any constant will do; it only has to be the same for every worker.
 _MIGRATION_LOCK = 0x68_6F_6E_67
+# A creation's COPY reports its progress every this many envelopes.
+COPY_PROGRESS_ROWS = 50_000
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -131,11 +133,22 @@ async def insert_campaign(
     config: Mapping[str, Any] | None = None,
     amounts: Sequence[int] = (),
     commit_after: Awaitable[object] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Record a campaign definition (``columns``: a red packet's budget, ``config``: a
     lottery's definition) and its envelopes, in one transaction; with ``commit_after``
-    (work running beside, such as the Redis load), commit only once it has succeeded."""
+    (work running beside, such as the Redis load), commit only once it has succeeded.
+    ``progress(done, total)`` follows the envelopes as COPY sends them."""
     budget = columns or {}
+
+    def records() -> Iterator[tuple[str, int, int]]:
+        for seq, amount in enumerate(amounts):
+            if progress is not None and seq % COPY_PROGRESS_ROWS == 0:
+                progress(seq, len(amounts))
+            yield campaign.id, seq, amount
+        if progress is not None:
+            progress(len(amounts), len(amounts))
+
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             INSERT_CAMPAIGN,
@@ -153,7 +166,7 @@ async def insert_campaign(
         if amounts:
             await conn.copy_records_to_table(
                 "envelopes",
-                records=((campaign.id, seq, amount) for seq, amount in enumerate(amounts)),
+                records=records(),
                 columns=["campaign_id", "seq", "amount_fen"],
             )
         if commit_after is not None:
