@@ -397,6 +397,10 @@
       return (PAD + (offset + i) * step).toFixed(1) + ',' + (H - PAD - (v / max) * (H - 2 * PAD - 14)).toFixed(1);
     });
     if (points.length > 1) root.appendChild(svg('polyline', { points: points.join(' '), class: 'chart__line' }));
+    if (points.length) {
+      var end = points[points.length - 1].split(',');
+      root.appendChild(svg('circle', { cx: end[0], cy: end[1], r: 3, class: 'chart__dot' }));
+    }
     root.appendChild(svg('text', { x: W - PAD, y: 12, class: 'chart__max', 'text-anchor': 'end' }, 'max ' + format(max)));
     var last = values.length ? values[values.length - 1] : 0;
     root.setAttribute('aria-label', format(last));
