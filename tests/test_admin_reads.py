@@ -177,3 +177,18 @@ async def test_csv_of_unknown_or_empty_campaign(client: TestClient) -> None:
     cid = (await create_campaign(client))["id"]
     resp = await client.get(f"/api/admin/campaigns/{cid}/winners.csv", headers=ADMIN)
     assert await resp.read() == b"openid,amount_fen,granted_at,payout_state\r\n"
+
+
+async def test_list_shows_paused_and_ended_by_operators(client: TestClient) -> None:
+    paused = (await create_campaign(client, name="暂停"))["id"]
+    ended = (await create_campaign(client, name="结束"))["id"]
+    lottery = (
+        await (await client.post("/api/admin/campaigns", json=LOTTERY, headers=ADMIN)).json()
+    )["id"]
+    for cid, action in ((paused, "pause"), (ended, "end"), (lottery, "pause")):
+        resp = await client.post(f"/api/admin/campaigns/{cid}/{action}", headers=ADMIN)
+        assert resp.status == 200, await resp.text()
+    states = {e["id"]: e["state"] for e in (await listing(client))["campaigns"]}  # type: ignore[attr-defined]
+    assert states == {lottery: "paused", ended: "ended", paused: "paused"}
+    only = await listing(client, state="paused", kind="red_packet")
+    assert [e["id"] for e in only["campaigns"]] == [paused]  # type: ignore[attr-defined]

@@ -2,8 +2,9 @@
 
 Definitions come from PostgreSQL (their source of truth, and no per-worker cache fills
 up with every campaign ever listed); live state and counters from Redis, one pipeline
-per page: a red packet's lifecycle fields, counters and pool length, a lottery's
-lifecycle fields and per-tier counters, and Redis's clock, which decides windows.
+per page: a red packet's lifecycle (paused, ended early, closed out), counters and pool
+length, a lottery's lifecycle and per-tier counters, and Redis's clock, which decides
+windows; the state is then computed as every view computes it (``Campaign.state``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.campaigns import definitions
-from app.model import Campaign, Kind
+from app.model import Kind
+from app.records import LIFECYCLE_FIELDS, lifecycle_of
 from app.store import reads
 from app.store.scripts import CampaignKeys
 
@@ -51,26 +53,6 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _state(
-    campaign: Campaign[Any], meta: Sequence[bytes | None], now: int, left: int | None
-) -> str:
-    """The live state as the views compute it: ``ended`` wins, then ``scheduled``, then
-    ``paused``, then ``sold_out`` (``left`` None: never sells out), else ``open``."""
-    starts, ends, paused, closed = meta
-    opens = int(starts) if starts is not None else campaign.opens_ms
-    closes = int(ends) if ends is not None else campaign.closes_ms
-    if now >= closes or closed is not None:
-        return "ended"
-    if now < opens:
-        return "scheduled"
-    if paused == b"1":
-        return "paused"
-    return "sold_out" if left == 0 else "open"
-
-
-LIFECYCLE_FIELDS = ("starts_at_ms", "ends_at_ms", "paused", "closed_ms")
-
-
 async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
     """The list entry of each campaigns row, its live part read in one pipeline."""
     campaigns = [definitions.from_row(row) for row in rows]
@@ -94,7 +76,7 @@ async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[s
             (won_count, won_fen), left = replies[at + 1], int(replies[at + 2])
             at += 3
             entry = {
-                **campaign.summary(_state(campaign, meta, now, left)),
+                **campaign.summary(campaign.state(now, left, lifecycle_of(meta))),
                 "total_fen": campaign.spec.total_fen,
                 "count": campaign.spec.count,
                 "won_count": int(won_count or 0),
@@ -104,7 +86,7 @@ async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[s
             tiers = replies[at + 1]
             at += 2
             entry = {
-                **campaign.summary(_state(campaign, meta, now, None)),
+                **campaign.summary(campaign.state(now, None, lifecycle_of(meta))),
                 "tiers": len(campaign.spec.tiers),
                 "stock": sum(t.stock for t in campaign.spec.tiers),
                 "prizes_won": sum(int(v) for k, v in tiers.items() if k.startswith(b"won:")),

@@ -341,7 +341,7 @@ class LotterySummary(msgspec.Struct, kw_only=True, tag_field="kind", tag="lotter
 
     id: str
     name: str
-    state: State
+    state: LotteryState
     starts_at: Time
     ends_at: Time
     created_at: datetime
