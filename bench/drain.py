@@ -150,12 +150,21 @@ async def bench(redis_url: str, database_url: str, count: int, batch_max: int) -
     print(f"ratio drainer / baseline: {copied_s / drained_s:.2f}")
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``./hb bench-drain``."""
+    parser = argparse.ArgumentParser(prog="bench-drain")
+    parser.add_argument(
+        "--count", type=int, default=100_000, help="grants to drain (default 100,000)"
+    )
+    parser.add_argument(
+        "--batch-max", type=int, default=500, help="the drainer's LEDGER_BATCH_MAX (default 500)"
+    )
+    return parser
+
+
 def main() -> None:
     """Parse arguments, get the stores, run."""
-    parser = argparse.ArgumentParser(prog="bench-drain")
-    parser.add_argument("--count", type=int, default=100_000)
-    parser.add_argument("--batch-max", type=int, default=500)
-    args = parser.parse_args()
+    args = parser().parse_args()
     with (
         stores() as (redis_url, database_url),
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,

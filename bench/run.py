@@ -77,9 +77,13 @@ async def bench(args: argparse.Namespace) -> str:
 def parser() -> argparse.ArgumentParser:
     """The command line of ``./hb bench``."""
     parser = argparse.ArgumentParser(prog="bench")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="worker processes behind HAProxy (default 2)"
+    )
     parser.add_argument("--seconds", type=int, help=f"per wrk run (default {FULL['seconds']})")
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--connections", type=int, default=64, help="wrk's open connections (default 64)"
+    )
     parser.add_argument("--players", type=int, help=f"default {FULL['players']:,}")
     parser.add_argument("--rounds", type=int, help=f"default {FULL['rounds']}")
     parser.add_argument(

@@ -22,6 +22,8 @@ from app.__main__ import build_parser
 from app.records import Envelope
 from app.reports import table
 from app.store.scripts import CampaignKeys
+from bench import drain as bench_drain
+from bench import run as bench_run
 
 ROOT = Path(__file__).resolve().parent.parent
 RED_PACKET = {"kind": "red_packet", "name": "新春红包", "total_fen": 1_234_567, "count": 50_000}
@@ -277,6 +279,9 @@ def _walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
 def test_every_command_and_flag_has_help() -> None:
     parser = build_parser()
     assert _walk(parser, "hb") == []
+    # ./hb bench and ./hb bench-drain parse their own flags.
+    assert _walk(bench_run.parser(), "hb bench") == []
+    assert _walk(bench_drain.parser(), "hb bench-drain") == []
     # `hb <command> --help` renders for every command (a stray % in a help text breaks it).
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for sub in commands.choices.values():
