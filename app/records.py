@@ -99,6 +99,25 @@ def decode_lifecycle(meta: Mapping[bytes, bytes]) -> Lifecycle:
     )
 
 
+def encode_lifecycle(
+    paused: bool,
+    ends_at_ms: int | None = None,
+    closed_ms: int | None = None,
+    refunded: tuple[int, int] | None = None,
+) -> Meta:
+    """The lifecycle fields of a red packet's meta hash as set_paused.lua and
+    close_campaign.lua write them (a rebuild restores them): ``refunded`` is the
+    close-out's (count, fen)."""
+    meta: Meta = {"paused": "1" if paused else "0"}
+    if ends_at_ms is not None:
+        meta["ends_at_ms"] = ends_at_ms
+    if closed_ms is not None:
+        meta["closed_ms"] = closed_ms
+    if refunded is not None:
+        meta["refunded_count"], meta["refunded_fen"] = refunded
+    return meta
+
+
 def lifecycle_of(values: list[bytes | None]) -> Lifecycle:
     """``decode_lifecycle`` of an HMGET of LIFECYCLE_FIELDS."""
     return decode_lifecycle(

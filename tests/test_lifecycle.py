@@ -17,11 +17,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.background.drainer import Drainer
+from app.background.drainer import REFRESH_S, Drainer
 from app.campaigns import operations
+from app.model import from_datetime, iso
 from app.settings import LedgerSettings, Settings
-from app.store import ledger
-from app.store.scripts import CampaignKeys
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
 from app.web.factory import create_app
 from app.web.keys import EVENTS, PG, REDIS
 from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
@@ -127,7 +127,9 @@ async def test_before_the_close_out_nothing_is_refunded(client: TestClient) -> N
     assert (body["refunded_count"], body["refunded_fen"], body["state"]) == (0, 0, "open")
 
 
-async def test_a_lottery_pauses_and_closes_out_per_tier(client: TestClient, pg: asyncpg.Connection) -> None:
+async def test_a_lottery_pauses_and_closes_out_per_tier(
+    client: TestClient, pg: asyncpg.Connection
+) -> None:
     cid = (await create_lottery(client, quota_total=100, quota_daily=None))["id"]
     token = await login(client, "drawer")
     client.session.cookie_jar.clear()
@@ -250,3 +252,121 @@ async def test_pause_reaches_the_other_worker_at_once(
         assert time.monotonic() < deadline, "b never learned of the end"
         await asyncio.sleep(0.01)
     assert await redis.hlen(CampaignKeys.of(cid).winners) == 0
+
+
+async def test_close_out_through_reconcile_and_its_mismatches(
+    client: TestClient, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    cid = str((await create_campaign(client, total_fen=5_000, count=50))["id"])
+    tokens = [await login(client, f"q{i:02d}") for i in range(20)]
+    client.session.cookie_jar.clear()
+    await gather_limited([grab(client, t, cid) for t in tokens])
+    status, ended = await admin(client, cid, "end")
+    assert (status, ended["won_count"], ended["refunded_count"]) == (200, 20, 30)
+    redis_pg = client.app[REDIS], client.app[PG]
+    # In flight (the close-out still in the stream): OK already.
+    report = await operations.reconcile(*redis_pg, cid)
+    assert report.ok, report.render()
+    await drain(client)
+    report = await operations.reconcile(*redis_pg, cid)
+    assert report.ok, report.render()
+    assert "refunded" in report.render()
+
+    await pg.execute(
+        "UPDATE closeouts SET refunded_fen = refunded_fen + 1 WHERE campaign_id = $1", cid
+    )
+    report = await operations.reconcile(*redis_pg, cid)
+    assert not report.ok
+    assert any("the ledger's close-out refunds" in m for m in report.mismatches), report.mismatches
+    await pg.execute(
+        "UPDATE closeouts SET refunded_fen = refunded_fen - 1 WHERE campaign_id = $1", cid
+    )
+    await redis.hincrby(CampaignKeys.of(cid).meta, "refunded_fen", 7)
+    report = await operations.reconcile(*redis_pg, cid)
+    assert any("!= 50 envelopes / 5000 fen" in m for m in report.mismatches), report.mismatches
+    await redis.hincrby(CampaignKeys.of(cid).meta, "refunded_fen", -7)
+    await pg.execute("DELETE FROM closeouts WHERE campaign_id = $1", cid)
+    report = await operations.reconcile(*redis_pg, cid)
+    assert report.mismatches == [
+        "closed out in Redis; the close-out is not in PostgreSQL nor in flight"
+    ]
+
+
+async def test_natural_expiry_is_closed_out_once_by_racing_drainers(
+    client: TestClient, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    ends = int(time.time() * 1000) + 1_500
+    created = await create_campaign(client, total_fen=2_000, count=20, ends_at=iso(ends))
+    cid = str(created["id"])
+    tokens = [await login(client, f"n{i:02d}") for i in range(5)]
+    client.session.cookie_jar.clear()
+    won = await gather_limited([grab(client, t, cid) for t in tokens])
+    won_fen = sum(body["amount_fen"] for _, body in won)
+    while int(time.time() * 1000) < ends + 50:
+        await asyncio.sleep(0.05)
+    assert (await stats(client, cid))["refunded_count"] == 0  # nobody noticed yet
+    await drain(client, consumers=3)
+    body = await stats(client, cid)
+    assert (body["state"], body["refunded_count"], body["refunded_fen"]) == (
+        "ended",
+        15,
+        2_000 - won_fen,
+    )
+    rows = await pg.fetch(
+        "SELECT refunded_count, ended_at FROM closeouts WHERE campaign_id = $1", cid
+    )
+    assert [r["refunded_count"] for r in rows] == [15]
+    assert from_datetime(rows[0]["ended_at"]) == ends  # the window's end, not moved
+    report = await operations.reconcile(client.app[REDIS], client.app[PG], cid)
+    assert report.ok, report.render()
+    # Closed out and drained: the next refresh lets go of it.
+    await asyncio.sleep(REFRESH_S)
+    await drain(client)
+    assert not await redis.sismember(CAMPAIGNS_SET, cid)
+
+
+async def lose(redis: Redis, cid: str) -> None:
+    keys = CampaignKeys.of(cid)
+    await redis.delete(keys.meta, keys.pool, keys.winners, keys.ledger)
+
+
+async def test_rebuild_after_a_lost_redis_keeps_paused_ended_and_the_close_out(
+    client: TestClient, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    paused = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
+    ended = str((await create_campaign(client, total_fen=3_000, count=30))["id"])
+    tokens = [await login(client, f"b{i:02d}") for i in range(8)]
+    client.session.cookie_jar.clear()
+    await live(client)
+    await gather_limited([grab(client, t, c) for t in tokens[:4] for c in (paused, ended)])
+    await admin(client, paused, "pause")
+    await admin(client, paused, "resume")
+    await admin(client, paused, "pause")
+    status, closed = await admin(client, ended, "end")
+    assert status == 200
+    await drain(client)
+    assert await pg.fetchval("SELECT paused FROM campaigns WHERE id = $1", paused) is True
+    assert await pg.fetchval("SELECT paused FROM campaigns WHERE id = $1", ended) is False
+    redis_pg = client.app[REDIS], client.app[PG]
+    for cid in (paused, ended):
+        await lose(redis, cid)
+        result = await operations.rebuild(*redis_pg, cid)
+        assert result.winners.count == 4
+
+    body = await stats(client, ended)
+    assert {**body, "ledger_lag": 0} == {**closed, "ledger_lag": 0}
+    assert (await grab(client, tokens[5], ended))[1]["error"] == "ended"
+    body = await stats(client, paused)
+    assert (body["state"], body["won_count"]) == ("paused", 4)
+    deadline = time.monotonic() + 5
+    while (await grab(client, tokens[5], paused))[1].get("error") != "paused":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await admin(client, paused, "resume")
+    assert (await grab(client, tokens[5], paused))[1]["result"] == "won"
+    # No second close-out: the drainers see it closed, reconcile agrees.
+    await drain(client)
+    assert await pg.fetchval("SELECT count(*) FROM closeouts WHERE campaign_id = $1", ended) == 1
+    for cid in (paused, ended):
+        report = await operations.reconcile(*redis_pg, cid)
+        assert report.ok, report.render()

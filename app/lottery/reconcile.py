@@ -1,6 +1,9 @@
 """Reconcile a lottery: Redis's counters against its draws in PostgreSQL and the stream.
 
-See app.campaigns.operations for why a live lottery gives no false mismatch.
+See app.campaigns.operations for why a live lottery gives no false mismatch. Once the
+lottery is closed out, each tier's leftovers must account for its stock: unreleased +
+unwon + won == stock, unreleased being the stock of the slots at or after the end, and
+the ledger's close-out (recorded or in flight) must say the same as Redis's.
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ from redis.asyncio import Redis
 from app.errors import OperationError
 from app.lottery.spec import Lottery, LotterySpec
 from app.model import Kind
-from app.records import DrawRecord, LedgerEntry, MalformedRecord, decode_wins
+from app.records import (
+    CloseoutRecord,
+    DrawRecord,
+    LedgerEntry,
+    MalformedRecord,
+    PauseRecord,
+    TierLeftover,
+    decode_leftovers,
+    decode_wins,
+)
 from app.reports import conclusion, fit, listed
 from app.store import ledger
 from app.store.ledger import SettledDraw
@@ -52,6 +64,8 @@ class LotteryReport:
     in_flight: tuple[int, int, int] = (0, 0, 0)
     tiers: list[TierLine] = field(default_factory=list)
     players: int = 0
+    # Per tier (unreleased, unwon) of the close-out, once closed out (Redis's meta).
+    closeout: tuple[TierLeftover, ...] | None = None
     ledger_lag: int = 0
     rejects: int = 0
     mismatches: list[str] = field(default_factory=list)
@@ -81,6 +95,14 @@ class LotteryReport:
                 for t in self.tiers
             ),
             "  (won: Redis counter; recorded: PostgreSQL + in flight)",
+            *(
+                [
+                    "close-out (Redis): unreleased:unwon per tier "
+                    + ", ".join(f"{t.unreleased}:{t.unwon}" for t in self.closeout)
+                ]
+                if self.closeout is not None
+                else []
+            ),
             f"ledger lag: {self.ledger_lag} stream entries not yet in PostgreSQL "
             "(in flight, not mismatches)",
             f"ledger rejects: {self.rejects}",
@@ -101,6 +123,8 @@ class LotterySnapshot:
     daily: dict[tuple[int, str], int]  # (day, openid) -> draws that day
     wins: dict[str, set[tuple[int, int]]]  # openid -> {(draw_no, tier)}
     stream: list[tuple[bytes, dict[bytes, bytes]]]
+    closeout: tuple[TierLeftover, ...] | None  # once closed out
+    ends_at_ms: int | None  # when it ends (or ended: an operator's end moves it)
 
 
 def _int_keys(raw: dict[bytes, bytes], prefix: bytes) -> dict[int, int]:
@@ -131,9 +155,11 @@ async def _lottery_snapshot(redis: Redis, campaign_id: str, days: set[int]) -> L
             pipe.hgetall(keys.days)
             pipe.hgetall(keys.wins)
             pipe.xrange(keys.ledger)
+            pipe.hmget(keys.meta, "closeout", "ends_at_ms")
             for day in ordered:
                 pipe.hgetall(daily_key(campaign_id, day))
-            exists, tiers, draws, days_raw, wins_raw, stream, *daily = await pipe.execute()
+            replies = await pipe.execute()
+        exists, tiers, draws, days_raw, wins_raw, stream, (closing, ends), *daily = replies
         per_day = _int_keys(days_raw, b"")
         if per_day.keys() <= known:
             wins = {user.decode(): set(decode_wins(value)) for user, value in wins_raw.items()}
@@ -150,21 +176,32 @@ async def _lottery_snapshot(redis: Redis, campaign_id: str, days: set[int]) -> L
                 },
                 wins=wins,
                 stream=stream,
+                closeout=None if closing is None else decode_leftovers(closing),
+                ends_at_ms=None if ends is None else int(ends),
             )
         known |= per_day.keys()
     raise OperationError(f"the days of lottery {campaign_id} kept changing during the snapshot")
 
 
 def _stream_draws(
-    campaign_id: str, stream: list[tuple[bytes, dict[bytes, bytes]]], mismatches: list[str]
+    campaign_id: str,
+    stream: list[tuple[bytes, dict[bytes, bytes]]],
+    mismatches: list[str],
+    closeouts: list[CloseoutRecord],
 ) -> dict[Key, SettledDraw]:
-    """The draws in the ledger stream; entries that are not draws are mismatches."""
+    """The draws in the ledger stream (its close-out into ``closeouts``, pauses skipped);
+    other entries are mismatches."""
     out: dict[Key, SettledDraw] = {}
     for raw_id, fields in stream:
         try:
             record = LedgerEntry.of(campaign_id, raw_id, fields).decode()
         except MalformedRecord as exc:
             mismatches.append(f"ledger stream entry {raw_id.decode()} is not a valid draw ({exc})")
+            continue
+        if isinstance(record, PauseRecord):
+            continue
+        if isinstance(record, CloseoutRecord) and record.tiers is not None:
+            closeouts.append(record)
             continue
         if not isinstance(record, DrawRecord):
             mismatches.append(f"ledger stream entry {record.stream_id} is not a draw")
@@ -196,8 +233,16 @@ async def reconcile(redis: Redis, pg: asyncpg.Pool, campaign: Lottery) -> Lotter
     report = LotteryReport(cid, campaign.name)
     mismatches = report.mismatches
     recorded = await ledger.fetch_draws(pg, cid)
+    closeout = await ledger.fetch_closeout(pg, cid)
     snap = await _lottery_snapshot(redis, cid, {d.day for d in recorded.values()})
-    in_stream = _stream_draws(cid, snap.stream, mismatches)
+    closeouts: list[CloseoutRecord] = []
+    in_stream = _stream_draws(cid, snap.stream, mismatches, closeouts)
+    if snap.closeout is not None and closeout is None and not closeouts:
+        # Recorded (and deleted from the stream) between the first read and the snapshot.
+        closeout = await ledger.fetch_closeout(pg, cid)
+    ledger_closeouts = [c.tiers for c in closeouts if c.tiers is not None]
+    if closeout is not None and closeout.tiers is not None:
+        ledger_closeouts.append(closeout.tiers)
     counted = {(u, n) for u, count in snap.draws.items() for n in range(1, count + 1)}
     unseen = sorted(k for k in counted if k not in recorded and k not in in_stream)
     if unseen:
@@ -231,6 +276,8 @@ async def reconcile(redis: Redis, pg: asyncpg.Pool, campaign: Lottery) -> Lotter
         mismatches.append("campaign missing from Redis (lost?); rebuild restores red packets only")
         return report
     mismatches.extend(_draw_mismatches(config, snap, book))
+    report.closeout = snap.closeout
+    mismatches.extend(_closeout_mismatches(config, snap, ledger_closeouts))
     mismatches.extend(
         f"ledger reject {r['stream_id']} ({r['kind']}): {r['reason']} {r['fields']}"
         for r in rejects
@@ -315,6 +362,45 @@ def _draw_mismatches(
                 f"player {user}: prizes (draw:tier) {_pairs(told)} in Redis, "
                 f"{_pairs(kept)} in the ledger"
             )
+    return out
+
+
+def _closeout_mismatches(
+    config: LotterySpec, snap: LotterySnapshot, ledger_closeouts: list[tuple[TierLeftover, ...]]
+) -> list[str]:
+    """Once closed out, per tier: unreleased + unwon + won == stock, unreleased the slots
+    at or after the end; the ledger's close-out is Redis's."""
+    if snap.closeout is None:
+        if ledger_closeouts:
+            return ["the ledger holds a close-out, Redis none"]
+        return []
+    out: list[str] = []
+    if len(snap.closeout) != len(config.tiers):
+        out.append(
+            f"close-out lists {len(snap.closeout)} tiers, the lottery has {len(config.tiers)}"
+        )
+    ends = snap.ends_at_ms
+    for i, (tier, left) in enumerate(zip(config.tiers, snap.closeout, strict=False)):
+        won = snap.won.get(i, 0)
+        if left.unreleased + left.unwon + won != tier.stock:
+            out.append(
+                f"tier {i}: unreleased {left.unreleased} + unwon {left.unwon} + won {won} "
+                f"!= stock {tier.stock}"
+            )
+        if ends is not None:
+            never = sum(s.release for s in tier.schedule or () if s.at_ms >= ends)
+            if left.unreleased != never:
+                out.append(
+                    f"tier {i}: {left.unreleased} unreleased at the close-out, "
+                    f"its slots at or after the end hold {never}"
+                )
+    if not ledger_closeouts:
+        out.append("closed out in Redis; the close-out is not in PostgreSQL nor in flight")
+    elif len(ledger_closeouts) > 1:
+        out.append(f"{len(ledger_closeouts)} close-outs in the ledger (one expected)")
+    for kept in ledger_closeouts:
+        if kept != snap.closeout:
+            out.append("the ledger's close-out differs from Redis's")
     return out
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from redis.asyncio import Redis
 
-from app.records import Envelope
+from app.records import Envelope, Meta
 from app.redpacket.spec import RedPacket, to_meta
 from app.reports import Totals
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
@@ -62,9 +62,12 @@ async def load(
             progress(done, total)
 
 
-async def open_campaign(redis: Redis, campaign: RedPacket, won: Totals = Totals()) -> None:
+async def open_campaign(
+    redis: Redis, campaign: RedPacket, won: Totals = Totals(), lifecycle: Meta | None = None
+) -> None:
     """List the campaign for the drainers, then write meta (the script treats its absence
-    as "not open") and keep the loaded pool and winners for good, in one MULTI.
+    as "not open", ``lifecycle``: fields a rebuild restores, app.records.encode_lifecycle)
+    and keep the loaded pool and winners for good, in one MULTI.
 
     The list is a key of its own slot on a Redis Cluster, so it is written first, apart:
     a listed campaign without meta is one still loading, which drainers keep following.
@@ -72,7 +75,7 @@ async def open_campaign(redis: Redis, campaign: RedPacket, won: Totals = Totals(
     keys = CampaignKeys.of(campaign.id)
     await redis.sadd(CAMPAIGNS_SET, campaign.id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.meta, mapping=to_meta(campaign, won.count, won.fen))
+        pipe.hset(keys.meta, mapping={**to_meta(campaign, won.count, won.fen), **(lifecycle or {})})
         pipe.persist(keys.pool)
         pipe.persist(keys.winners)
         await pipe.execute()

@@ -3,6 +3,10 @@
 See app.campaigns.operations for why a live campaign gives no false mismatch: PostgreSQL
 is read first, then one MULTI snapshot of Redis, then PostgreSQL again for exactly the
 winners the snapshot counts that neither read found.
+
+Once the campaign is closed out (meta ``closed_ms``), its refund must make up the
+budget: won + refunded == total, in count and fen, both in Redis and in the ledger
+(grants and the close-out, recorded or in flight); the refund is exactly the pool left.
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.model import Kind
-from app.records import Envelope, GrabRecord, LedgerEntry, MalformedRecord
+from app.records import (
+    CloseoutRecord,
+    Envelope,
+    GrabRecord,
+    LedgerEntry,
+    MalformedRecord,
+    PauseRecord,
+)
 from app.redpacket.spec import RedPacket
 from app.reports import Totals, conclusion
 from app.store import ledger
@@ -31,6 +42,9 @@ class ReconcileReport:
     pg_grabs: Totals = Totals()
     in_flight: Totals = Totals()
     pool: Totals = Totals()
+    # The close-out's refund: in Redis's meta, and in the ledger (recorded or in flight).
+    refunded: Totals | None = None
+    ledger_refund: Totals | None = None
     ledger_lag: int = 0
     rejects: int = 0
     mismatches: list[str] = field(default_factory=list)
@@ -52,6 +66,11 @@ class ReconcileReport:
             ("Redis pool", self.pool),
             ("pool + winners", self.pool + self.redis_winners),
         ]
+        if self.refunded is not None:
+            rows.append(("Redis refunded (close-out)", self.refunded))
+            rows.append(("winners + refunded", self.redis_winners + self.refunded))
+        if self.ledger_refund is not None:
+            rows.append(("ledger refunded", self.ledger_refund))
         lines = [
             f"campaign {self.campaign_id}  {self.kind}  {self.name!r}",
             f"{'':26}{'count':>10}{'fen':>16}",
@@ -65,9 +84,13 @@ class ReconcileReport:
 
 
 def _in_flight(
-    campaign_id: str, stream: list[tuple[bytes, dict[bytes, bytes]]], mismatches: list[str]
+    campaign_id: str,
+    stream: list[tuple[bytes, dict[bytes, bytes]]],
+    mismatches: list[str],
+    closeouts: list[CloseoutRecord],
 ) -> dict[str, Envelope]:
-    """The grants in the ledger stream; an entry that is no grant is a mismatch."""
+    """The grants in the ledger stream (its close-out into ``closeouts``, pauses
+    skipped); any other entry is a mismatch."""
     out: dict[str, Envelope] = {}
     for raw_id, fields in stream:
         try:
@@ -77,7 +100,9 @@ def _in_flight(
             continue
         if isinstance(record, GrabRecord):
             out[record.openid] = record.envelope
-        else:
+        elif isinstance(record, CloseoutRecord) and record.tiers is None:
+            closeouts.append(record)
+        elif not isinstance(record, PauseRecord):
             mismatches.append(f"ledger stream entry {record.stream_id} is not a grant")
     return out
 
@@ -89,21 +114,27 @@ async def reconcile(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) -> Reco
     report = ReconcileReport(campaign_id, campaign.name, Totals.of(envelopes.values()))
     mismatches = report.mismatches
     recorded = await ledger.fetch_grabs(pg, campaign_id)
+    closeout = await ledger.fetch_closeout(pg, campaign_id)
     keys = CampaignKeys.of(campaign_id)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.exists(keys.meta)
         pipe.hmget(keys.meta, "won_count", "won_fen")
+        pipe.hmget(keys.meta, "closed_ms", "refunded_count", "refunded_fen")
         pipe.hgetall(keys.winners)
         pipe.lrange(keys.pool, 0, -1)
         pipe.xrange(keys.ledger)
-        exists, (won_count, won_fen), raw_winners, raw_pool, stream = await pipe.execute()
+        exists, (won_count, won_fen), closed, raw_winners, raw_pool, stream = await pipe.execute()
 
     winners = {u.decode(): Envelope.decode(v) for u, v in raw_winners.items()}
     pool = [Envelope.decode(v) for v in raw_pool]
-    in_flight = _in_flight(campaign_id, stream, mismatches)
+    closeouts: list[CloseoutRecord] = []
+    in_flight = _in_flight(campaign_id, stream, mismatches, closeouts)
     unseen = [u for u in winners if u not in recorded and u not in in_flight]
     if unseen:
         recorded.update(await ledger.fetch_grabs(pg, campaign_id, unseen))
+    if closed[0] is not None and closeout is None and not closeouts:
+        # Recorded (and deleted from the stream) between the first read and the snapshot.
+        closeout = await ledger.fetch_closeout(pg, campaign_id)
     rejects = await ledger.fetch_rejects(pg, campaign_id)
 
     report.redis_winners = Totals.of(e.amount_fen for e in winners.values())
@@ -142,11 +173,71 @@ async def reconcile(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) -> Reco
     for user in sorted(set(in_flight) - set(winners)):
         mismatches.append(f"player {user}: in the ledger stream, not a Redis winner")
     mismatches.extend(_envelope_mismatches(envelopes, winners, recorded, pool))
+    if closed[0] is not None:
+        report.refunded = Totals(int(closed[1] or 0), int(closed[2] or 0))
+    ledger_refunds = [Totals(c.refunded_count, c.refunded_fen) for c in closeouts]
+    if closeout is not None:
+        ledger_refunds.append(Totals(closeout.refunded_count, closeout.refunded_fen))
+    if ledger_refunds:
+        report.ledger_refund = ledger_refunds[0]
+    mismatches.extend(
+        _closeout_mismatches(
+            Totals(campaign.spec.count, campaign.spec.total_fen),
+            report.redis_winners,
+            report.pg_grabs + report.in_flight,
+            report.pool,
+            report.refunded,
+            ledger_refunds,
+        )
+    )
     mismatches.extend(
         f"ledger reject {r['stream_id']} ({r['kind']}): {r['reason']} {r['fields']}"
         for r in rejects
     )
     return report
+
+
+def _closeout_mismatches(
+    budget: Totals,
+    winners: Totals,
+    ledger_grants: Totals,
+    pool: Totals,
+    refunded: Totals | None,
+    ledger_refunds: list[Totals],
+) -> list[str]:
+    """Once closed out, the refund makes up the budget, in Redis and in the ledger."""
+    if refunded is None:
+        if ledger_refunds:
+            return [f"the ledger holds a close-out ({ledger_refunds[0]}), Redis none"]
+        return []
+    out: list[str] = []
+    if winners + refunded != budget:
+        out.append(
+            f"won {winners.count} / {winners.fen} fen + refunded {refunded.count} / "
+            f"{refunded.fen} fen != {budget.count} envelopes / {budget.fen} fen"
+        )
+    if refunded != pool:
+        out.append(
+            f"refunded {refunded.count} / {refunded.fen} fen, the pool holds "
+            f"{pool.count} / {pool.fen} fen"
+        )
+    if not ledger_refunds:
+        out.append("closed out in Redis; the close-out is not in PostgreSQL nor in flight")
+    elif len(ledger_refunds) > 1:
+        out.append(f"{len(ledger_refunds)} close-outs in the ledger (one expected)")
+    for ledger_refund in ledger_refunds:
+        if ledger_refund != refunded:
+            out.append(
+                f"the ledger's close-out refunds {ledger_refund.count} / {ledger_refund.fen} "
+                f"fen, Redis's {refunded.count} / {refunded.fen} fen"
+            )
+        elif ledger_grants + ledger_refund != budget:
+            out.append(
+                f"ledger: granted {ledger_grants.count} / {ledger_grants.fen} fen + refunded "
+                f"{ledger_refund.count} / {ledger_refund.fen} fen != {budget.count} / "
+                f"{budget.fen} fen"
+            )
+    return out
 
 
 def _envelope_mismatches(

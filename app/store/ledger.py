@@ -501,6 +501,11 @@ class Closeout:
     stream_id: str
 
 
+async def fetch_paused(pool: asyncpg.Pool, campaign_id: str) -> bool:
+    """Whether the campaign's last recorded pause was not resumed."""
+    return bool(await pool.fetchval("SELECT paused FROM campaigns WHERE id = $1", campaign_id))
+
+
 async def fetch_closeout(pool: asyncpg.Pool, campaign_id: str) -> Closeout | None:
     """The recorded close-out of a campaign, or None."""
     row = await pool.fetchrow(SELECT_CLOSEOUT, campaign_id)
