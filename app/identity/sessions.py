@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError
 
 from app.background.events import Events, publish
 from app.store.batching import Batcher
@@ -182,7 +183,12 @@ class SessionStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.exists(key)
-                return [int(n) for n in await pipe.execute()]
+                try:
+                    return [int(n) for n in await pipe.execute()]
+                except RuntimeError as exc:
+                    # redis-py's cluster pipeline, under uvloop, can write on a transport
+                    # a failed node just closed: a lost connection, as any other.
+                    raise ConnectionError(f"Redis Cluster node lost: {exc}") from exc
         values = cast(list[bytes | None], await self._redis.mget(keys))
         return [0 if value is None else 1 for value in values]
 

@@ -231,6 +231,11 @@ class EmbeddedCluster:
             proc.kill()
             proc.wait(timeout=10)
 
+    def restart(self, port: int) -> None:
+        """Start the (killed) node on ``port`` again from its folder: it rejoins with its
+        nodes.conf, as the replica of whoever took its slots over."""
+        self.nodes[port].start()
+
     def stop(self) -> None:
         """Stop every node this cluster started."""
         for node in self.nodes.values():

@@ -351,6 +351,8 @@ class ClusterLine:
         self.timeout_s = timeout_s
         self.wait_replicas = wait_replicas
         self._lines: dict[tuple[str, int], ScriptLine] = {}
+        # Every node (masters and replicas) the last map named: whom to ask for the next.
+        self._nodes: list[tuple[str, int]] = []
         # slot -> master address; empty until the first load.
         self._slots: list[tuple[str, int] | None] = []
         self._reloading: asyncio.Future[None] | None = None
@@ -430,11 +432,17 @@ class ClusterLine:
         raise ResponseError(f"slot {slot}: more than {MAX_REDIRECTS} redirections")
 
     async def ping(self) -> None:
-        """PING every master (readiness: each connection of the hot path answers)."""
+        """PING every master (readiness: each connection of the hot path answers). A
+        master that does not answer makes the map be read again: a worker out of
+        rotation gets no grabs whose failures would."""
         if not self._slots:
             await self.reload(force=True)
         masters = {address for address in self._slots if address is not None}
-        await asyncio.gather(*(self._line(address).ping() for address in masters))
+        try:
+            await asyncio.gather(*(self._line(address).ping() for address in masters))
+        except RedisError:
+            self._reload_soon()
+            raise
 
     def _reload_soon(self) -> None:
         if self._reloading is None:
@@ -456,7 +464,7 @@ class ClusterLine:
         self._reloaded_at = time.monotonic()
 
     async def _read_map(self) -> None:
-        candidates = [self._seed, *(a for a in self._lines if a != self._seed)]
+        candidates = [self._seed, *(a for a in self._nodes if a != self._seed)]
         errors: list[str] = []
         for address in candidates:
             line = self._line(address)
@@ -466,11 +474,15 @@ class ClusterLine:
                 errors.append(f"{address[0]}:{address[1]}: {exc}")
                 continue
             slots: list[tuple[str, int] | None] = [None] * CLUSTER_SLOTS
-            for low, high, master, *_ in reply:
-                host = master[0].decode() or address[0]
+            nodes: set[tuple[str, int]] = set()
+            for low, high, *served_by in reply:
+                # The master first, then its replicas: [host, port, id, ...] each.
+                named = [(node[0].decode() or address[0], int(node[1])) for node in served_by]
+                nodes.update(named)
                 for slot in range(int(low), int(high) + 1):
-                    slots[slot] = (host, int(master[1]))
+                    slots[slot] = named[0]
             self._slots = slots
+            self._nodes = sorted(nodes)
             self.reloads += 1
             return
         raise ConnectionError(f"no Redis Cluster node answers CLUSTER SLOTS: {errors}")
