@@ -34,6 +34,7 @@ from app.model import Kind
 from app.payout import commands as payout_commands
 from app.payout.client import open_client
 from app.payout.worker import payout_process
+from app.redpacket.split import Split
 from app.reports import Progress
 from app.settings import (
     LedgerSettings,
@@ -173,6 +174,7 @@ CREATE_FLAGS = {
     "max_fen": "--max-fen",
     "starts_at": "--starts-at",
     "ends_at": "--ends-at",
+    "split": "--split",
 }
 _FIELD_NAMES = re.compile(r"\b(" + "|".join(CREATE_FLAGS) + r")\b")
 
@@ -415,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_create.add_argument(
         "--ends-at", metavar="TIME", help="when it closes, RFC 3339 (default: never)"
+    )
+    p_create.add_argument(
+        "--split",
+        choices=[str(s) for s in Split],
+        help="random (拼手气, the default) or fixed (普通红包: total_fen / count each)",
     )
     sub.add_parser("drain", help="run one ledger drainer process (Redis stream -> PostgreSQL)")
     p_rec = sub.add_parser("reconcile", help="compare a campaign in Redis and PostgreSQL")

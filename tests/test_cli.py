@@ -161,6 +161,31 @@ async def test_create_from_stdin_lottery(
     assert [t["stock"] for t in recorded["tiers"]] == [3, 100]
 
 
+async def test_create_fixed_split_from_flags(
+    env: dict[str, str], redis_url: str, database_url: str
+) -> None:
+    argv = ["--name", "普通红包", "--total-fen", "1200", "--count", "300", "--split", "fixed"]
+    done = hb("create-campaign", *argv, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "300/300 (100%)" in bar(done.stderr, "Redis")
+    stats = orjson.loads(done.stdout)
+    assert (stats["split"], stats["count"], stats["total_fen"]) == ("fixed", 300, 1200)
+    redis = Redis.from_url(redis_url)
+    try:
+        pool = await redis.lrange(CampaignKeys.of(stats["id"]).pool, 0, -1)
+    finally:
+        await redis.aclose()
+    conn = await asyncpg.connect(database_url)
+    try:
+        amounts = await conn.fetch(
+            "SELECT amount_fen FROM envelopes WHERE campaign_id = $1", stats["id"]
+        )
+    finally:
+        await conn.close()
+    assert [Envelope.decode(raw).amount_fen for raw in pool] == [4] * 300
+    assert [r["amount_fen"] for r in amounts] == [4] * 300
+
+
 def _with(base: dict[str, Any], **fields: Any) -> dict[str, Any]:
     return {**base, **fields}
 
@@ -210,12 +235,16 @@ async def test_a_bad_field_is_named_in_one_line(
         ),
         (["--name", "x", "--total-fen", "500", "--count", "10", "--min-fen", "0"], "--min-fen: "),
         (["--name", "x", "--total-fen", "5", "--count", "0"], "argument --count: "),
+        (
+            ["--name", "x", "--total-fen", "10", "--count", "3", "--split", "fixed"],
+            "--split: a fixed --split needs --total-fen to be a multiple of --count",
+        ),
         (["--name", "x", "--total-fen", "500", "--count", "5", "--ends-at", "soon"], "--ends-at: "),
         (["--file", "{file}", "--count", "3"], "--file holds the whole definition: drop --count"),
         (["--name", "x", "--count", "3"], "give --file, or a red packet's --total-fen"),
         ([], "give --file, or a red packet's --name, --total-fen, --count"),
     ],
-    ids=["sum", "min", "count", "time", "both", "missing", "nothing"],
+    ids=["sum", "min", "count", "split", "time", "both", "missing", "nothing"],
 )
 async def test_a_bad_flag_is_named_in_one_line(
     env: dict[str, str],
