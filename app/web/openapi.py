@@ -526,14 +526,10 @@ def _query_parameters(struct: type[msgspec.Struct] | None) -> list[dict[str, Any
         return []
     (ref,), components = msgspec.json.schema_components([struct])
     fields = components[ref["$ref"].rpartition("/")[2]]["properties"]
-    parameters = []
-    for name, schema in fields.items():
-        # ``None`` is how the struct says "absent": a query names no null.
-        options = [o for o in schema.get("anyOf", ()) if o != {"type": "null"}]
-        plain = options[0] if len(options) == 1 else dict(schema)
-        plain.pop("default", None)
-        parameters.append({"name": name, "in": "query", "required": False, "schema": plain})
-    return parameters
+    return [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in fields.items()
+    ]
 
 
 def _request(op: Operation) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET, UnsetType
 
 from app.campaigns.listing import Position
 from app.campaigns.winners import Row
@@ -32,20 +33,22 @@ Cursor = Annotated[
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
+# Absent parameters are UNSET, never None: a query string has no null, and "null" would
+# otherwise decode as one.
 class CampaignQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """GET /api/admin/campaigns: which campaigns, how many, from where."""
 
-    state: Literal["scheduled", "open", "paused", "sold_out", "ended"] | None = None
-    kind: Literal["red_packet", "lottery"] | None = None
+    state: Literal["scheduled", "open", "paused", "sold_out", "ended"] | UnsetType = UNSET
+    kind: Literal["red_packet", "lottery"] | UnsetType = UNSET
     limit: Limit = 50
-    cursor: Cursor | None = None
+    cursor: Cursor | UnsetType = UNSET
 
 
 class AuditQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """GET /api/admin/audit: how many entries, from where."""
 
     limit: Limit = 50
-    cursor: Cursor | None = None
+    cursor: Cursor | UnsetType = UNSET
 
 
 def _encode(text: str) -> str:
@@ -93,9 +96,9 @@ async def list_campaigns(request: web.Request) -> web.Response:
     query = read_query(request, CampaignQuery)
     campaigns, position = await request.app[CAMPAIGNS].list_page(
         limit=query.limit,
-        state=query.state,
-        kind=None if query.kind is None else Kind(query.kind),
-        after=None if query.cursor is None else _campaign_position(query.cursor),
+        state=None if query.state is UNSET else query.state,
+        kind=None if query.kind is UNSET else Kind(query.kind),
+        after=None if query.cursor is UNSET else _campaign_position(query.cursor),
     )
     return json_response({"campaigns": campaigns, "next": _campaign_cursor(position)})
 
@@ -104,7 +107,7 @@ async def audit_log(request: web.Request) -> web.Response:
     """GET /api/admin/audit: state-changing operator calls, newest first."""
     require_admin(request)
     query = read_query(request, AuditQuery)
-    before = None if query.cursor is None else _audit_before(query.cursor)
+    before = None if query.cursor is UNSET else _audit_before(query.cursor)
     rows = await request.app[OPERATORS].audit(before, query.limit + 1)
     entries = [
         {
