@@ -51,6 +51,7 @@
     if (code === 'csrf') return '请求来源异常，请刷新页面后重试';
     if (code === 'not_started') return '活动还没开始，请稍候';
     if (code === 'ended') return '活动已结束';
+    if (code === 'paused') return '活动暂停中，请稍后再试';
     if (code === 'not_found') return '活动不存在或已下线';
     if (res.status >= 500) return '服务繁忙，请稍后再试';
     return (res.data && res.data.message) || '出错了，请稍后再试';
@@ -371,6 +372,9 @@
       setStatus('');
       ui.action.hidden = true;
       showOutcome(mode.soldOut);
+    } else if (c.state === 'paused') {
+      setStatus('活动暂停中，请稍后再来');
+      setButton(mode.button, false, false);
     } else {
       setStatus('活动已结束');
       ui.action.hidden = true;
