@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 
 from app.background.drainer import REFRESH_S, Drainer
 from app.campaigns import operations
+from app.local.embedded import EmbeddedPostgres, free_port
 from app.model import from_datetime, iso
 from app.settings import LedgerSettings, Settings
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
@@ -370,3 +372,47 @@ async def test_rebuild_after_a_lost_redis_keeps_paused_ended_and_the_close_out(
     for cid in (paused, ended):
         report = await operations.reconcile(*redis_pg, cid)
         assert report.ok, report.render()
+
+
+async def test_a_pause_during_a_postgresql_outage_pauses_and_is_recorded_after(
+    aiohttp_client, settings: Settings, redis: Redis, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = EmbeddedPostgres(tmp_path / "pg", free_port()).start()
+    try:
+        drained_in_worker = LedgerSettings(block_ms=100, retry_max_ms=300)
+        own = settings.with_(database_url=server.url, ledger=drained_in_worker)
+        client = await aiohttp_client(create_app(own), headers=PAGE)
+        cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
+        tokens = [await login(client, f"o{i}") for i in range(3)]
+        client.session.cookie_jar.clear()
+        assert (await grab(client, tokens[0], cid))[0] == 200
+
+        server.stop()
+        status, paused = await admin(client, cid, "pause")
+        assert (status, paused["state"]) == (200, "paused")
+        assert (await grab(client, tokens[1], cid))[1]["error"] == "paused"
+        status, ended = await admin(client, cid, "end")
+        assert (status, ended["refunded_count"]) == (200, 9)
+        # Redis has decided; PostgreSQL has none of it yet: it is all ledger lag.
+        assert ended["ledger_lag"] >= 2
+
+        server.start()
+        deadline = time.monotonic() + 30
+        while await redis.xlen(CampaignKeys.of(cid).ledger):
+            assert time.monotonic() < deadline, "the ledger never caught up"
+            await asyncio.sleep(0.1)
+        conn = await asyncpg.connect(server.url)
+        try:
+            row = await conn.fetchrow("SELECT paused, ended_at FROM campaigns WHERE id = $1", cid)
+            refund = await conn.fetchval(
+                "SELECT refunded_fen FROM closeouts WHERE campaign_id = $1", cid
+            )
+        finally:
+            await conn.close()
+        assert row["paused"] is True
+        assert row["ended_at"] is not None
+        assert refund == ended["refunded_fen"]
+        report = await operations.reconcile(client.app[REDIS], client.app[PG], cid)
+        assert report.ok, report.render()
+    finally:
+        server.stop()
