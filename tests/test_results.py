@@ -21,6 +21,12 @@ from app.settings import Settings
 from app.store.results import public_name
 from app.store.scripts import CampaignKeys
 from app.web.factory import create_app
+from tests.cluster_support import (  # noqa: F401 - fixtures
+    cluster_clean_fixture,
+    cluster_fixture,
+    cluster_redis_fixture,
+    cluster_settings_fixture,
+)
 from tests.conftest import ADMIN, PAGE, command_calls, create_campaign, login
 from tests.test_ledger import FAST, wait_drained
 from tests.test_lottery_api import LOTTERY
@@ -258,7 +264,8 @@ async def test_ended_without_winners(app_client: TestClient, contract: Contract)
             )
         )["id"]
     )
-    body, cache = await results(app_client, contract, cid)
+    # Final once a drainer has closed it out (its end passed by Redis's clock).
+    body, cache = await final_results(app_client, contract, cid, within_s=10)
     assert (body["state"], body["best"], body["winners"], body["won_count"]) == (
         "ended",
         None,
@@ -289,6 +296,35 @@ async def test_not_finished_is_asked_once_per_worker_at_a_time(
     assert body["winners"] == [
         {"name": "o***", "amount_fen": 100, "granted_at": body["winners"][0]["granted_at"]}
     ]
+
+
+async def test_results_on_a_redis_cluster(
+    aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis
+) -> None:
+    """The finished check is one MULTI of the campaign's own slot: it runs on a cluster."""
+    client = await aiohttp_client(create_app(cluster_settings.with_(ledger=FAST)), headers=PAGE)
+    contract = Contract(await (await client.get("/api/openapi.json")).json())
+    cid = (await create(client, {**RED_PACKET, "split": "fixed", "count": 4, "total_fen": 400}))[
+        "id"
+    ]
+    assert (await results(client, contract, cid, 409))[0]["error"] == "not_finished"
+    await grab_all(client, cid, ["c-one", "c-two", "c-three", "c-four"])
+    body, _ = await final_results(client, contract, cid)
+    assert (body["state"], body["won_count"], body["won_fen"], body["best"]) == (
+        "sold_out",
+        4,
+        400,
+        None,
+    )
+    assert [w["name"] for w in body["winners"]] == ["c-***ur", "c-***ee", "c-***wo", "c-***ne"]
+    ended = str(
+        (
+            await create_campaign(
+                client, starts_at="2001-01-01T00:00:00Z", ends_at="2001-01-02T00:00:00Z"
+            )
+        )["id"]
+    )
+    assert (await final_results(client, contract, ended, within_s=10))[0]["state"] == "ended"
 
 
 # --- Lottery results ---------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """A red packet's public results (手气最佳, 看看大家的手气), once it has given out.
 
 A red packet is finished once no grab can settle any more: its pool is empty (sold out),
-Redis's clock has passed its end, or it was closed out (meta ``closed_ms``, which an
-operator's end sets too). Its results are final once, besides, the ledger
-has caught up (the drainers XDEL what they commit, so an empty stream means PostgreSQL
-holds every grant): from then on they never change. Both are read in one MULTI, so
-no grab can settle between the clock, the pool and the stream being read.
+or it is closed out (meta ``closed_ms``: by an operator's end, or by a drainer once Redis's
+clock has passed its end; the grab script refuses from then on). Its results are final
+once, besides, the ledger has caught up (the drainers XDEL what they commit, so an empty
+stream means PostgreSQL holds every grant, and the close-out's record): from then on they
+never change. All of it is read in one MULTI of the campaign's own keys (no TIME, which a
+Redis Cluster refuses in a MULTI), so no grab can settle between the reads.
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ async def finished(redis: Redis, campaign: RedPacket) -> str | None:
     grant; None before (still open, paused or scheduled, or the ledger still lags)."""
     keys = CampaignKeys.of(campaign.id)
     async with redis.pipeline(transaction=True) as pipe:
-        # closed_ms: closed out (an operator's end among others), ended for good.
-        pipe.hmget(keys.meta, "ends_at_ms", "closed_ms")
+        pipe.hmget(keys.meta, "kind", "closed_ms")
         pipe.llen(keys.pool)
         pipe.xlen(keys.ledger)
-        pipe.time()
-        (ends_at, closed), remaining, lag, (seconds, micros) = await pipe.execute()
-    if ends_at is None or lag:
+        (kind, closed), remaining, lag = await pipe.execute()
+    if kind is None or lag:
         # No meta: lost from Redis (until a rebuild) or still loading.
         return None
-    if closed is not None or seconds * 1000 + micros // 1000 >= int(ends_at):
+    if closed is not None:
         return "ended"
     return "sold_out" if remaining == 0 else None
 
