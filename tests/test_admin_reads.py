@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
 import time
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from app.store import reads
 from app.store.scripts import CampaignKeys
+from app.web.keys import PG
 from tests.conftest import ADMIN, create_campaign, login
 
 LOTTERY = {
@@ -194,3 +198,33 @@ async def test_list_shows_paused_and_ended_by_operators(client: TestClient) -> N
     assert states == {lottery: "paused", ended: "ended", paused: "paused"}
     only = await listing(client, state="paused", kind="red_packet")
     assert [e["id"] for e in only["campaigns"]] == [paused]  # type: ignore[attr-defined]
+
+
+async def test_csv_download_cut_short_frees_its_connection(
+    client: TestClient,
+    pg: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that goes away mid-download: aiohttp cancels the handler, the export's
+    generators are closed, so the cursor's PostgreSQL connection goes back to the pool at
+    once (not when collected), and the application logs no error."""
+    monkeypatch.setattr(reads, "STREAM_BATCH", 1)  # one write per row: the cut comes early
+    cid = str((await create_campaign(client, total_fen=50_000, count=5000))["id"])
+    # Grants straight into the ledger (this test is about the stream, not the books).
+    await pg.execute(
+        "INSERT INTO grabs (campaign_id, openid, seq, amount_fen, granted_at, stream_id)"
+        " SELECT campaign_id, 'u' || seq, seq, amount_fen, now(), seq::text"
+        " FROM envelopes WHERE campaign_id = $1",
+        cid,
+    )
+    pool = client.app[PG]
+    resp = await client.get(f"/api/admin/campaigns/{cid}/winners.csv", headers=ADMIN)
+    assert resp.status == 200
+    assert (await resp.content.readany()).startswith(b"openid,")
+    resp.close()  # drops the connection with most rows unsent
+    deadline = time.monotonic() + 10
+    while pool.get_size() > pool.get_idle_size():
+        assert time.monotonic() < deadline, "the export kept its PostgreSQL connection"
+        await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
