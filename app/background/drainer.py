@@ -207,9 +207,9 @@ class Drainer:
 
     async def _refresh(self) -> None:
         """Pick up new campaigns: create their consumer group (from the stream's start);
-        let go of ended, drained ones."""
+        close out ended ones; let go of closed-out, drained ones."""
         members = cast(set[bytes], await self._redis.smembers(CAMPAIGNS_SET))
-        ids = await self._prune(await self._close_ended(sorted(m.decode() for m in members)))
+        ids = await self._prune(sorted(m.decode() for m in members))
         new = {CampaignKeys.of(cid).ledger: cid for cid in ids}
         missing = [key for key in new if key not in self._streams]
         if missing:
@@ -222,27 +222,15 @@ class Drainer:
                     raise result
         self._streams = new
 
-    async def _close_ended(self, ids: list[str]) -> list[str]:
-        """Close out the campaigns that have ended by Redis's clock and are not closed out
-        yet; return ``ids``. Idempotent: drainers racing here write one close-out between
-        them, and it is drained like any entry before the campaign is let go."""
-        if not ids:
-            return ids
-        seconds, micros = await self._redis.time()
-        now = seconds * 1000 + micros // 1000
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for cid in ids:
-                pipe.hmget(CampaignKeys.of(cid).meta, "ends_at_ms", "closed_ms")
-            reply = await pipe.execute()
-        for cid, (ends, closed) in zip(ids, reply, strict=True):
-            if ends is not None and closed is None and now >= int(ends):
-                await self._scripts.close_campaign(cid, end_now=False)
-        return ids
-
     async def _prune(self, ids: list[str]) -> list[str]:
-        """Remove from ``hb:campaigns`` the campaigns closed out (hence ended by Redis's
-        clock) whose stream is empty; return the others. A campaign without meta
-        (loading) stays."""
+        """Close out the campaigns ended by Redis's clock that are not closed out yet;
+        remove from ``hb:campaigns`` those closed out whose stream is empty; return the
+        others. A campaign without meta (loading) stays.
+
+        Closing out is idempotent (close_campaign.lua): drainers racing here write one
+        close-out between them, and it is drained like any entry before the campaign is
+        let go.
+        """
         if not ids:
             return ids
         # Redis's clock first (a cluster pipeline refuses TIME): what ended by then ended.
@@ -251,14 +239,17 @@ class Drainer:
         async with self._redis.pipeline(transaction=False) as pipe:
             for cid in ids:
                 keys = CampaignKeys.of(cid)
-                pipe.hget(keys.meta, "closed_ms")
+                pipe.hmget(keys.meta, "ends_at_ms", "closed_ms")
                 pipe.xlen(keys.ledger)
             reply = await pipe.execute()
-        done = [
-            cid
-            for cid, ends, lag in zip(ids, reply[0::2], reply[1::2], strict=True)
-            if ends is not None and now >= int(ends) and int(lag) == 0
-        ]
+        done = []
+        for cid, (ends, closed), lag in zip(ids, reply[0::2], reply[1::2], strict=True):
+            if ends is None or now < int(ends):
+                continue
+            if closed is None:
+                await self._scripts.close_campaign(cid, end_now=False)
+            elif int(lag) == 0:
+                done.append(cid)
         if not done:
             return ids
         await self._redis.srem(CAMPAIGNS_SET, *done)
