@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -144,6 +145,15 @@ async def test_audit_remote_revocation_and_csv_through_haproxy(
             assert set(statuses) <= {200, 401}
             assert time.monotonic() - revoked_at < TOKEN_CACHE_S + 3, statuses
             await asyncio.sleep(0.25)
+        await asyncio.sleep(0.2)  # access lines are written in batches within 50 ms
+        for name in ("w1", "w2"):  # both workers had it cached, both refuse it now
+            lines = [
+                orjson.loads(line)
+                for line in (stack.tmp / f"{name}.log").read_text().splitlines()
+                if line.startswith("{") and '"route":"/api/admin/campaigns"' in line
+            ]
+            statuses = {line["status"] for line in lines if line["method"] == "GET"}
+            assert statuses == {200, 401}, (name, statuses)
         # The bootstrap admin is untouched.
         async with http.get(f"{url}/api/admin/campaigns", headers=ADMIN) as resp:
             assert resp.status == 200
