@@ -278,6 +278,24 @@ async def test_ended_without_winners(app_client: TestClient, contract: Contract)
     assert (await results(app_client, contract, "nosuch", 404))[0]["error"] == "not_found"
 
 
+async def test_paused_is_not_finished_an_operators_end_is(
+    app_client: TestClient, contract: Contract, redis: Redis
+) -> None:
+    cid = str((await create_campaign(app_client, total_fen=5_000, count=5))["id"])
+    grabbed = await grab_all(app_client, cid, ["early-1", "early-2"])
+    resp = await app_client.post(f"/api/admin/campaigns/{cid}/pause", headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    await wait_drained(redis, cid)
+    assert (await results(app_client, contract, cid, 409))[0]["error"] == "not_finished"
+    resp = await app_client.post(f"/api/admin/campaigns/{cid}/end", headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    body, _ = await final_results(app_client, contract, cid, within_s=10)
+    won = sum(g["amount_fen"] for g in grabbed)
+    assert (body["state"], body["won_count"], body["won_fen"]) == ("ended", 2, won)
+    assert body["best"]["amount_fen"] == max(g["amount_fen"] for g in grabbed)
+    assert [w["name"] for w in body["winners"]] == ["ea***-2", "ea***-1"]
+
+
 async def test_not_finished_is_asked_once_per_worker_at_a_time(
     app_client: TestClient, contract: Contract, redis: Redis
 ) -> None:

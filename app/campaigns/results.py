@@ -121,6 +121,8 @@ class Results:
                 published = Published(409, _NOT_FINISHED, PENDING_S, now + PENDING_S)
             else:
                 published = Published(200, orjson.dumps(final), FINAL_MAX_AGE_S, None)
+                # Once per campaign and worker (unless forgotten past KEPT_MAX).
+                log.info("results of %s are final: %s winners", campaign.id, final["won_count"])
         self._keep(campaign.id, published)
         return published
 
