@@ -108,6 +108,13 @@ class Metrics:
             labelnames=["campaign"],
             registry=self.registry,
         )
+        self._shard_ledger_lag = Gauge(
+            "hongbao_shard_ledger_lag",
+            "On a Redis Cluster: ledger entries not yet in PostgreSQL in the streams each "
+            "master holds, by master (host:port; take max, not sum).",
+            labelnames=["shard"],
+            registry=self.registry,
+        )
         self._events_live = Gauge(
             "hongbao_events_live",
             "1 while the worker's event listener is subscribed and resynced (its memory of "
@@ -173,6 +180,12 @@ class Metrics:
         waiting = sorted((n, cid) for cid, n in by_campaign.items() if n > 0)
         for n, cid in waiting[-CAMPAIGN_SERIES_MAX:]:
             self._campaign_ledger_lag.labels(cid).set(n)
+
+    def set_shard_ledger_lag(self, by_shard: dict[str, int]) -> None:
+        """Report the lag held by each master of a Redis Cluster."""
+        self._shard_ledger_lag.clear()
+        for shard, n in by_shard.items():
+            self._shard_ledger_lag.labels(shard).set(n)
 
     def set_ledger_lag(self, entries: int) -> None:
         """Report how many settled entries still wait to be written to PostgreSQL."""

@@ -8,6 +8,10 @@ wins twice, count and sum exact, PostgreSQL's ledger equals Redis after the drai
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -16,10 +20,12 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from app.background.lag import ledger_lag_by_campaign, ledger_lag_by_shard
 from app.campaigns import operations
 from app.local.cluster import EmbeddedCluster
 from app.settings import LedgerSettings, Settings
-from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+from app.store.scriptline import ClusterLine
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, GrabCode, Scripts
 from app.web.factory import create_app
 from app.web.keys import EVENTS
 from tests.cluster_support import (  # noqa: F401 - fixtures
@@ -203,3 +209,115 @@ async def test_the_launcher_stops_what_it_started(cluster: EmbeddedCluster) -> N
     assert len(masters) == 3
     assert sorted(len(cluster.replicas_of(m)) for m in masters) == [1, 1, 1]
     assert set(cluster.alive()) == {n.port for n in nodes}
+
+
+async def test_the_script_line_follows_ask_then_moved_while_a_slot_migrates(
+    cluster: EmbeddedCluster, cluster_redis: Redis
+) -> None:
+    """A campaign's slot moved to another master under the script line: mid-migration
+    its calls follow ASK (the map unchanged), after it MOVED (the map updated)."""
+    cid = "migrating"
+    keys = CampaignKeys.of(cid)
+    await cluster_redis.hset(keys.meta, mapping={"starts_at_ms": 0, "ends_at_ms": 2**50})
+    await cluster_redis.rpush(keys.pool, "0:100", "1:200", "2:300", "3:400")
+    line = ClusterLine.from_url(cluster.url)
+    assert line is not None
+    scripts = Scripts(cluster_redis, line)
+    await scripts.preload(cluster_redis)
+    try:
+        assert (await scripts.grab_envelope(cid, ["a"])).outcomes == [(GrabCode.WON, 100)]
+        slot = as_cluster(cluster_redis).keyslot(keys.pool)
+        source = cluster.master_of(slot)
+        target = next(n for n in cluster.topology() if n.master and n.slots and n != source)
+        src, dst = Redis(port=source.port), Redis(port=target.port)
+        await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        moved_keys = [keys.meta, keys.pool, keys.winners, keys.ledger]
+        await src.execute_command(
+            "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *moved_keys
+        )
+        assert (await scripts.grab_envelope(cid, ["b"])).outcomes == [(GrabCode.WON, 200)]
+        # ASK: served by the target this once, the map still names the source.
+        assert line.served_by(slot) == ("127.0.0.1", source.port)
+        for node in cluster.topology():
+            if node.master and node.slots:
+                peer = Redis(port=node.port)
+                await peer.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+                await peer.aclose()
+        reloads = line.reloads
+        assert (await scripts.grab_envelope(cid, ["c", "a"])).outcomes == [
+            (GrabCode.WON, 300),
+            (GrabCode.ALREADY_WON, 100),
+        ]
+        # MOVED: the map names the target at once, and is read again in the background.
+        assert line.served_by(slot) == ("127.0.0.1", target.port)
+        await line.reload(force=True)
+        assert line.reloads > reloads
+        assert line.served_by(slot) == ("127.0.0.1", target.port)
+        assert await dst.hlen(keys.winners) == 3
+        assert await dst.llen(keys.pool) == 1
+        await src.aclose()
+        await dst.aclose()
+    finally:
+        line.close()
+
+
+async def test_lag_per_shard_then_a_drain_process_empties_every_shard(
+    aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis, database_url: str
+) -> None:
+    """Without drainers in the workers the lag builds up on each master, reported per
+    shard; `python -m app drain` with REDIS_CLUSTER=1 then records everything exactly."""
+    quiet = cluster_settings.with_(ledger=LedgerSettings(drain_in_worker=False))
+    client: TestClient = await aiohttp_client(create_app(quiet), headers=PAGE)
+    ids = [str((await create_campaign(client, total_fen=900, count=9))["id"]) for _ in range(6)]
+    tokens = await gather_limited([login(client, f"q{i}") for i in range(5)])
+    client.session.cookie_jar.clear()
+    await gather_limited([_grab(client, t, cid) for cid in ids for t in tokens])
+    nodes = as_cluster(cluster_redis)
+    expected: Counter[str] = Counter()
+    for cid in ids:
+        node = nodes.get_node_from_key(CampaignKeys.of(cid).ledger)
+        assert node is not None
+        expected[node.name] += 5
+    by_campaign = await ledger_lag_by_campaign(cluster_redis)
+    assert by_shard_of(await ledger_lag_by_shard(cluster_redis, by_campaign)) == expected
+    deadline = time.monotonic() + 5
+    while True:
+        text = await (await client.get("/metrics")).text()
+        shown = {
+            line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("hongbao_shard_ledger_lag{")
+        }
+        if by_shard_of({k: int(v) for k, v in shown.items()}) == expected:
+            break
+        assert time.monotonic() < deadline, shown
+        await asyncio.sleep(0.1)
+
+    env = {
+        **os.environ,
+        "REDIS_URL": cluster_settings.redis_url,
+        "REDIS_CLUSTER": "1",
+        "DATABASE_URL": database_url,
+        "LEDGER_BLOCK_MS": "50",
+    }
+    drain = subprocess.Popen(
+        [sys.executable, "-m", "app", "drain"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for cid in ids:
+            await _drained(cluster_redis, cid)
+    finally:
+        drain.send_signal(signal.SIGTERM)
+        _, err = drain.communicate(timeout=20)
+    assert drain.returncode == 0, err.decode()
+    for cid in ids:
+        await _reconciled(cluster_redis, database_url, cid)
+
+
+def by_shard_of(lag: dict[str, int]) -> Counter[str]:
+    """The shards with entries waiting, and how many."""
+    return Counter({shard: n for shard, n in lag.items() if n})

@@ -1,4 +1,9 @@
-"""The ledger lag: entries settled in Redis, not yet recorded in PostgreSQL."""
+"""The ledger lag: entries settled in Redis, not yet recorded in PostgreSQL.
+
+On a Redis Cluster each campaign's stream lives on the master of its slot: the lag is
+also reported per master (``hongbao_shard_ledger_lag``), so a shard whose streams grow
+(its drainer reads failing, its master slow) shows as itself.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.metrics import Metrics
+from app.store.client import cluster_of
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
 
 log = logging.getLogger("hongbao.lag")
@@ -35,6 +41,21 @@ async def ledger_lag_by_campaign(redis: Redis) -> dict[str, int]:
         return dict(zip(members, map(int, await pipe.execute()), strict=True))
 
 
+async def ledger_lag_by_shard(redis: Redis, by_campaign: dict[str, int]) -> dict[str, int]:
+    """On a Redis Cluster, the lag of ``by_campaign`` summed by the master (host:port)
+    holding each stream; {} on one Redis."""
+    cluster = cluster_of(redis)
+    if cluster is None:
+        return {}
+    await cluster.initialize()
+    by_shard = {node.name: 0 for node in cluster.get_primaries()}
+    for cid, n in by_campaign.items():
+        node = cluster.get_node_from_key(CampaignKeys.of(cid).ledger)
+        if node is not None:
+            by_shard[node.name] = by_shard.get(node.name, 0) + n
+    return by_shard
+
+
 async def watch_lag(
     redis: Redis, metrics: Metrics, stop: asyncio.Event, interval_s: float = LAG_SAMPLE_S
 ) -> None:
@@ -48,6 +69,9 @@ async def watch_lag(
             by_campaign = await ledger_lag_by_campaign(redis)
             metrics.set_ledger_lag(sum(by_campaign.values()))
             metrics.set_campaign_ledger_lag(by_campaign)
+            by_shard = await ledger_lag_by_shard(redis, by_campaign)
+            if by_shard:
+                metrics.set_shard_ledger_lag(by_shard)
         except RedisError as exc:
             metrics.count_redis_error()
             log.warning("ledger lag not sampled: %s", f"{type(exc).__name__}: {exc}")

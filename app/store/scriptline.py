@@ -380,6 +380,10 @@ class ClusterLine:
         """Calls sent and not answered yet, on every master's connection."""
         return sum(line.waiting for line in self._lines.values())
 
+    def served_by(self, slot: int) -> tuple[str, int] | None:
+        """The master ``slot`` goes to, as the map says now (None before it is read)."""
+        return self._slots[slot] if self._slots else None
+
     def _line(self, address: tuple[str, int]) -> ScriptLine:
         line = self._lines.get(address)
         if line is None:
