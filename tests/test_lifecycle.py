@@ -23,7 +23,7 @@ from app.campaigns import operations
 from app.local.embedded import EmbeddedPostgres, free_port
 from app.model import from_datetime, iso
 from app.settings import LedgerSettings, Settings
-from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, Scripts
 from app.web.factory import create_app
 from app.web.keys import EVENTS, PG, REDIS
 from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
@@ -130,7 +130,7 @@ async def test_before_the_close_out_nothing_is_refunded(client: TestClient) -> N
 
 
 async def test_a_lottery_pauses_and_closes_out_per_tier(
-    client: TestClient, pg: asyncpg.Connection
+    client: TestClient, redis: Redis, pg: asyncpg.Connection
 ) -> None:
     cid = (await create_lottery(client, quota_total=100, quota_daily=None))["id"]
     token = await login(client, "drawer")
@@ -151,12 +151,23 @@ async def test_a_lottery_pauses_and_closes_out_per_tier(
     assert [c["tier"] for c in closeout] == [t["tier"] for t in ended["tiers"]]
     for tier, left in zip(ended["tiers"], closeout, strict=True):
         assert left["unreleased"] + left["unwon"] + tier["won"] == tier["stock"]
+    # Ended early: its 2998 slot of 5 金元宝 was never released.
+    assert [c["unreleased"] for c in closeout] == [5, 0]
     await drain(client)
     row = await pg.fetchrow("SELECT * FROM closeouts WHERE campaign_id = $1", cid)
     assert row is not None
     assert (row["refunded_count"], row["refunded_fen"]) == (0, 0)
     report = await operations.reconcile(client.app[REDIS], client.app[PG], cid)
     assert report.ok, report.render()
+    assert "close-out (Redis)" in report.render()
+    # One more unwon in Redis's close-out than the stock allows, and than the ledger says.
+    meta = CampaignKeys.of(cid).meta
+    first, _, rest = (await redis.hget(meta, "closeout")).decode().partition(",")
+    unreleased, unwon = first.split(":")
+    await redis.hset(meta, "closeout", f"{unreleased}:{int(unwon) + 1},{rest}")
+    report = await operations.reconcile(client.app[REDIS], client.app[PG], cid)
+    assert any(m.startswith("tier 0: unreleased") for m in report.mismatches), report.mismatches
+    assert "the ledger's close-out differs from Redis's" in report.mismatches
 
 
 async def test_pause_grants_nothing_and_resume_grants_again(
@@ -416,3 +427,37 @@ async def test_a_pause_during_a_postgresql_outage_pauses_and_is_recorded_after(
         assert report.ok, report.render()
     finally:
         server.stop()
+
+
+async def test_a_worker_that_missed_changes_asks_redis_then_resyncs(
+    client: TestClient, redis: Redis
+) -> None:
+    cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
+    tokens = [await login(client, f"m{i}") for i in range(3)]
+    client.session.cookie_jar.clear()
+    await live(client)
+    await admin(client, cid, "pause")
+    assert await view_state(client, cid) == "paused"
+    elsewhere = Scripts(redis)  # another worker's calls, whose news this one will miss
+
+    async def disconnected() -> None:
+        await redis.client_kill_filter(_type="pubsub")
+        deadline = time.monotonic() + 5
+        while client.app[EVENTS].live:
+            assert time.monotonic() < deadline, "the listener did not notice"
+            await asyncio.sleep(0.001)
+
+    await disconnected()
+    await elsewhere.set_paused(cid, False)
+    # Its memory says paused, but it is not live: the script decides, and grants.
+    status, body = await grab(client, tokens[0], cid)
+    assert (status, body["result"]) == (200, "won")
+    await live(client)
+    assert await view_state(client, cid) == "open"  # re-read on resubscribing
+
+    await disconnected()
+    await elsewhere.set_paused(cid, True)
+    assert (await grab(client, tokens[1], cid))[1]["error"] == "paused"
+    await live(client)
+    assert await view_state(client, cid) == "paused"
+    assert await redis.hlen(CampaignKeys.of(cid).winners) == 1
