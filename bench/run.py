@@ -9,6 +9,8 @@ nginx + ngx_lua against the same Redis). It prints req/s, p50 and p99 for each p
 its ratio to the floor measured in the same run, our grab path against OpenResty's, Redis
 script calls per grab (INFO commandstats), and the cost of appendfsync always
 (bench/report.py). Everything runs on loopback, bounded in time, and is stopped at the end.
+``./hb bench --redis-cluster N`` measures the settlement path on a local Redis Cluster
+instead (bench/cluster.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import shutil
 import sys
 
 from app.identity.sessions import SessionStore
-from bench import openresty
+from bench import cluster, openresty
 from bench.campaigns import create_all
 from bench.measure import ledger_matches
 from bench.report import Setup, render
@@ -110,6 +112,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     """Parse arguments, run, print the report."""
+    if any(arg.partition("=")[0] == "--redis-cluster" for arg in sys.argv[1:]):
+        # The settlement path on a local Redis Cluster, with its own flags.
+        cluster.main(sys.argv[1:])
+        return
     cli = parser()
     args = cli.parse_args()
     for name, value in (QUICK if args.quick else FULL).items():
