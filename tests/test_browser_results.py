@@ -82,6 +82,7 @@ async def test_sold_out_red_packet_shows_best_luck_and_everyones(
     await expect(page.locator(".board__badge")).to_have_count(1)
     await expect(page.locator(".board__badge")).to_have_text("手气最佳")
     await expect(page.locator("#luck-summary")).to_have_text("已领取 3/3 个，共 10.00/10.00 元")
+    await expect(page.locator("#foot")).to_have_text("拼手气红包 · 每人限抢一次 · 先到先得")
     text = await luck.inner_text()
     assert all(openid not in text for openid in players), text
     assert await _small_tap_targets(page) == []
@@ -96,6 +97,14 @@ async def test_sold_out_red_packet_shows_best_luck_and_everyones(
     await expect(late.locator("#luck-list li")).to_have_count(3)
     await settled(late)
     await late.screenshot(path=ARTIFACTS / "h5-14-sold-out-luck.png", full_page=True)
+
+    # A fixed split says so (普通红包: every envelope the same).
+    fixed = await _create(
+        service,
+        {"kind": "red_packet", "name": "普通红包", "total_fen": 600, "count": 2, "split": "fixed"},
+    )
+    await late.goto(f"{service.base}/c/{fixed}")
+    await expect(late.locator("#foot")).to_have_text("普通红包 · 每人限抢一次 · 先到先得")
 
 
 async def test_lottery_page_shows_its_prize_list(service: Service, browser: Browser) -> None:

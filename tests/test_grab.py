@@ -96,6 +96,7 @@ async def test_campaign_view_and_me_before_grab(client: TestClient) -> None:
         "name": "新春红包",
         "state": "open",
         "remaining_count": 3,
+        "split": "random",
         "starts_at": None,
         "ends_at": None,
     }

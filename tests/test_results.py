@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from app.campaigns.operations import rebuild
+from app.local.embedded import EmbeddedRedis
 from app.records import Envelope
 from app.settings import Settings
 from app.store.results import public_name
@@ -44,6 +46,20 @@ async def app_client(aiohttp_client: Any, settings: Settings) -> TestClient:
 @pytest.fixture
 async def contract(app_client: TestClient) -> Contract:
     return Contract(await (await app_client.get("/api/openapi.json")).json())
+
+
+@pytest.fixture
+async def own(
+    aiohttp_client: Any, settings: Settings, private_redis_server: EmbeddedRedis
+) -> AsyncIterator[tuple[TestClient, Redis, Contract]]:
+    """A worker on a Redis of the test's own, whose command counters see nobody else (other
+    test runs share the machine's Redis server), a client on it and the document."""
+    own_settings = settings.with_(redis_url=private_redis_server.url, ledger=FAST)
+    client = await aiohttp_client(create_app(own_settings), headers=PAGE)
+    redis = Redis.from_url(private_redis_server.url)
+    contract = Contract(await (await client.get("/api/openapi.json")).json())
+    yield client, redis, contract
+    await redis.aclose()
 
 
 async def results(
@@ -184,8 +200,9 @@ def test_public_names() -> None:
 
 
 async def test_results_after_sell_out_best_luck_and_winners(
-    app_client: TestClient, contract: Contract, redis: Redis, pg: asyncpg.Connection
+    own: tuple[TestClient, Redis, Contract], pg: asyncpg.Connection
 ) -> None:
+    app_client, redis, contract = own
     cid = str((await create_campaign(app_client, total_fen=8_888, count=25))["id"])
     error, cache = await results(app_client, contract, cid, 409)
     assert error["error"] == "not_finished"
@@ -297,8 +314,9 @@ async def test_paused_is_not_finished_an_operators_end_is(
 
 
 async def test_not_finished_is_asked_once_per_worker_at_a_time(
-    app_client: TestClient, contract: Contract, redis: Redis
+    own: tuple[TestClient, Redis, Contract],
 ) -> None:
+    app_client, redis, contract = own
     cid = str((await create_campaign(app_client, total_fen=100, count=1))["id"])
     await app_client.get(f"/api/campaigns/{cid}")  # the definition is cached
     multi = await command_calls(redis, "multi")

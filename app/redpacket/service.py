@@ -166,6 +166,7 @@ class RedPackets:
         return {
             **campaign.summary(campaign.state(self._clock(), remaining, life)),
             "remaining_count": remaining,
+            "split": str(campaign.spec.split),
         }
 
     async def stats(self, campaign: RedPacket) -> dict[str, Any]:

@@ -74,6 +74,7 @@ class RedPacketView(msgspec.Struct, kw_only=True):
     starts_at: Time
     ends_at: Time
     remaining_count: Count
+    split: Split
 
 
 class Prize(msgspec.Struct, kw_only=True):

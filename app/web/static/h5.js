@@ -82,7 +82,10 @@
   var MODES = {
     red_packet: {
       action: 'grab', button: '開', loginButton: '微信登录 抢红包', brand: '恭喜发财，大吉大利',
-      rules: '每人限抢一次 · 先到先得',
+      // 拼手气 (random split) or 普通 (fixed: every envelope the same amount).
+      rules: function (c) {
+        return (c.split === 'fixed' ? '普通红包' : '拼手气红包') + ' · 每人限抢一次 · 先到先得';
+      },
       fromMe: function (me) {
         return me.result === 'won' ? { title: '你已抢到红包', fen: me.amount_fen } : null;
       },
@@ -97,7 +100,7 @@
     },
     lottery: {
       action: 'draw', button: '抽', label: '抽奖', loginButton: '微信登录 去抽奖', brand: '好运连连，抽奖赢好礼',
-      rules: '次数有限 · 奖品先到先得',
+      rules: function () { return '次数有限 · 奖品先到先得'; },
       fromMe: function (me) {
         var prizes = me.prizes || [];
         var last = prizes[prizes.length - 1];
@@ -349,7 +352,7 @@
     document.title = c.name;
     ui.stage.querySelector('.packet__brand').textContent = mode.brand;
     ui.action.setAttribute('aria-label', mode.label || '开红包');
-    ui.foot.textContent = mode.rules;
+    ui.foot.textContent = mode.rules(c);
     ui.stage.setAttribute('data-state', c.state);
     renderAccount();
     if (c.kind === 'lottery' || c.state === 'sold_out' || c.state === 'ended') showResults();
