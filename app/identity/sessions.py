@@ -15,11 +15,12 @@ first worker that needs it), with the trust boundary of Redis itself.
 A token is good when its key id is known, its MAC holds, it has not expired and its
 expiry is no later than a fresh token's (issue + TTL: a token minted with a longer life
 is forged), and its session exists in Redis: each worker asks that once per session
-(coalesced into one MGET) and remembers the answer. Logout deletes the session,
-records the sid in ``hb:revoked`` until the token would have expired, and publishes
-the revocation (app.background.events); a worker trusts its own memory of revocations
-and known sessions only while its event listener is live, and otherwise asks Redis
-whether the session still exists on every request.
+(coalesced into one MGET) and remembers the token with its claims, so a player's next
+request skips the MAC too (a dict lookup, then the revocation and expiry checks).
+Logout deletes the session, records the sid in ``hb:revoked`` until the token would
+have expired, and publishes the revocation (app.background.events); a worker trusts
+its own memory of revocations and verified tokens only while its event listener is
+live, and otherwise asks Redis whether the session still exists on every request.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ SHARED_KID = "r"
 # Workers' clocks may differ this much: a token from a worker whose clock runs ahead
 # still has an expiry within issue + TTL for the others.
 CLOCK_SLACK_S = 60
-# Sessions a worker has seen in Redis, remembered up to this many (then the oldest half
-# is forgotten and asked about again).
+# Tokens a worker has verified and seen the session of in Redis, remembered with their
+# claims up to this many (about 450 bytes each; then the oldest half is forgotten and
+# verified and asked about again).
 KNOWN_MAX = 100_000
 # The revocations a worker remembers are pruned of expired tokens when they reach twice
 # the count left by the last pruning (and at least this many).
@@ -168,8 +170,9 @@ class SessionStore:
         self._key_read_at = 0.0
         # sid -> expiry (unix s) of every revoked session whose token has not expired.
         self._revoked: dict[str, int] = {}
-        # sids this worker has seen exist in Redis (insertion-ordered: oldest first).
-        self._known: dict[str, None] = {}
+        # token -> claims of tokens whose session this worker has seen exist in Redis
+        # (insertion-ordered: oldest first).
+        self._known: dict[str, Claims] = {}
         self._prune_at = PRUNE_MIN
         self._exists: Batcher[str, int] = Batcher(self._count, max_size=batch_max)
         if events is not None:
@@ -232,28 +235,32 @@ class SessionStore:
 
     async def get(self, token: str) -> Session | None:
         """The session of ``token``, or None if forged, expired or ended."""
+        if self._events is not None and self._events.live:
+            # Coherent memory: revocations arrive as events, and a token verified with
+            # its session seen in Redis is neither verified nor asked about again.
+            claims = self._known.get(token)
+            if claims is not None:
+                if claims.sid in self._revoked or not time.time() < claims.expires_s:
+                    return None
+                return claims.session
+            claims = await self.verify(token)
+            if claims is None or claims.sid in self._revoked:
+                return None
+            if not await self._exists.submit(claims.sid):
+                return None
+            self._remember(token, claims)
+            return claims.session
+        # No coherent memory of revocations: Redis says whether the session lives.
         claims = await self.verify(token)
         if claims is None:
             return None
-        if self._events is not None and self._events.live:
-            # Coherent memory: revocations arrive as events, and a session known to
-            # exist is not asked about again.
-            if claims.sid in self._revoked:
-                return None
-            if claims.sid in self._known:
-                return claims.session
-            if not await self._exists.submit(claims.sid):
-                return None
-            self._remember(claims.sid)
-            return claims.session
-        # No coherent memory of revocations: Redis says whether the session lives.
         return claims.session if await self._exists.submit(claims.sid) else None
 
-    def _remember(self, sid: str) -> None:
+    def _remember(self, token: str, claims: Claims) -> None:
         if len(self._known) >= KNOWN_MAX:
             for old in list(itertools.islice(self._known, KNOWN_MAX // 2)):
                 del self._known[old]
-        self._known[sid] = None
+        self._known[token] = claims
 
     async def delete(self, token: str) -> None:
         """End the session of ``token`` everywhere."""
@@ -274,8 +281,8 @@ class SessionStore:
 
     def _on_revoke(self, argument: str) -> None:
         sid, _, expires = argument.partition(" ")
+        # A remembered token of this session is refused by the check of _revoked.
         self._revoked[sid] = int(expires)
-        self._known.pop(sid, None)
         if len(self._revoked) >= self._prune_at:
             now = int(time.time())
             self._revoked = {s: e for s, e in self._revoked.items() if e > now}
@@ -285,7 +292,7 @@ class SessionStore:
         """Reload the shared key and the revocations (after a (re)subscription)."""
         if self._shared:
             await self._load_key()
-        # Sessions lost while not listening are asked about again.
+        # Sessions ended while not listening: their tokens are verified and asked about again.
         self._known.clear()
         now = int(time.time())
         revoked = cast(
