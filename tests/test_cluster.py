@@ -321,3 +321,27 @@ async def test_lag_per_shard_then_a_drain_process_empties_every_shard(
 def by_shard_of(lag: dict[str, int]) -> Counter[str]:
     """The shards with entries waiting, and how many."""
     return Counter({shard: n for shard, n in lag.items() if n})
+
+
+async def test_operator_list_and_public_results_on_the_cluster(
+    aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis
+) -> None:
+    """The campaign list reads every campaign's live part (one pipeline split by master,
+    Redis's clock apart) and a sold-out red packet's results come once it is drained."""
+    client = await _app(aiohttp_client, cluster_settings)
+    ids = [str((await create_campaign(client, total_fen=300, count=3))["id"]) for _ in range(4)]
+    tokens = await gather_limited([login(client, f"r{i}") for i in range(3)])
+    client.session.cookie_jar.clear()
+    await gather_limited([_grab(client, t, ids[0]) for t in tokens])
+    resp = await client.get("/api/admin/campaigns", headers=ADMIN)
+    listed = await resp.json()
+    assert resp.status == 200, listed
+    by_id = {c["id"]: c for c in listed["campaigns"]}
+    assert set(by_id) == set(ids)
+    assert (by_id[ids[0]]["state"], by_id[ids[0]]["won_fen"]) == ("sold_out", 300)
+    assert {by_id[c]["state"] for c in ids[1:]} == {"open"}
+    await _drained(cluster_redis, ids[0])
+    resp = await client.get(f"/api/campaigns/{ids[0]}/results")
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert (body["won_count"], body["won_fen"]) == (3, 300)

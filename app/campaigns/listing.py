@@ -56,6 +56,9 @@ def _iso(moment: datetime) -> str:
 async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
     """The list entry of each campaigns row, its live part read in one pipeline."""
     campaigns = [definitions.from_row(row) for row in rows]
+    # Redis's clock first, apart: a Redis Cluster's pipeline refuses TIME.
+    seconds, micros = await redis.time()
+    now = seconds * 1000 + micros // 1000
     async with redis.pipeline(transaction=False) as pipe:
         for campaign in campaigns:
             keys = CampaignKeys.of(campaign.id)
@@ -65,10 +68,7 @@ async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[s
                 pipe.llen(keys.pool)
             else:
                 pipe.hgetall(keys.tiers)
-        pipe.time()
         replies = await pipe.execute()
-    seconds, micros = replies.pop()
-    now = seconds * 1000 + micros // 1000
     out, at = [], 0
     for row, campaign in zip(rows, campaigns, strict=True):
         meta = replies[at]
