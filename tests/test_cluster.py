@@ -8,14 +8,18 @@ wins twice, count and sum exact, PostgreSQL's ledger equals Redis after the drai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
@@ -23,6 +27,7 @@ from redis.asyncio import Redis
 from app.background.lag import ledger_lag_by_campaign, ledger_lag_by_shard
 from app.campaigns import operations
 from app.local.cluster import EmbeddedCluster
+from app.local.embedded import free_port
 from app.settings import LedgerSettings, Settings
 from app.store.scriptline import ClusterLine
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, GrabCode, Scripts
@@ -345,3 +350,61 @@ async def test_operator_list_and_public_results_on_the_cluster(
     body = await resp.json()
     assert resp.status == 200, body
     assert (body["won_count"], body["won_fen"]) == (3, 300)
+
+
+async def test_serve_on_a_local_cluster_grabs_and_stops_it(
+    tmp_path: Path, database_url: str, cluster_clean: None
+) -> None:
+    """`./hb serve --redis-cluster 3`: its own 6 nodes, the H5 page and a grab through
+    the public port, and on Ctrl-C every node it started is gone."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "ADMIN_TOKEN"}}
+    env.update(DATABASE_URL=database_url, EMBEDDED_REDIS_PORT=str(free_port()))
+    data_dir = tmp_path / "data"
+    argv = [sys.executable, "-m", "app", "serve", "--redis-cluster", "3", "--workers", "1"]
+    proc = subprocess.Popen(
+        [*argv, "--port", str(port), "--data-dir", str(data_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output = b""
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while b"Ctrl-C stops everything" not in output:
+            assert time.monotonic() < deadline, output.decode()
+            line = await asyncio.to_thread(proc.stdout.readline)
+            assert line, output.decode()
+            output += line
+        banner = next(s for s in output.decode().splitlines() if "local Redis Cluster" in s)
+        node_ports = [int(p) for p in banner.split("[")[1].split("]")[0].split(", ")]
+        assert len(node_ports) == 6
+        token = (data_dir / "admin-token").read_text().strip()
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True), headers=PAGE
+        ) as http:
+            async with http.post(
+                f"{base}/api/admin/campaigns",
+                json={"kind": "red_packet", "name": "集群", "total_fen": 1_000, "count": 3},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as resp:
+                assert resp.status == 201
+                cid = (await resp.json())["id"]
+            async with http.get(f"{base}/c/{cid}") as resp:
+                assert resp.status == 200
+            async with http.post(f"{base}/auth/dev-login", json={"openid": "one"}) as resp:
+                assert resp.status == 200
+            async with http.post(f"{base}/api/campaigns/{cid}/grab") as resp:
+                grab = await resp.json()
+        assert grab["result"] == "won"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = (await asyncio.to_thread(proc.communicate, timeout=90))[0]
+        output += rest
+    assert proc.returncode == 0, output.decode()
+    assert b"hongbao: stopped" in output
+    for node_port in node_ports:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", node_port), 0.5):
+            raise AssertionError(f"node on {node_port} still answers")
