@@ -230,7 +230,10 @@ class Pseudonyms:
     derived once instead of hashing salt + openid per request."""
 
     def __init__(self, salt: str) -> None:
-        self._key = hashlib.sha256(salt.encode()).digest()
+        # The keyed state, made once: each pseudonym copies it instead of keying anew.
+        self._keyed = hashlib.blake2b(key=hashlib.sha256(salt.encode()).digest(), digest_size=8)
 
     def __call__(self, openid: str) -> str:
-        return hashlib.blake2b(openid.encode(), key=self._key, digest_size=8).hexdigest()
+        digest = self._keyed.copy()
+        digest.update(openid.encode())
+        return digest.hexdigest()

@@ -363,6 +363,9 @@ class Settings:
     # Salt of the SHA-256 that stands for the openid in access logs (never the raw openid).
     log_salt: str = field(default="", repr=False)
     access_log: bool = True
+    # One in this many successful hot-path answers that settle nothing (sold out,
+    # already won) gets an access line; errors and settlements always get one.
+    access_log_sample: int = 100
     # Tests only (HB_CLOCK_SKEW_MS): the worker's clock runs this far ahead (or behind,
     # negative), to show that Redis's clock decides windows, slots and the quota day.
     clock_skew_ms: int = 0
@@ -426,6 +429,7 @@ class Settings:
             drain_delay_s=_float(env, "DRAIN_DELAY_S", d("drain_delay_s")),
             log_salt=env.get("LOG_SALT", ""),
             access_log=_bool(env, "ACCESS_LOG", d("access_log")),
+            access_log_sample=_int(env, "ACCESS_LOG_SAMPLE", d("access_log_sample"), minimum=1),
             clock_skew_ms=_int(env, "HB_CLOCK_SKEW_MS", d("clock_skew_ms"), minimum=-(10**12)),
         ).checked()
 

@@ -1,18 +1,26 @@
-"""What the hot path's shortcuts keep: a remembered session token still ends at once when
-revoked and at its expiry, and each player's memo answer is the player's."""
+"""What the hot path's shortcuts keep: a remembered session token still ends as soon as it
+is revoked and at its expiry; access lines of routine answers are sampled while every
+error and settlement is logged, with every field."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import time
 
+import orjson
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app.identity.sessions import Session, issue
+from app.metrics import Pseudonyms
+from app.settings import Settings
 from app.store.scripts import SESSION_SIGNING_KEY, CampaignKeys, session_key
-from app.web.keys import EVENTS, SESSIONS
-from tests.conftest import create_campaign, login
+from app.web.accesslog import AccessLog
+from app.web.factory import create_app
+from app.web.keys import ACCESS_LOG, EVENTS, SESSIONS
+from tests.conftest import PAGE, create_campaign, login
 
 
 async def _live(client: TestClient) -> None:
@@ -65,3 +73,57 @@ async def test_a_remembered_token_ends_at_its_expiry(client: TestClient, redis: 
     assert await _me(client, token, cid) == 401
     resp = await client.post(f"/api/campaigns/{cid}/grab", cookies={"hb_session": token})
     assert resp.status == 401
+
+
+async def test_routine_answers_are_sampled_errors_and_settlements_all_logged(
+    aiohttp_client,  # type: ignore[no-untyped-def]
+    settings: Settings,
+) -> None:
+    out = io.BytesIO()
+    app = create_app(settings.with_(access_log_sample=3, log_salt="salt"), AccessLog(out))
+    client = await aiohttp_client(app, headers=PAGE)
+    cid = str((await create_campaign(client, total_fen=100, count=1))["id"])
+    winner = await login(client, "winner")
+    losers = [await login(client, f"late-{i}") for i in range(6)]
+    client.session.cookie_jar.clear()
+    app[ACCESS_LOG].flush()
+    out.seek(0)
+    out.truncate()
+
+    async def grab(token: str | None) -> dict[str, object]:
+        cookies = {} if token is None else {"hb_session": token}
+        resp = await client.post(f"/api/campaigns/{cid}/grab", cookies=cookies)
+        body: dict[str, object] = await resp.json()
+        return body
+
+    assert (await grab(winner))["result"] == "won"
+    for token in losers:
+        assert (await grab(token))["result"] == "sold_out"
+    for _ in range(3):
+        assert (await grab(winner))["result"] == "already_won"
+    for _ in range(2):
+        assert (await grab(None))["error"] == "unauthenticated"
+    app[ACCESS_LOG].flush()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    grabs = [line for line in lines if line["route"] == "/api/campaigns/{id}/grab"]
+    settled = [line for line in grabs if "sample" not in line and line["status"] == 200]
+    sampled = [line for line in grabs if "sample" in line]
+    errors = [line for line in grabs if line["status"] == 401]
+    # The settlement and every error in full, one in 3 of the 9 routine answers.
+    assert len(settled) == 1
+    assert settled[0]["user"] == Pseudonyms("salt")("winner")
+    assert len(errors) == 2
+    assert len(sampled) == 3
+    assert all(line["sample"] == 3 and line["status"] == 200 for line in sampled)
+    assert len(grabs) == 6
+    fields = {"ts", "level", "pid", "request_id", "route", "method", "status", "duration_ms"}
+    assert all(fields | {"user"} <= line.keys() for line in grabs)
+    assert all(isinstance(line["duration_ms"], float) for line in grabs)
+
+
+def test_pseudonyms_are_keyed_blake2b_of_the_salt_digest() -> None:
+    """The precomputed keyed state gives the documented pseudonym."""
+    key = hashlib.sha256(b"pepper").digest()
+    for openid in ("a", "wx-openid-secret", "玩家"):
+        expected = hashlib.blake2b(openid.encode(), key=key, digest_size=8).hexdigest()
+        assert Pseudonyms("pepper")(openid) == expected

@@ -71,6 +71,8 @@ class Topology:
             port,
             DRAIN_DELAY_S=str(DRAIN_DELAY_S),
             SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
+            # Every answer logged: grab_lines() tallies each worker's grabs from its log.
+            ACCESS_LOG_SAMPLE="1",
         )
         out = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.workers[name] = subprocess.Popen(

@@ -3,7 +3,11 @@
 The edge middleware builds each line: ``ts`` (unix seconds), ``level`` (INFO, ERROR for
 a 5xx), ``pid``, ``request_id``, ``route``, ``method``, ``status``, ``duration_ms`` and
 ``user``; the first three are those of the application log lines (app.logs), so one log
-store query covers both.
+store query covers both. Every request gets a line (health checks and scrapes only when
+they fail), except the answers that settle nothing at the peak: of the grabs answered
+sold out or already won, one in ACCESS_LOG_SAMPLE (default 100) is logged, carrying
+``sample`` (the N it stands for). Every error, every settlement (a won grab, a draw)
+and every other route is logged in full, and HAProxy logs every request with its id.
 
 A line is serialised when the request ends and queued; the queue is written with one
 ``write`` FLUSH_AFTER_S after its first line (or as soon as it holds FLUSH_LINES), so a
@@ -21,9 +25,21 @@ import sys
 from typing import IO, Any
 
 import orjson
+from aiohttp import web
 
 FLUSH_AFTER_S = 0.05
 FLUSH_LINES = 1024
+
+
+class RoutineResponse(web.Response):
+    """A 200 that settled nothing (a grab answered sold out or already won): one in
+    ACCESS_LOG_SAMPLE of these gets an access line, with ``sample`` (how many it stands
+    for); HAProxy's log has a line for each, with its request id."""
+
+
+def routine_json(data: Any) -> RoutineResponse:
+    """A JSON RoutineResponse (200), serialised with orjson."""
+    return RoutineResponse(body=orjson.dumps(data), content_type="application/json")
 
 
 class AccessLog:

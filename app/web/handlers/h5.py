@@ -8,6 +8,7 @@ from aiohttp import web
 
 from app.errors import Invalid, QuotaExhausted, json_response
 from app.store.scripts import GrabCode
+from app.web.accesslog import routine_json
 from app.web.handlers.deps import current_session, playing_session
 from app.web.keys import CAMPAIGNS, METRICS, PAYOUTS
 
@@ -36,10 +37,11 @@ async def grab(request: web.Request) -> web.Response:
     outcome = await campaigns.grab(campaign, session.openid)
     if outcome.code is GrabCode.SOLD_OUT:
         request.app[METRICS].count_grab("sold_out")
-        return json_response({"result": "sold_out"})
+        return routine_json({"result": "sold_out"})
     result = _RESULTS[outcome.code]
     request.app[METRICS].count_grab(result)
-    return json_response({"result": result, "amount_fen": outcome.amount_fen})
+    body = {"result": result, "amount_fen": outcome.amount_fen}
+    return json_response(body) if outcome.code is GrabCode.WON else routine_json(body)
 
 
 async def my_result(request: web.Request) -> web.Response:
