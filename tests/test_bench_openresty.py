@@ -1,5 +1,6 @@
 """The bench's OpenResty comparison (bench/openresty/): its shipped nginx config passes
-``nginx -t``, and a small round through a real nginx settles every grab exactly once.
+``nginx -t``, and a small round through a real nginx settles every grab exactly once;
+``./hb bench`` names the Debian packages it lacks.
 
 nginx-light and libnginx-mod-http-lua are in scripts/system-packages, so ``./hb test``
 (and CI) installs them; without them these tests are skipped.
@@ -7,7 +8,11 @@ nginx-light and libnginx-mod-http-lua are in scripts/system-packages, so ``./hb 
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from tests.conftest import create_campaign, gather_limited
 needs_nginx = pytest.mark.skipif(
     openresty.nginx_binary() is None, reason="no nginx with ngx_lua (nginx-light)"
 )
+ROOT = Path(__file__).resolve().parent.parent
 ENVELOPES = 100
 PLAYERS = 300
 
@@ -126,3 +132,30 @@ def test_report_shows_both_ratios_and_openresty_p99() -> None:
     assert "on a fresh campaign;\nnginx-light 1.22.1:" in text
     assert "1.000 script calls per grab" in text
     assert text.endswith("nobody twice, in every run: yes")
+
+
+def test_hb_bench_stops_at_once_naming_missing_bench_packages() -> None:
+    # A checkout whose bench list names one package nobody has. /tmp, not tmp_path: the
+    # ordinary user below must be able to enter it.
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:
+        checkout = Path(folder)
+        (checkout / "scripts").mkdir()
+        shutil.copy(ROOT / "hb", checkout / "hb")
+        shutil.copy(ROOT / "scripts" / "system-packages", checkout / "scripts")
+        listed = (ROOT / "scripts" / "bench-packages").read_text()
+        (checkout / "scripts" / "bench-packages").write_text(
+            listed + "hongbao-no-such-package  /nonexistent/hongbao-probe  the test's own\n"
+        )
+        for path in (checkout, checkout / "scripts"):
+            path.chmod(0o755)
+        argv = ["bash", str(checkout / "hb"), "bench", "--quick"]
+        if os.geteuid() == 0:
+            # As root, hb installs with apt-get; an ordinary user is told the command.
+            argv = ["runuser", "-u", "nobody", "--", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, result
+        assert result.stderr.splitlines()[-1].endswith(
+            "hongbao-no-such-package; install with: sudo apt-get install -y hongbao-no-such-package"
+        )
+        assert result.stderr.startswith("hb: the bench needs ")
+        assert not (checkout / ".venv").exists()
