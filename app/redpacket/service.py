@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import asyncpg
 from redis.asyncio import Redis
@@ -28,9 +27,8 @@ from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, RedisClock, Sc
 log = logging.getLogger("hongbao.redpacket")
 
 
-@dataclass(frozen=True, slots=True)
-class GrabOutcome:
-    """One player's grab result."""
+class GrabOutcome(NamedTuple):
+    """One player's grab result (a NamedTuple: one is made per settled player)."""
 
     code: GrabCode
     amount_fen: int

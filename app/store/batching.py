@@ -29,50 +29,57 @@ class Batcher(Generic[T, R]):
         self._flush = flush
         self._max_size = max_size
         self._max_in_flight = max_in_flight
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        # Items queued and their futures, side by side (no pair object per item).
+        self._items: list[T] = []
+        self._futures: list[asyncio.Future[R]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._scheduled = False
 
-    async def submit(self, item: T) -> R:
-        """Queue ``item`` and wait for its result."""
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item``; await the future for its result.
+
+        A plain function returning the future, not a coroutine: on the hot path every
+        layer of coroutine costs a frame to create and one to resume."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.append((item, future))
+        self._items.append(item)
+        self._futures.append(future)
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._dispatch)
-        return await future
+        return future
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        while self._pending and len(self._in_flight) < self._max_in_flight:
-            batch = self._pending[: self._max_size]
-            del self._pending[: self._max_size]
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+        size = self._max_size
+        while self._items and len(self._in_flight) < self._max_in_flight:
+            items, futures = self._items[:size], self._futures[:size]
+            del self._items[:size], self._futures[:size]
+            task = asyncio.get_running_loop().create_task(self._run(items, futures))
             self._in_flight.add(task)
             task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        if self._pending and not self._scheduled:
+        if self._items and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._dispatch)
 
-    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _run(self, items: list[T], futures: list[asyncio.Future[R]]) -> None:
         try:
-            results = await self._flush([item for item, _ in batch])
+            results = await self._flush(items)
         except Exception as exc:  # every waiter of this batch sees the failure
-            for _, future in batch:
+            for future in futures:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for future, result in zip(futures, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
     async def drain(self) -> None:
         """Wait until nothing is queued or in flight."""
-        while self._pending or self._in_flight:
+        while self._items or self._in_flight:
             if self._in_flight:
                 await asyncio.wait(set(self._in_flight))
             else:
@@ -89,13 +96,13 @@ class KeyedBatchers(Generic[T, R]):
         self._max_size = max_size
         self._batchers: dict[str, Batcher[T, R]] = {}
 
-    async def submit(self, key: str, item: T) -> R:
-        """Queue ``item`` in the batch of ``key`` and wait for its result."""
+    def submit(self, key: str, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` in the batch of ``key``; await the future for its result."""
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = Batcher(functools.partial(self._flush, key), max_size=self._max_size)
             self._batchers[key] = batcher
-        return await batcher.submit(item)
+        return batcher.submit(item)
 
     async def drain(self) -> None:
         """Wait until no key has anything queued or in flight."""

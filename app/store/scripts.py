@@ -159,6 +159,9 @@ class GrabCode(enum.IntEnum):
     SOLD_OUT = 2
 
 
+GRAB_CODES = tuple(GrabCode)  # by value
+
+
 @dataclass(frozen=True, slots=True)
 class GrabBatchResult:
     """What grab_envelope answered for one batch."""
@@ -188,6 +191,9 @@ class DrawCode(enum.IntEnum):
     NO_PRIZE = 1
     QUOTA_TOTAL = 2
     QUOTA_DAILY = 3
+
+
+DRAW_CODES = tuple(DrawCode)  # by value
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +348,8 @@ class Scripts:
             ),
         )
         status = GrabStatus(int(raw[0]))
-        outcomes = [(GrabCode(int(raw[i])), int(raw[i + 1])) for i in range(3, len(raw), 2)]
+        # Lua's integers arrive as ints; an index into the codes is a tenth of GrabCode().
+        outcomes = [(GRAB_CODES[raw[i]], raw[i + 1]) for i in range(3, len(raw), 2)]
         return GrabBatchResult(status, int(raw[1]), outcomes, int(raw[2]))
 
     async def set_paused(self, campaign_id: str, paused: bool) -> tuple[PauseStatus, int]:
@@ -387,7 +394,7 @@ class Scripts:
             status, redis_ms, redis_day = DrawStatus(int(raw[0])), int(raw[1]), int(raw[2])
             if status is not DrawStatus.WRONG_DAY:
                 results = [
-                    DrawResult(DrawCode(int(raw[i])), int(raw[i + 1]), int(raw[i + 2]))
+                    DrawResult(DRAW_CODES[raw[i]], raw[i + 1], raw[i + 2])
                     for i in range(3, len(raw), 3)
                 ]
                 return DrawBatchResult(status, results, redis_ms, redis_day)
