@@ -114,7 +114,10 @@ class CampaignService:
         since the script checks the window again by Redis's clock itself, so a worker
         whose clock is wrong grants nothing outside it.
         """
-        campaign = await self.get(campaign_id)
+        # A cached definition is read without a coroutine (the hot paths' common case).
+        campaign = self._cache.get(campaign_id)
+        if campaign is None:
+            campaign = await self.get(campaign_id)
         if not self._clock.synced:
             await self._clock.sync(self._redis)
         now = self._clock()
@@ -190,21 +193,23 @@ class CampaignService:
             view["payout"] = await _from_ledger(self._payouts.player_view(campaign_id, openid))
         return view
 
-    async def grab(self, campaign: Campaign[Any], openid: str) -> GrabOutcome:
-        """Settle one grab in an open campaign (see ensure_open); WrongKind for a lottery."""
+    def grab(self, campaign: Campaign[Any], openid: str) -> Awaitable[GrabOutcome]:
+        """Settle one grab in an open campaign (see ensure_open); WrongKind for a lottery.
+
+        Hands back the kind's coroutine (no coroutine of its own on the hot path)."""
         if campaign.kind is not Kind.RED_PACKET:
             raise WrongKind("this campaign is a lottery; draw instead")
-        return await self.red_packets.grab(campaign, openid)
+        return self.red_packets.grab(campaign, openid)
 
-    async def draw(
+    def draw(
         self, campaign: Campaign[Any], openid: str, idempotency_key: str | None = None
-    ) -> DrawOutcome:
+    ) -> Awaitable[DrawOutcome]:
         """Settle one draw in an open campaign (see ensure_open); WrongKind for a red packet.
 
         A retry under the same ``idempotency_key`` answers the draw already made."""
         if campaign.kind is not Kind.LOTTERY:
             raise WrongKind("this campaign is not a lottery; grab it instead")
-        return await self.lotteries.draw(campaign, openid, idempotency_key)
+        return self.lotteries.draw(campaign, openid, idempotency_key)
 
     async def drain(self) -> None:
         """Finish grabs and draws in flight (graceful shutdown)."""
