@@ -138,7 +138,14 @@ class Drainer:
         """Claim abandoned entries when due, then read and record one batch; return entries."""
         now = time.monotonic()
         if now - self._refreshed_at >= REFRESH_S or not self._streams:
-            await self._refresh()
+            try:
+                await self._refresh()
+            except RedisError as exc:
+                # A shard that does not answer (a master stalled or lost) must not stop
+                # the draining of the streams already followed on the others.
+                if not (self._cluster and self._streams) or isinstance(exc, ResponseError):
+                    raise
+                log.warning("drainer %s: campaigns not refreshed: %s", self.consumer, _err(exc))
             self._refreshed_at = now
         if not self._streams:
             await self._pause(self._settings.block_ms / 1000)
@@ -195,14 +202,38 @@ class Drainer:
 
     async def _read_slot_by_slot(self) -> list[Any]:
         """A cluster's read: every stream's XREADGROUP, pipelined by shard; waits
-        CLUSTER_POLL_S when nothing came."""
+        CLUSTER_POLL_S when nothing came.
+
+        A shard that fails (a master lost, until its replica is promoted) does not stop
+        the others: what they delivered is recorded now, not left pending until claimed.
+        Only when nothing came is a failure raised (the caller backs off); a lost group
+        is raised first, so that the groups are created again.
+        """
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in self._streams:
                 pipe.xreadgroup(GROUP, self.consumer, {key: ">"}, count=self._settings.batch_max)
-            replies = await pipe.execute()
-        reply = [stream for streams in replies for stream in streams or []]
+            replies = await pipe.execute(raise_on_error=False)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        for error in errors:
+            if isinstance(error, ResponseError) and _group_lost(error):
+                raise error
+        reply = [
+            stream
+            for streams in replies
+            if not isinstance(streams, Exception)
+            for stream in streams or []
+        ]
         if not any(items for _, items in reply):
+            if errors:
+                raise errors[0]
             await self._pause(min(CLUSTER_POLL_S, self._settings.block_ms / 1000))
+        elif errors:
+            log.warning(
+                "drainer %s: %d stream(s) unread (%s); the others recorded",
+                self.consumer,
+                len(errors),
+                _err(errors[0]),
+            )
         return reply
 
     async def _refresh(self) -> None:
@@ -282,6 +313,12 @@ class Drainer:
                         raise
                     self._streams.clear()
                     return claimed
+                except RedisError as exc:
+                    if not self._cluster:
+                        raise
+                    # That stream's shard does not answer: claim on the others.
+                    log.warning("drainer %s: %s not claimed: %s", self.consumer, key, _err(exc))
+                    break
                 entries = [
                     LedgerEntry.of(cid, raw_id, fields)
                     for raw_id, fields in reply[1]

@@ -23,9 +23,13 @@ from app.local.embedded import EmbeddedRedis, port_busy, redis_cli_binary
 
 # Redis Cluster's bus listens this far above each node's port.
 BUS_OFFSET = 10_000
-# Where node ports are looked for: below 65535 - BUS_OFFSET, above the usual services.
-PORT_RANGE = (20_000, 50_000)
+# Where node ports are looked for: node and bus ports both below Linux's ephemeral range
+# (32768-60999), so no outgoing connection of another process takes one meanwhile.
+PORT_RANGE = (10_000, 32_768 - BUS_OFFSET)
 START_TIMEOUT_S = 30.0
+# A node that cannot bind its ports (taken between the check and the bind) makes the
+# start try again on other ports, this many times in all.
+START_ATTEMPTS = 3
 
 
 def cluster_ports(count: int) -> list[int]:
@@ -122,22 +126,32 @@ class EmbeddedCluster:
 
     def start(self) -> EmbeddedCluster:
         """Start every node, create the cluster, wait until it serves every slot."""
-        count = self.masters * (1 + self.replicas)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            for port in cluster_ports(count):
-                node_dir = self.data_dir / str(port)
-                # A fresh cluster each start: old nodes.conf files name other ports.
-                shutil.rmtree(node_dir, ignore_errors=True)
-                self.nodes[port] = EmbeddedRedis(
-                    node_dir, port, self.appendfsync, options=self._options()
-                ).start()
-            self._create()
-            self.wait_ok()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_nodes()
+                self._create()
+                self.wait_ok()
+                return self
+            except RuntimeError:
+                self.stop()
+                self.nodes.clear()
+                if attempt == START_ATTEMPTS:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _start_nodes(self) -> None:
+        for port in cluster_ports(self.masters * (1 + self.replicas)):
+            node_dir = self.data_dir / str(port)
+            # A fresh cluster each start: old nodes.conf files name other ports.
+            shutil.rmtree(node_dir, ignore_errors=True)
+            self.nodes[port] = EmbeddedRedis(
+                node_dir, port, self.appendfsync, options=self._options()
+            )
+            self.nodes[port].start()
 
     def _options(self) -> tuple[str, ...]:
         return (
