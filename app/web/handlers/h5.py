@@ -88,8 +88,10 @@ async def draw(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Register player routes."""
-    app.router.add_get("/api/campaigns/{id}", get_campaign, name="campaign")
+    # The router tries the routes under /api/campaigns in this order (each miss is a
+    # regex match): the hot ones first.
     app.router.add_post("/api/campaigns/{id}/grab", grab, name="grab")
-    app.router.add_get("/api/campaigns/{id}/me", my_result, name="me")
     app.router.add_post("/api/campaigns/{id}/draw", draw, name="draw")
+    app.router.add_get("/api/campaigns/{id}", get_campaign, name="campaign")
+    app.router.add_get("/api/campaigns/{id}/me", my_result, name="me")
     app.router.add_post("/api/campaigns/{id}/claim", claim, name="claim")
