@@ -30,16 +30,17 @@ async def get_campaign(request: web.Request) -> web.Response:
 
 async def grab(request: web.Request) -> web.Response:
     """POST /api/campaigns/{id}/grab: one envelope per player, settled in Redis."""
-    campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
+    app = request.app  # read once: each read walks the match info
+    campaigns, campaign_id = app[CAMPAIGNS], request.match_info["id"]
     # 404 / 409 need no session: answered from the cached definition, before Redis.
     campaign = await campaigns.ensure_open(campaign_id)
     session = await playing_session(request)
     outcome = await campaigns.grab(campaign, session.openid)
     if outcome.code is GrabCode.SOLD_OUT:
-        request.app[METRICS].count_grab("sold_out")
+        app[METRICS].count_grab("sold_out")
         return routine_json({"result": "sold_out"})
     result = _RESULTS[outcome.code]
-    request.app[METRICS].count_grab(result)
+    app[METRICS].count_grab(result)
     body = {"result": result, "amount_fen": outcome.amount_fen}
     return json_response(body) if outcome.code is GrabCode.WON else routine_json(body)
 
@@ -70,12 +71,13 @@ def idempotency_key(request: web.Request) -> str | None:
 async def draw(request: web.Request) -> web.Response:
     """POST /api/campaigns/{id}/draw: one lottery draw, settled in Redis; a retry under the
     same Idempotency-Key answers the same draw."""
-    campaigns, campaign_id = request.app[CAMPAIGNS], request.match_info["id"]
+    app = request.app
+    campaigns, campaign_id = app[CAMPAIGNS], request.match_info["id"]
     key = idempotency_key(request)
     # As for grabs, 404 / 409 need no session.
     campaign = await campaigns.ensure_open(campaign_id)
     session = await playing_session(request)
-    metrics = request.app[METRICS]
+    metrics = app[METRICS]
     try:
         outcome = await campaigns.draw(campaign, session.openid, key)
     except QuotaExhausted:
