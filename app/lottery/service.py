@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import asyncpg
 from redis.asyncio import Redis
@@ -39,8 +38,12 @@ from app.store.scripts import (
 log = logging.getLogger("hongbao.lottery")
 
 
-@dataclass(frozen=True, slots=True)
-class DrawOutcome:
+# Each draw's randomness: RANDOM_BITS of its own RANDOM_BYTES of the batch's.
+RANDOM_BYTES = (RANDOM_BITS + 7) // 8
+RANDOM_MASK = (1 << RANDOM_BITS) - 1
+
+
+class DrawOutcome(NamedTuple):
     """One accepted draw, ready to render."""
 
     result: DrawResult
@@ -155,7 +158,12 @@ class Lotteries:
     ) -> list[tuple[DrawStatus, DrawResult]]:
         # The batch is settled at one instant of Redis's clock, which decides the quota
         # day; the day guessed here only names the key, and Redis corrects a wrong guess.
-        draws = [Draw(user, secrets.randbits(RANDOM_BITS), key) for user, key in users]
+        # One read of the system's randomness for the batch, not one per draw.
+        pool = int.from_bytes(secrets.token_bytes(RANDOM_BYTES * len(users)), "big")
+        draws = [
+            Draw(user, (pool >> (RANDOM_BYTES * 8 * i)) & RANDOM_MASK, key)
+            for i, (user, key) in enumerate(users)
+        ]
         batch = await self._scripts.draw_prize(campaign_id, shanghai_day(self._clock()), draws)
         self._clock.observe(batch.now_ms)
         if batch.status is not DrawStatus.SETTLED:

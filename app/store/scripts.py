@@ -42,7 +42,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -196,8 +196,7 @@ class DrawCode(enum.IntEnum):
 DRAW_CODES = tuple(DrawCode)  # by value
 
 
-@dataclass(frozen=True, slots=True)
-class DrawResult:
+class DrawResult(NamedTuple):
     """One draw as settled by draw_prize: tier -1 unless a prize, draw_no 0 when refused."""
 
     code: DrawCode
@@ -205,9 +204,10 @@ class DrawResult:
     draw_no: int
 
 
-@dataclass(frozen=True, slots=True)
-class Draw:
-    """One draw to settle: the player, its randomness, its idempotency key if any."""
+class Draw(NamedTuple):
+    """One draw to settle: the player, its randomness, its idempotency key if any (a
+    NamedTuple, as DrawResult: one of each is made per draw, a third of a frozen
+    dataclass's cost)."""
 
     openid: str
     rand: int
