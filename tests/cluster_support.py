@@ -11,19 +11,30 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from app.local.cluster import EmbeddedCluster
-from app.settings import Settings
+from app.settings import LedgerSettings, Settings
 from app.store.client import cluster_of, open_redis
-from tests.conftest import ADMIN_TOKEN
+from app.web.factory import create_app
+from tests.conftest import ADMIN_TOKEN, PAGE
 
 # How long a master may be silent before its replica is promoted, in tests.
 NODE_TIMEOUT_MS = 1000
+# Drainers that poll, claim and retry quickly, so a test's ledger catches up in moments.
+FAST = LedgerSettings(block_ms=50, claim_idle_ms=200, retry_max_ms=200)
+
+
+async def cluster_app(aiohttp_client: Any, settings: Settings) -> TestClient:
+    """A test client of an app on the cluster, its drainers fast."""
+    client: TestClient = await aiohttp_client(create_app(settings.with_(ledger=FAST)), headers=PAGE)
+    return client
 
 
 @pytest.fixture(name="cluster", scope="module")

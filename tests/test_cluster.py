@@ -35,6 +35,7 @@ from app.web.factory import create_app
 from app.web.keys import EVENTS
 from tests.cluster_support import (  # noqa: F401 - fixtures
     as_cluster,
+    cluster_app,
     cluster_clean_fixture,
     cluster_fixture,
     cluster_redis_fixture,
@@ -42,13 +43,6 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
 )
 from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
 from tests.test_lottery_api import LOTTERY
-
-FAST = LedgerSettings(block_ms=50, claim_idle_ms=200, retry_max_ms=200)
-
-
-async def _app(aiohttp_client: Any, settings: Settings) -> TestClient:
-    client: TestClient = await aiohttp_client(create_app(settings.with_(ledger=FAST)), headers=PAGE)
-    return client
 
 
 async def _grab(client: TestClient, token: str, cid: str) -> dict[str, Any]:
@@ -78,7 +72,7 @@ async def test_campaigns_spread_over_the_masters(
     aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis
 ) -> None:
     """Each campaign's keys share one slot; different campaigns land on different masters."""
-    client = await _app(aiohttp_client, cluster_settings)
+    client = await cluster_app(aiohttp_client, cluster_settings)
     ids = [str((await create_campaign(client, count=10))["id"]) for _ in range(12)]
     nodes = as_cluster(cluster_redis)
     homes = {nodes.get_node_from_key(CampaignKeys.of(cid).pool).name for cid in ids}
@@ -97,8 +91,8 @@ async def test_2000_players_with_retries_on_the_cluster(
 ) -> None:
     """2,000 players grab twice at once (a retry racing its original) from two workers:
     500 winners exactly, nobody twice, the sum is the budget, PostgreSQL == Redis."""
-    a = await _app(aiohttp_client, cluster_settings)
-    b = await _app(aiohttp_client, cluster_settings)
+    a = await cluster_app(aiohttp_client, cluster_settings)
+    b = await cluster_app(aiohttp_client, cluster_settings)
     cid = str((await create_campaign(a, total_fen=888_888, count=500))["id"])
     tokens = await gather_limited([login(a, f"p{i:05d}") for i in range(2000)])
     a.session.cookie_jar.clear()
@@ -138,7 +132,7 @@ async def test_many_campaigns_drain_from_every_shard(
     aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis, database_url: str
 ) -> None:
     """Campaigns on all three masters are drained by one drainer, each exactly."""
-    client = await _app(aiohttp_client, cluster_settings)
+    client = await cluster_app(aiohttp_client, cluster_settings)
     nodes = as_cluster(cluster_redis)
     by_master: dict[str, list[str]] = {}
     # Three campaigns on each master (ids are random: create until so, bounded).
@@ -164,7 +158,7 @@ async def test_lottery_on_the_cluster(
     aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis, database_url: str
 ) -> None:
     """Draws settle on the lottery's one shard, within quota, and drain into PostgreSQL."""
-    client = await _app(aiohttp_client, cluster_settings)
+    client = await cluster_app(aiohttp_client, cluster_settings)
     resp = await client.post(
         "/api/admin/campaigns", json={**LOTTERY, "quota_daily": None}, headers=ADMIN
     )
@@ -189,8 +183,8 @@ async def test_login_session_and_revocation_across_workers(
 ) -> None:
     """A logout on one worker reaches the other through the cluster's pub/sub (each
     listener may sit on any node), and a new worker learns it when it subscribes."""
-    a = await _app(aiohttp_client, cluster_settings)
-    b = await _app(aiohttp_client, cluster_settings)
+    a = await cluster_app(aiohttp_client, cluster_settings)
+    b = await cluster_app(aiohttp_client, cluster_settings)
     deadline = time.monotonic() + 5
     while not (a.app[EVENTS].live and b.app[EVENTS].live):
         assert time.monotonic() < deadline, "event listeners never went live"
@@ -211,7 +205,7 @@ async def test_login_session_and_revocation_across_workers(
     while await me(b, leaver) != 401:
         assert time.monotonic() < deadline, "b kept accepting a revoked token"
         await asyncio.sleep(0.01)
-    c = await _app(aiohttp_client, cluster_settings)
+    c = await cluster_app(aiohttp_client, cluster_settings)
     assert await me(c, leaver) == 401
     assert await me(c, tokens[1]) == 200
 
@@ -342,7 +336,7 @@ async def test_operator_list_and_public_results_on_the_cluster(
 ) -> None:
     """The campaign list reads every campaign's live part (one pipeline split by master,
     Redis's clock apart) and a sold-out red packet's results come once it is drained."""
-    client = await _app(aiohttp_client, cluster_settings)
+    client = await cluster_app(aiohttp_client, cluster_settings)
     ids = [str((await create_campaign(client, total_fen=300, count=3))["id"]) for _ in range(4)]
     tokens = await gather_limited([login(client, f"r{i}") for i in range(3)])
     client.session.cookie_jar.clear()

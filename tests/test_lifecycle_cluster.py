@@ -15,25 +15,18 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app.campaigns import operations
-from app.settings import LedgerSettings, Settings
+from app.settings import Settings
 from app.store.scripts import CampaignKeys
-from app.web.factory import create_app
 from app.web.keys import EVENTS
 from tests.cluster_support import (  # noqa: F401 - fixtures
+    cluster_app,
     cluster_clean_fixture,
     cluster_fixture,
     cluster_redis_fixture,
     cluster_settings_fixture,
 )
-from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
+from tests.conftest import ADMIN, create_campaign, gather_limited, login
 from tests.test_lottery_api import LOTTERY
-
-FAST = LedgerSettings(block_ms=50, claim_idle_ms=200, retry_max_ms=200)
-
-
-async def _app(aiohttp_client: Any, settings: Settings) -> TestClient:
-    client: TestClient = await aiohttp_client(create_app(settings.with_(ledger=FAST)), headers=PAGE)
-    return client
 
 
 async def _post(client: TestClient, path: str, token: str | None = None) -> tuple[int, Any]:
@@ -54,8 +47,8 @@ async def _until(check: Any, what: str, within_s: float = 20) -> None:
 async def test_pause_end_and_close_out_on_the_cluster(
     aiohttp_client: Any, cluster_settings: Settings, cluster_redis: Redis, database_url: str
 ) -> None:
-    a = await _app(aiohttp_client, cluster_settings)
-    b = await _app(aiohttp_client, cluster_settings)
+    a = await cluster_app(aiohttp_client, cluster_settings)
+    b = await cluster_app(aiohttp_client, cluster_settings)
     packets = [str((await create_campaign(a, total_fen=10_000, count=100))["id"]) for _ in range(3)]
     lottery = LOTTERY | {"quota_total": 100, "quota_daily": None}
     resp = await a.post("/api/admin/campaigns", json=lottery, headers=ADMIN)

@@ -12,8 +12,6 @@ import asyncio
 import csv
 import io
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -26,26 +24,14 @@ from app.identity.sessions import SessionStore
 from app.local.haproxy import haproxy_binary
 from app.store.scripts import CampaignKeys
 from tests.conftest import ADMIN, PAGE
-from tests.test_topology import Topology
+from tests.test_topology import Topology, topology
+
+__all__ = ["topology"]  # a fixture, imported for this module's test
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(haproxy_binary() is None, reason="haproxy not installed"),
 ]
-
-
-@pytest.fixture
-def stack(tmp_path: Path, redis_url: str, database_url: str, clean: None) -> Iterator[Topology]:
-    """HAProxy in front of two worker processes, all against the test stores."""
-    topo = Topology(tmp_path, redis_url, database_url)
-    try:
-        topo.start_worker("w1")
-        topo.start_worker("w2")
-        topo.start_edge()
-        topo.wait_all_up()
-        yield topo
-    finally:
-        topo.stop()
 
 
 async def operator(database_url: str, name: str, role: Role) -> str:
@@ -65,9 +51,9 @@ async def revoke(database_url: str, name: str) -> None:
 
 
 async def test_audit_remote_revocation_and_csv_through_haproxy(
-    stack: Topology, redis_url: str, database_url: str
+    topology: Topology, redis_url: str, database_url: str
 ) -> None:
-    url = stack.url
+    url = topology.url
     token = await operator(database_url, "值班-小王", Role.ADMIN)
     named = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), headers=PAGE) as http:
@@ -149,7 +135,7 @@ async def test_audit_remote_revocation_and_csv_through_haproxy(
         for name in ("w1", "w2"):  # both workers had it cached, both refuse it now
             lines = [
                 orjson.loads(line)
-                for line in (stack.tmp / f"{name}.log").read_text().splitlines()
+                for line in (topology.tmp / f"{name}.log").read_text().splitlines()
                 if line.startswith("{") and '"route":"/api/admin/campaigns"' in line
             ]
             statuses = {line["status"] for line in lines if line["method"] == "GET"}
