@@ -47,7 +47,11 @@ KNOWN_ROUTES = {
     ("get", "/api/admin/campaigns"),
     ("get", "/api/admin/campaigns/{id}/winners.csv"),
     ("get", "/api/admin/audit"),
+    ("post", "/api/admin/campaigns/{id}/pause"),
+    ("post", "/api/admin/campaigns/{id}/resume"),
+    ("post", "/api/admin/campaigns/{id}/end"),
     ("get", "/api/campaigns/{id}"),
+    ("get", "/api/campaigns/{id}/results"),
     ("post", "/api/campaigns/{id}/grab"),
     ("get", "/api/campaigns/{id}/me"),
     ("post", "/api/campaigns/{id}/draw"),
@@ -332,6 +336,27 @@ async def test_real_answers_conform(
     assert (await call(client, c, "get", me, params={"id": rp}, cookies={"hb_session": "x"}))[
         0
     ] == 401
+    # The lifecycle: pause, a draw refused meanwhile, resume, end; then the results.
+    pause, resume, end = (
+        f"/api/admin/campaigns/{{id}}/{verb}" for verb in ("pause", "resume", "end")
+    )
+    results = "/api/campaigns/{id}/results"
+    status, body = await call(client, c, "post", pause, params={"id": lottery}, headers=ADMIN)
+    assert (status, body["state"]) == (200, "paused")
+    status, body = await call(client, c, "post", draw, params={"id": lottery}, cookies=alice)
+    assert (status, body["error"]) == (409, "paused")
+    status, body = await call(client, c, "post", resume, params={"id": lottery}, headers=ADMIN)
+    assert (status, body["state"]) == (200, "open")
+    assert (await call(client, c, "post", pause, params={"id": lottery}))[0] == 401
+    assert (await call(client, c, "post", end, params={"id": "nosuch"}, headers=ADMIN))[0] == 404
+    status, body = await call(client, c, "post", end, params={"id": lottery}, headers=ADMIN)
+    assert (status, body["state"]) == (200, "ended")
+    status, body = await call(client, c, "post", pause, params={"id": lottery}, headers=ADMIN)
+    assert (status, body["error"]) == (409, "ended")
+    assert (await call(client, c, "get", results, params={"id": lottery}))[0] == 200
+    status, body = await call(client, c, "get", results, params={"id": scheduled})
+    assert (status, body["error"]) == (409, "not_finished")
+    assert (await call(client, c, "get", results, params={"id": "nosuch"}))[0] == 404
     # Payouts are not configured here: claims are 503, notifications refused.
     claim = "/api/campaigns/{id}/claim"
     status, body = await call(client, c, "post", claim, params={"id": rp}, cookies=alice)
