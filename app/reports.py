@@ -46,6 +46,16 @@ class Totals:
         return Totals(self.count + other.count, self.fen + other.fen)
 
 
+def closeout_count(in_ledger: int) -> list[str]:
+    """What is wrong with a closed-out campaign's ledger holding ``in_ledger`` close-outs
+    (exactly one expected, of either kind)."""
+    if in_ledger == 0:
+        return ["closed out in Redis; the close-out is not in PostgreSQL nor in flight"]
+    if in_ledger > 1:
+        return [f"{in_ledger} close-outs in the ledger (one expected)"]
+    return []
+
+
 def conclusion(mismatches: list[str]) -> list[str]:
     """The last lines of a report: the mismatches (the first MAX_LISTED) and the result."""
     lines = []

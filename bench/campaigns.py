@@ -55,6 +55,20 @@ async def create_lottery(http: aiohttp.ClientSession, base: str) -> str:
     )
 
 
+async def closed_windows(http: aiohttp.ClientSession, base: str) -> tuple[str, str]:
+    """Two one-envelope campaigns whose window is closed: one ended, one not yet started."""
+    ended = await create(
+        http,
+        base,
+        total_fen=100,
+        count=1,
+        starts_at="2001-01-01T00:00:00Z",
+        ends_at="2001-01-02T00:00:00Z",
+    )
+    early = await create(http, base, total_fen=100, count=1, starts_at="2999-01-01T00:00:00Z")
+    return ended, early
+
+
 async def sell_out(http: aiohttp.ClientSession, base: str, campaign_id: str, token: str) -> None:
     """Grab the one envelope of ``campaign_id`` as the player of ``token``."""
     async with http.post(
@@ -80,17 +94,9 @@ async def create_all(
         for campaign_id in openresty:
             await unlist(redis, campaign_id)
         sold = await create(http, base, total_fen=100, count=1)
-        ended = await create(
-            http,
-            base,
-            total_fen=100,
-            count=1,
-            starts_at="2001-01-01T00:00:00Z",
-            ends_at="2001-01-02T00:00:00Z",
-        )
+        ended, early = await closed_windows(http, base)
         # One lottery per round: quota_total 1, so every draw of a run is a first one.
         lottery = [await create_lottery(http, base) for _ in range(rounds)]
-        early = await create(http, base, total_fen=100, count=1, starts_at="2999-01-01T00:00:00Z")
         await sell_out(http, base, sold, seller_token)
     return Campaigns(
         grab=grab,

@@ -46,7 +46,7 @@ from redis.asyncio import Redis
 
 from app.identity.sessions import SessionStore
 from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from bench.campaigns import create, create_lottery, sell_out
+from bench.campaigns import closed_windows, create, create_lottery, sell_out
 from bench.measure import script_calls
 from bench.stack import ROOT, app_env, processes, wait_ready
 
@@ -273,15 +273,7 @@ async def _paths(
         # Exactly one each: sold out by the players, who then ask again.
         full = await create(http, base, total_fen=players * 100, count=players)
         sold = await create(http, base, total_fen=100, count=1)
-        ended = await create(
-            http,
-            base,
-            total_fen=100,
-            count=1,
-            starts_at="2001-01-01T00:00:00Z",
-            ends_at="2001-01-02T00:00:00Z",
-        )
-        early = await create(http, base, total_fen=100, count=1, starts_at="2999-01-01T00:00:00Z")
+        ended, early = await closed_windows(http, base)
         lottery = await create_lottery(http, base)
         await sell_out(http, base, sold, tokens[-1])
 

@@ -29,7 +29,7 @@ from app.records import (
     decode_leftovers,
     decode_wins,
 )
-from app.reports import conclusion, fit, listed
+from app.reports import closeout_count, conclusion, fit, listed
 from app.store import ledger
 from app.store.ledger import SettledDraw
 from app.store.scripts import CampaignKeys, daily_key
@@ -394,10 +394,7 @@ def _closeout_mismatches(
                     f"tier {i}: {left.unreleased} unreleased at the close-out, "
                     f"its slots at or after the end hold {never}"
                 )
-    if not ledger_closeouts:
-        out.append("closed out in Redis; the close-out is not in PostgreSQL nor in flight")
-    elif len(ledger_closeouts) > 1:
-        out.append(f"{len(ledger_closeouts)} close-outs in the ledger (one expected)")
+    out += closeout_count(len(ledger_closeouts))
     for kept in ledger_closeouts:
         if kept != snap.closeout:
             out.append("the ledger's close-out differs from Redis's")

@@ -26,7 +26,7 @@ from app.records import (
     PauseRecord,
 )
 from app.redpacket.spec import RedPacket
-from app.reports import Totals, conclusion
+from app.reports import Totals, closeout_count, conclusion
 from app.store import ledger
 from app.store.scripts import CampaignKeys
 
@@ -221,10 +221,7 @@ def _closeout_mismatches(
             f"refunded {refunded.count} / {refunded.fen} fen, the pool holds "
             f"{pool.count} / {pool.fen} fen"
         )
-    if not ledger_refunds:
-        out.append("closed out in Redis; the close-out is not in PostgreSQL nor in flight")
-    elif len(ledger_refunds) > 1:
-        out.append(f"{len(ledger_refunds)} close-outs in the ledger (one expected)")
+    out += closeout_count(len(ledger_refunds))
     for ledger_refund in ledger_refunds:
         if ledger_refund != refunded:
             out.append(
