@@ -245,7 +245,8 @@ class PauseRecord:
 @dataclass(frozen=True, slots=True)
 class CloseoutRecord:
     """A campaign's close-out: a red packet's envelopes and fen returned to the budget
-    (``tiers`` None), or a lottery's leftovers per tier (count and fen 0)."""
+    (``tiers`` None), or a lottery's leftovers per tier (count and fen 0); a sharded red
+    packet has one per sub-pool (``shard``)."""
 
     campaign_id: str
     stream_id: str
@@ -254,6 +255,7 @@ class CloseoutRecord:
     tiers: tuple[TierLeftover, ...] | None
     ended_ms: int
     at_ms: int
+    shard: int = 0
 
 
 Record = GrabRecord | DrawRecord | PauseRecord | CloseoutRecord
@@ -261,11 +263,13 @@ Record = GrabRecord | DrawRecord | PauseRecord | CloseoutRecord
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """One entry of a campaign's ledger stream, as read: fields still undecoded."""
+    """One entry of a campaign's ledger stream, as read: fields still undecoded
+    (``shard``: the sub-pool whose stream it is, of a sharded red packet)."""
 
     campaign_id: str
     stream_id: str
     fields: dict[str, str]
+    shard: int = 0
 
     @classmethod
     def of(
@@ -273,10 +277,11 @@ class LedgerEntry:
         campaign_id: str,
         raw_id: bytes | str,
         raw_fields: Mapping[bytes, bytes] | Mapping[str, str],
+        shard: int = 0,
     ) -> LedgerEntry:
         """An entry from a Redis reply (bytes or decoded strings)."""
         fields = {text(k): text(v) for k, v in raw_fields.items()}
-        return cls(campaign_id, text(raw_id), fields)
+        return cls(campaign_id, text(raw_id), fields, shard)
 
     @property
     def kind(self) -> str:
@@ -322,6 +327,7 @@ class LedgerEntry:
                     None,
                     int(f["e"]),
                     int(f["t"]),
+                    self.shard,
                 )
                 if refund.refunded_count < 0 or refund.refunded_fen < 0:
                     raise ValueError("out of range")

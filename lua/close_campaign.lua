@@ -13,7 +13,9 @@
 --   ends_at_ms: when the campaign ended (or ends)
 -- Writes meta closed_ms and, for a red packet, refunded_count and refunded_fen (k=refund:
 -- c envelopes, a fen, e ends_at_ms, t ms); for a lottery, closeout "unreleased:unwon,"
--- per tier in order (k=leftover: r that list, e, t).
+-- per tier in order (k=leftover: r that list, e, t). The meta of a sharded red packet
+-- (field pools) holds no envelopes: only closed_ms is written, and no ledger entry (each
+-- sub-pool closes out its own envelopes).
 
 local meta, pool, tiers, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
@@ -22,7 +24,7 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local stamp = string.format('%d', now)
 
 local m = redis.call('HMGET', meta, 'kind', 'ends_at_ms', 'closed_ms', 'total_fen', 'won_fen',
-  'tier_count')
+  'tier_count', 'pools')
 if not m[1] then
   return {1, now, 0}
 end
@@ -39,7 +41,9 @@ if now < ends then
 end
 local ended = string.format('%d', ends)
 
-if m[1] == 'lottery' then
+if m[7] then
+  redis.call('HSET', meta, 'closed_ms', stamp)
+elseif m[1] == 'lottery' then
   -- A tier's slots at or after the end were never released; what was released and not
   -- won is unwon. Schedules are "at_ms:cumulative_release,..." (empty: all at start).
   local parts = {}

@@ -9,6 +9,8 @@
 --   status 0 changed (and recorded in the ledger: k=pause, p 1|0, t ms), 1 no such
 --   campaign, 2 ended (its window has passed, or it was closed out): nothing changes,
 --   3 already so: nothing changes (a repeated call)
+-- The meta of a sharded red packet (field pools) changes without a ledger entry: its
+-- sub-pools' entries record the change.
 
 local meta, ledger = KEYS[1], KEYS[2]
 local wanted = ARGV[1]
@@ -16,7 +18,7 @@ local wanted = ARGV[1]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
-local m = redis.call('HMGET', meta, 'ends_at_ms', 'paused', 'closed_ms')
+local m = redis.call('HMGET', meta, 'ends_at_ms', 'paused', 'closed_ms', 'pools')
 if not m[1] then
   return {1, now}
 end
@@ -29,5 +31,7 @@ end
 redis.call('HSET', meta, 'paused', wanted)
 -- PostgreSQL learns the change through the drainers, like a grant: after Redis, retried
 -- until it takes it, in stream order.
-redis.call('XADD', ledger, '*', 'k', 'pause', 'p', wanted, 't', string.format('%d', now))
+if not m[4] then
+  redis.call('XADD', ledger, '*', 'k', 'pause', 'p', wanted, 't', string.format('%d', now))
+end
 return {0, now}

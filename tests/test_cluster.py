@@ -24,7 +24,7 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app.background.lag import ledger_lag_by_campaign, ledger_lag_by_shard
+from app.background.lag import ledger_lag_by_pool, ledger_lag_by_shard
 from app.campaigns import operations
 from app.local.cluster import EmbeddedCluster
 from app.local.embedded import free_port
@@ -287,7 +287,7 @@ async def test_lag_per_shard_then_a_drain_process_empties_every_shard(
         node = nodes.get_node_from_key(CampaignKeys.of(cid).ledger)
         assert node is not None
         expected[node.name] += 5
-    by_campaign = await ledger_lag_by_campaign(cluster_redis)
+    by_campaign = await ledger_lag_by_pool(cluster_redis)
     assert by_shard_of(await ledger_lag_by_shard(cluster_redis, by_campaign)) == expected
     deadline = time.monotonic() + 5
     while True:

@@ -54,7 +54,7 @@ from app.settings import LedgerSettings
 from app.store import ledger
 from app.store.client import cluster_of, open_redis
 from app.store.ledger import Written
-from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, Scripts
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, Scripts, pool_owner
 
 log = logging.getLogger("hongbao.drainer")
 
@@ -101,8 +101,9 @@ class Drainer:
         self._settings = settings
         self.consumer = consumer
         self._stopping = asyncio.Event()
-        # stream key -> campaign id, for streams whose consumer group is known to exist
-        self._streams: dict[str, str] = {}
+        # stream key -> (campaign id, shard), for streams whose consumer group is known
+        # to exist (a sharded red packet's sub-pools: one stream each)
+        self._streams: dict[str, tuple[str, int]] = {}
         self._refreshed_at = float("-inf")
         self._claimed_at = float("-inf")
         # The blocking XREADGROUP in progress, if any: stop() cancels it.
@@ -170,15 +171,20 @@ class Drainer:
             # A stream was deleted (and its group with it): create the groups again.
             self._streams.clear()
             return done
-        entries = [
-            LedgerEntry.of(self._streams[key.decode()], raw_id, fields)
+        read = [
+            (stream, self._entry(stream, raw_id, fields))
             for key, items in reply or []
+            for stream in (key.decode(),)
             for raw_id, fields in items
             if fields is not None
         ]
-        if entries:
-            await self._process(entries)
-        return done + len(entries)
+        if read:
+            await self._process(read)
+        return done + len(read)
+
+    def _entry(self, stream: str, raw_id: bytes, fields: dict[bytes, bytes]) -> LedgerEntry:
+        campaign_id, shard = self._streams[stream]
+        return LedgerEntry.of(campaign_id, raw_id, fields, shard)
 
     async def _read_new(self) -> Any:
         """XREADGROUP new entries of every stream, blocking up to block_ms.
@@ -241,7 +247,7 @@ class Drainer:
         close out ended ones; let go of closed-out, drained ones."""
         members = cast(set[bytes], await self._redis.smembers(CAMPAIGNS_SET))
         ids = await self._prune(sorted(m.decode() for m in members))
-        new = {CampaignKeys.of(cid).ledger: cid for cid in ids}
+        new = {CampaignKeys.of(pool).ledger: pool_owner(pool) for pool in ids}
         missing = [key for key in new if key not in self._streams]
         if missing:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -295,7 +301,7 @@ class Drainer:
     async def _claim(self) -> int:
         """Take over entries pending with other consumers for longer than claim_idle_ms."""
         claimed = 0
-        for key, cid in list(self._streams.items()):
+        for key in list(self._streams):
             start = "0-0"
             # Bounded: each round claims up to batch_max entries or moves the cursor on.
             for _ in range(1000):
@@ -320,7 +326,7 @@ class Drainer:
                     log.warning("drainer %s: %s not claimed: %s", self.consumer, key, _err(exc))
                     break
                 entries = [
-                    LedgerEntry.of(cid, raw_id, fields)
+                    (key, self._entry(key, raw_id, fields))
                     for raw_id, fields in reply[1]
                     if fields is not None
                 ]
@@ -336,15 +342,14 @@ class Drainer:
                     break
         return claimed
 
-    async def _process(self, entries: list[LedgerEntry]) -> bool:
-        """Record then acknowledge; False if stopped before PostgreSQL took the batch."""
-        if not await self._record(entries):
+    async def _process(self, read: list[tuple[str, LedgerEntry]]) -> bool:
+        """Record then acknowledge ``read`` (stream key, entry); False if stopped before
+        PostgreSQL took the batch."""
+        if not await self._record([entry for _, entry in read]):
             return False
         by_stream: dict[str, list[str]] = {}
-        for entry in entries:
-            by_stream.setdefault(CampaignKeys.of(entry.campaign_id).ledger, []).append(
-                entry.stream_id
-            )
+        for stream, entry in read:
+            by_stream.setdefault(stream, []).append(entry.stream_id)
         # XACK and XDEL together: the stream then holds exactly the unrecorded entries.
         if self._cluster:
             # A MULTI stays within one slot there: one per stream, all at once.

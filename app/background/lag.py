@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from app.metrics import Metrics
 from app.store.client import cluster_of
-from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, pool_owner
 
 log = logging.getLogger("hongbao.lag")
 
@@ -31,26 +31,42 @@ async def ledger_lag(redis: Redis) -> int:
 
 
 async def ledger_lag_by_campaign(redis: Redis) -> dict[str, int]:
-    """Entries in each campaign's ledger stream, by campaign id."""
+    """Entries in each campaign's ledger stream, by campaign id (a sharded red packet's
+    sub-pools' streams summed)."""
+    return by_campaign_of(await ledger_lag_by_pool(redis))
+
+
+def by_campaign_of(by_pool: dict[str, int]) -> dict[str, int]:
+    """Lag by pool summed by the campaign each pool belongs to."""
+    by_campaign: dict[str, int] = {}
+    for pool, n in by_pool.items():
+        campaign_id = pool_owner(pool)[0]
+        by_campaign[campaign_id] = by_campaign.get(campaign_id, 0) + n
+    return by_campaign
+
+
+async def ledger_lag_by_pool(redis: Redis) -> dict[str, int]:
+    """Entries in each ledger stream the drainers follow, by its pool (a campaign's id,
+    or a sub-pool's)."""
     members = [m.decode() for m in cast(set[bytes], await redis.smembers(CAMPAIGNS_SET))]
     if not members:
         return {}
     async with redis.pipeline(transaction=False) as pipe:
-        for cid in members:
-            pipe.xlen(CampaignKeys.of(cid).ledger)
+        for pool in members:
+            pipe.xlen(CampaignKeys.of(pool).ledger)
         return dict(zip(members, map(int, await pipe.execute()), strict=True))
 
 
-async def ledger_lag_by_shard(redis: Redis, by_campaign: dict[str, int]) -> dict[str, int]:
-    """On a Redis Cluster, the lag of ``by_campaign`` summed by the master (host:port)
-    holding each stream; {} on one Redis."""
+async def ledger_lag_by_shard(redis: Redis, by_pool: dict[str, int]) -> dict[str, int]:
+    """On a Redis Cluster, the lag of ``by_pool`` (ledger_lag_by_pool) summed by the
+    master (host:port) holding each stream; {} on one Redis."""
     cluster = cluster_of(redis)
     if cluster is None:
         return {}
     await cluster.initialize()
     by_shard = {node.name: 0 for node in cluster.get_primaries()}
-    for cid, n in by_campaign.items():
-        node = cluster.get_node_from_key(CampaignKeys.of(cid).ledger)
+    for pool, n in by_pool.items():
+        node = cluster.get_node_from_key(CampaignKeys.of(pool).ledger)
         if node is not None:
             by_shard[node.name] = by_shard.get(node.name, 0) + n
     return by_shard
@@ -66,10 +82,10 @@ async def watch_lag(
     """
     while not stop.is_set():
         try:
-            by_campaign = await ledger_lag_by_campaign(redis)
-            metrics.set_ledger_lag(sum(by_campaign.values()))
-            metrics.set_campaign_ledger_lag(by_campaign)
-            by_shard = await ledger_lag_by_shard(redis, by_campaign)
+            by_pool = await ledger_lag_by_pool(redis)
+            metrics.set_ledger_lag(sum(by_pool.values()))
+            metrics.set_campaign_ledger_lag(by_campaign_of(by_pool))
+            by_shard = await ledger_lag_by_shard(redis, by_pool)
             if by_shard:
                 metrics.set_shard_ledger_lag(by_shard)
         except RedisError as exc:

@@ -141,8 +141,15 @@ class Lifecycles:
     async def _resync(self) -> None:
         await self.refresh(list(self._known))
 
-    async def pause(self, campaign_id: str, paused: bool) -> None:
-        """Pause (or resume) a campaign; 404 unknown, 409 ended. A repeat changes nothing."""
+    async def pause(self, campaign_id: str, paused: bool, pools: tuple[str, ...] = ()) -> None:
+        """Pause (or resume) a campaign, and first each of its sub-pools (``pools``, a
+        sharded red packet's); 404 unknown, 409 ended. A repeat changes nothing."""
+        for pool in pools:
+            # Each sub-pool's script refuses its grabs from its call on; an ended or
+            # lost sub-pool has nothing to refuse, and the campaign's own answer decides.
+            sub, _ = await self._scripts.set_paused(pool, paused)
+            if sub is PauseStatus.NOT_FOUND:
+                log.warning("sub-pool %s of %s missing from Redis: not paused", pool, campaign_id)
         status, _ = await self._scripts.set_paused(campaign_id, paused)
         if status is PauseStatus.NOT_FOUND:
             raise NotFound("no such campaign")
@@ -151,8 +158,16 @@ class Lifecycles:
         # Published on a repeat too: it heals a worker that missed the first.
         await self._announce("paused" if paused else "resumed", campaign_id)
 
-    async def end(self, campaign_id: str) -> None:
-        """End a campaign now and close it out (once; a repeat changes nothing); 404 unknown."""
+    async def end(self, campaign_id: str, pools: tuple[str, ...] = ()) -> None:
+        """End a campaign now and close it out (once; a repeat changes nothing), each of
+        its sub-pools (``pools``) first, then its own meta, whose end is therefore the
+        latest of all; 404 unknown."""
+        for pool in pools:
+            sub = await self._scripts.close_campaign(pool, end_now=True)
+            if sub.status is CloseStatus.CLOSED:
+                await self._redis.sadd(CAMPAIGNS_SET, pool)
+            elif sub.status is CloseStatus.NOT_FOUND:
+                log.warning("sub-pool %s of %s missing from Redis: not closed", pool, campaign_id)
         closed = await self._scripts.close_campaign(campaign_id, end_now=True)
         if closed.status is CloseStatus.NOT_FOUND:
             raise NotFound("no such campaign")

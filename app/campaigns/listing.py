@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from app.campaigns import definitions
 from app.model import Kind
 from app.records import LIFECYCLE_FIELDS, lifecycle_of
+from app.redpacket.spec import pools_of
 from app.store import reads
 from app.store.scripts import CampaignKeys
 
@@ -64,8 +65,11 @@ async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[s
             keys = CampaignKeys.of(campaign.id)
             pipe.hmget(keys.meta, *LIFECYCLE_FIELDS)
             if campaign.kind is Kind.RED_PACKET:
-                pipe.hmget(keys.meta, "won_count", "won_fen")
-                pipe.llen(keys.pool)
+                # A sharded red packet counts in its sub-pools.
+                for pool_id in pools_of(campaign):
+                    pool_keys = CampaignKeys.of(pool_id)
+                    pipe.hmget(pool_keys.meta, "won_count", "won_fen")
+                    pipe.llen(pool_keys.pool)
             else:
                 pipe.hgetall(keys.tiers)
         replies = await pipe.execute()
@@ -73,14 +77,18 @@ async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[s
     for row, campaign in zip(rows, campaigns, strict=True):
         meta = replies[at]
         if campaign.kind is Kind.RED_PACKET:
-            (won_count, won_fen), left = replies[at + 1], int(replies[at + 2])
-            at += 3
+            shards = len(pools_of(campaign))
+            per_pool = replies[at + 1 : at + 1 + 2 * shards]
+            won_count = sum(int(c or 0) for c, _ in per_pool[0::2])
+            won_fen = sum(int(f or 0) for _, f in per_pool[0::2])
+            left = sum(int(n) for n in per_pool[1::2])
+            at += 1 + 2 * shards
             entry = {
                 **campaign.summary(campaign.state(now, left, lifecycle_of(meta))),
                 "total_fen": campaign.spec.total_fen,
                 "count": campaign.spec.count,
-                "won_count": int(won_count or 0),
-                "won_fen": int(won_fen or 0),
+                "won_count": won_count,
+                "won_fen": won_fen,
             }
         else:
             tiers = replies[at + 1]

@@ -20,6 +20,7 @@ from app.lottery.service import DrawOutcome, Lotteries
 from app.model import Campaign, Kind, now_ms
 from app.payout.service import PayoutService
 from app.redpacket.service import GrabOutcome, RedPackets
+from app.redpacket.spec import RedPacketSpec
 from app.reports import Progress
 from app.store.scripts import CampaignKeys, RedisClock, Scripts
 
@@ -170,14 +171,14 @@ class CampaignService:
 
     async def pause(self, campaign_id: str, paused: bool) -> dict[str, Any]:
         """Pause (or resume) a campaign on every worker; its stats after (409 once ended)."""
-        await self.get(campaign_id)
-        await self.lifecycles.pause(campaign_id, paused)
+        campaign = await self.get(campaign_id)
+        await self.lifecycles.pause(campaign_id, paused, _sub_pools(campaign))
         return await self.stats(campaign_id)
 
     async def end(self, campaign_id: str) -> dict[str, Any]:
         """End a campaign now and close it out, on every worker; its stats after."""
-        await self.get(campaign_id)
-        await self.lifecycles.end(campaign_id)
+        campaign = await self.get(campaign_id)
+        await self.lifecycles.end(campaign_id, _sub_pools(campaign))
         return await self.stats(campaign_id)
 
     async def my_view(self, campaign_id: str, openid: str) -> dict[str, Any]:
@@ -226,3 +227,8 @@ async def _from_ledger(read: Awaitable[T]) -> T | None:
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.warning("view answered without PostgreSQL: %s", type(exc).__name__)
         return None
+
+
+def _sub_pools(campaign: Campaign[Any]) -> tuple[str, ...]:
+    """A sharded red packet's sub-pools (none for any other campaign)."""
+    return campaign.spec.pools if isinstance(campaign.spec, RedPacketSpec) else ()

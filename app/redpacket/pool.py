@@ -1,5 +1,10 @@
 """Putting a red packet into Redis: its pool and winners, then the meta that opens it.
 
+A sharded red packet ("shards": K) is pre-split as a whole and dealt: envelope seq goes
+to sub-pool seq % K, each a pool of its own (CampaignKeys of its id, its own hash tag),
+opened by its own meta; the campaign's meta (the definition, listing the sub-pools) is
+written last, once every sub-pool is open.
+
 Creation and rebuild both come through here: the envelopes (and, for a rebuild, the
 winners recorded in PostgreSQL) go in pipelined chunks, and only then the meta hash,
 whose presence the grab script takes as "open". Until it opens, a pool being loaded
@@ -10,11 +15,12 @@ creation failed and could not be cleaned up, is collected by Redis itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
 from app.records import Envelope, Meta
-from app.redpacket.spec import RedPacket, to_meta
+from app.redpacket.spec import RedPacket, pools_of, to_meta, to_pool_meta
 from app.reports import Totals
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
 
@@ -26,6 +32,15 @@ Progress = Callable[[int, int], None]
 LOAD_TTL_S = 600
 
 
+def deal(campaign: RedPacket, envelopes: Sequence[Envelope]) -> list[list[Envelope]]:
+    """``envelopes`` (in order) by sub-pool: seq % shards (one list when not sharded)."""
+    shards = campaign.spec.shards
+    dealt: list[list[Envelope]] = [[] for _ in range(shards)]
+    for envelope in envelopes:
+        dealt[envelope.seq % shards].append(envelope)
+    return dealt
+
+
 async def load(
     redis: Redis,
     campaign: RedPacket,
@@ -33,37 +48,71 @@ async def load(
     winners: Mapping[str, Envelope] | None = None,
     progress: Progress | None = None,
 ) -> None:
-    """Replace the campaign's pool (in order) and winners; ``progress(done, total)``
-    after each round trip."""
-    keys = CampaignKeys.of(campaign.id)
-    await redis.delete(keys.pool, keys.winners)
-    won = list((winners or {}).items())
-    total = len(pool) + len(won)
+    """Replace the campaign's pool (in order) and winners, sub-pool by sub-pool when
+    sharded; ``progress(done, total)`` after each round trip."""
+    by_winner = list((winners or {}).items())
+    total = len(pool) + len(by_winner)
     done = 0
-    step = CHUNK * CHUNKS_PER_TRIP
-    for start in range(0, len(won), step):
+    shards = campaign.spec.shards
+    won: list[list[tuple[str, Envelope]]] = [[] for _ in range(shards)]
+    for user, envelope in by_winner:
+        won[envelope.seq % shards].append((user, envelope))
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    for pool_id, envelopes, pool_won in zip(
+        pools_of(campaign), deal(campaign, pool), won, strict=True
+    ):
+        await _load_pool(redis, pool_id, envelopes, pool_won, step)
+
+
+async def _load_pool(
+    redis: Redis,
+    pool_id: str,
+    pool: Sequence[Envelope],
+    won: Sequence[tuple[str, Envelope]],
+    step: Callable[[int], None],
+) -> None:
+    keys = CampaignKeys.of(pool_id)
+    await redis.delete(keys.pool, keys.winners)
+    trip = CHUNK * CHUNKS_PER_TRIP
+    for start in range(0, len(won), trip):
         async with redis.pipeline(transaction=False) as pipe:
-            for chunk in range(start, min(start + step, len(won)), CHUNK):
+            for chunk in range(start, min(start + trip, len(won)), CHUNK):
                 part = won[chunk : chunk + CHUNK]
                 pipe.hset(keys.winners, mapping={u: e.encode() for u, e in part})
             pipe.expire(keys.winners, LOAD_TTL_S)
             await pipe.execute()
-        done += min(step, len(won) - start)
-        if progress is not None:
-            progress(done, total)
-    for start in range(0, len(pool), step):
+        step(min(trip, len(won) - start))
+    for start in range(0, len(pool), trip):
         async with redis.pipeline(transaction=False) as pipe:
-            for chunk in range(start, min(start + step, len(pool)), CHUNK):
+            for chunk in range(start, min(start + trip, len(pool)), CHUNK):
                 pipe.rpush(keys.pool, *[e.encode() for e in pool[chunk : chunk + CHUNK]])
             pipe.expire(keys.pool, LOAD_TTL_S)
             await pipe.execute()
-        done += min(step, len(pool) - start)
-        if progress is not None:
-            progress(done, total)
+        step(min(trip, len(pool) - start))
+
+
+@dataclass(frozen=True, slots=True)
+class SubPool:
+    """What a sharded red packet's sub-pool opens with: its budget, what was won of it
+    (a rebuild), its lifecycle fields."""
+
+    budget: Totals
+    won: Totals = Totals()
+    lifecycle: Meta = field(default_factory=dict)
 
 
 async def open_campaign(
-    redis: Redis, campaign: RedPacket, won: Totals = Totals(), lifecycle: Meta | None = None
+    redis: Redis,
+    campaign: RedPacket,
+    won: Totals = Totals(),
+    lifecycle: Meta | None = None,
+    sub_pools: Sequence[SubPool] = (),
 ) -> None:
     """List the campaign for the drainers, then write meta (the script treats its absence
     as "not open", ``lifecycle``: fields a rebuild restores, app.records.encode_lifecycle)
@@ -71,18 +120,30 @@ async def open_campaign(
 
     The list is a key of its own slot on a Redis Cluster, so it is written first, apart:
     a listed campaign without meta is one still loading, which drainers keep following.
+    A sharded campaign (``sub_pools``: one per sub-pool, in order) opens each sub-pool so,
+    then its own meta, which lists them (``won``: 0, its sub-pools count what is won).
     """
-    keys = CampaignKeys.of(campaign.id)
-    await redis.sadd(CAMPAIGNS_SET, campaign.id)
+    pools = campaign.spec.pools
+    for shard, (pool_id, sub) in enumerate(zip(pools, sub_pools, strict=True)):
+        budget, taken = (sub.budget.count, sub.budget.fen), (sub.won.count, sub.won.fen)
+        meta = to_pool_meta(campaign, shard, budget, taken)
+        await _open(redis, pool_id, {**meta, **sub.lifecycle})
+    await _open(redis, campaign.id, {**to_meta(campaign, won.count, won.fen), **(lifecycle or {})})
+
+
+async def _open(redis: Redis, pool_id: str, meta: Meta) -> None:
+    keys = CampaignKeys.of(pool_id)
+    await redis.sadd(CAMPAIGNS_SET, pool_id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.meta, mapping={**to_meta(campaign, won.count, won.fen), **(lifecycle or {})})
+        pipe.hset(keys.meta, mapping=meta)
         pipe.persist(keys.pool)
         pipe.persist(keys.winners)
         await pipe.execute()
 
 
-async def discard(redis: Redis, campaign_id: str) -> None:
+async def discard(redis: Redis, campaign: RedPacket) -> None:
     """Remove whatever a failed creation left of a campaign in Redis."""
-    keys = CampaignKeys.of(campaign_id)
-    await redis.delete(keys.meta, keys.pool, keys.winners)
-    await redis.srem(CAMPAIGNS_SET, campaign_id)
+    for pool_id in (*campaign.spec.pools, campaign.id):
+        keys = CampaignKeys.of(pool_id)
+        await redis.delete(keys.meta, keys.pool, keys.winners)
+        await redis.srem(CAMPAIGNS_SET, pool_id)

@@ -17,7 +17,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.model import iso
-from app.redpacket.spec import RedPacket
+from app.redpacket.spec import RedPacket, pools_of
 from app.redpacket.split import Split
 from app.store import results
 from app.store.scripts import CampaignKeys
@@ -28,17 +28,26 @@ WINNERS_SHOWN = 20
 
 async def finished(redis: Redis, campaign: RedPacket) -> str | None:
     """``sold_out`` or ``ended`` once no grab can settle and PostgreSQL holds every
-    grant; None before (still open, paused or scheduled, or the ledger still lags)."""
-    keys = CampaignKeys.of(campaign.id)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hmget(keys.meta, "kind", "closed_ms")
-        pipe.llen(keys.pool)
-        pipe.xlen(keys.ledger)
-        (kind, closed), remaining, lag = await pipe.execute()
-    if kind is None or lag:
-        # No meta: lost from Redis (until a rebuild) or still loading.
-        return None
-    if closed is not None:
+    grant; None before (still open, paused or scheduled, or the ledger still lags).
+    A sharded red packet is finished once each of its sub-pools is: ended once every
+    one is closed out, sold out once every one is empty."""
+    pools = pools_of(campaign)
+    async with redis.pipeline(transaction=len(pools) == 1) as pipe:
+        for pool_id in pools:
+            keys = CampaignKeys.of(pool_id)
+            pipe.hmget(keys.meta, "kind", "closed_ms")
+            pipe.llen(keys.pool)
+            pipe.xlen(keys.ledger)
+        replies = await pipe.execute()
+    closed = remaining = 0
+    per_pool = zip(replies[0::3], replies[1::3], replies[2::3], strict=True)
+    for (kind, closed_ms), left, lag in per_pool:
+        if kind is None or lag:
+            # No meta: lost from Redis (until a rebuild) or still loading.
+            return None
+        closed += closed_ms is not None
+        remaining += int(left)
+    if closed == len(pools):
         return "ended"
     return "sold_out" if remaining == 0 else None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from functools import partial
 from typing import Any, NamedTuple, cast
 
@@ -16,10 +16,10 @@ from app.background.events import Events
 from app.errors import Ended, NotFound, NotStarted, Paused
 from app.model import Lifecycle, new_campaign_id
 from app.records import LIFECYCLE_FIELDS, Envelope, lifecycle_of
-from app.redpacket import pool
+from app.redpacket import pool, routing
 from app.redpacket.soldout import SoldOut
-from app.redpacket.spec import RedPacket, parse
-from app.reports import Phase, Progress, quiet
+from app.redpacket.spec import RedPacket, parse, pools_of
+from app.reports import Phase, Progress, Totals, quiet
 from app.store import ledger
 from app.store.batching import KeyedBatchers
 from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, RedisClock, Scripts
@@ -91,13 +91,19 @@ class RedPackets:
                 commit_after=loaded,
                 progress=partial(step, Phase.POSTGRESQL),
             )
-            await pool.open_campaign(self._redis, campaign)
+            sub_pools = [
+                pool.SubPool(Totals.of(e.amount_fen for e in dealt))
+                for dealt in pool.deal(campaign, envelopes)
+            ]
+            await pool.open_campaign(
+                self._redis, campaign, sub_pools=sub_pools if spec.shards > 1 else ()
+            )
         except BaseException:
-            await self._discard(campaign.id, loaded)
+            await self._discard(campaign, loaded)
             raise
         return campaign
 
-    async def _discard(self, campaign_id: str, loaded: asyncio.Future[None]) -> None:
+    async def _discard(self, campaign: RedPacket, loaded: asyncio.Future[None]) -> None:
         """Undo a failed creation in both stores, as far as each answers; a pool Redis
         keeps anyway expires (pool.LOAD_TTL_S)."""
         if not loaded.done():
@@ -105,26 +111,43 @@ class RedPackets:
         with contextlib.suppress(BaseException):
             await loaded
         try:
-            await pool.discard(self._redis, campaign_id)
+            await pool.discard(self._redis, campaign)
         except Exception as exc:
-            log.warning("failed campaign %s not removed from Redis: %s", campaign_id, exc)
+            log.warning("failed campaign %s not removed from Redis: %s", campaign.id, exc)
         try:
-            await ledger.discard_campaign(self._pg, campaign_id)
+            await ledger.discard_campaign(self._pg, campaign.id)
         except Exception as exc:
-            log.warning("failed campaign %s not removed from PostgreSQL: %s", campaign_id, exc)
+            log.warning("failed campaign %s not removed from PostgreSQL: %s", campaign.id, exc)
 
-    async def grab(self, campaign: RedPacket, openid: str) -> GrabOutcome:
+    def grab(self, campaign: RedPacket, openid: str) -> Awaitable[GrabOutcome]:
         """Settle one player's grab in an open campaign; raises NotFound / NotStarted /
-        Ended / Paused if Redis disagrees with the cached definition and lifecycle."""
-        campaign_id = campaign.id
+        Ended / Paused if Redis disagrees with the cached definition and lifecycle.
+        A sharded campaign's grab visits its sub-pools in the player's order
+        (app.redpacket.routing) until one grants or shows the player's win."""
+        pools = campaign.spec.pools
+        if pools:
+            return self._grab_sharded(campaign, pools, openid)
+        return self._grab_pool(campaign, campaign.id, openid)
+
+    async def _grab_sharded(
+        self, campaign: RedPacket, pools: tuple[str, ...], openid: str
+    ) -> GrabOutcome:
+        for pool_id in routing.order(pools, openid):
+            outcome = await self._grab_pool(campaign, pool_id, openid)
+            if outcome.code is not GrabCode.SOLD_OUT:
+                return outcome
+        return SOLD_OUT
+
+    async def _grab_pool(self, campaign: RedPacket, pool_id: str, openid: str) -> GrabOutcome:
+        """One grab on one pool (the campaign's own, or a sub-pool)."""
         sold_out = self._sold_out
-        if sold_out is not None and sold_out.knows(campaign):
+        if sold_out is not None and sold_out.knows(campaign, pool_id):
             # Known sold out: a player not among the winners is answered from memory;
             # a winner's retry is looked up (a coalesced HMGET, not the script).
-            if sold_out.surely_lost(campaign_id, openid):
+            if sold_out.surely_lost(pool_id, openid):
                 return SOLD_OUT
-            return await self._lookups.submit(campaign_id, openid)
-        status, outcome = await self._grabs.submit(campaign_id, openid)
+            return await self._lookups.submit(pool_id, openid)
+        status, outcome = await self._grabs.submit(pool_id, openid)
         if status is GrabStatus.NOT_FOUND:
             raise NotFound("no such campaign")
         if status is GrabStatus.NOT_STARTED:
@@ -158,9 +181,16 @@ class RedPackets:
             for value in raw
         ]
 
+    async def _remaining(self, campaign: RedPacket) -> list[int]:
+        """Envelopes left in each pool (one pipeline: per shard on a Redis Cluster)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for pool_id in pools_of(campaign):
+                pipe.llen(CampaignKeys.of(pool_id).pool)
+            return [int(n) for n in await pipe.execute()]
+
     async def public_view(self, campaign: RedPacket, life: Lifecycle) -> dict[str, Any]:
         """What a player sees of a red packet (``life``: as this worker knows it)."""
-        remaining = int(await self._redis.llen(CampaignKeys.of(campaign.id).pool))
+        remaining = sum(await self._remaining(campaign))
         return {
             **campaign.summary(campaign.state(self._clock(), remaining, life)),
             "remaining_count": remaining,
@@ -168,37 +198,73 @@ class RedPackets:
         }
 
     async def stats(self, campaign: RedPacket) -> dict[str, Any]:
-        """Live operator statistics, read as one consistent snapshot; the lifecycle is
-        Redis's (refunded: 0 until the close-out)."""
-        keys = CampaignKeys.of(campaign.id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hmget(keys.meta, "won_count", "won_fen", "refunded_count", "refunded_fen")
-            pipe.hmget(keys.meta, *LIFECYCLE_FIELDS)
-            pipe.llen(keys.pool)
-            # Drainers XDEL what they commit: the stream holds exactly the unrecorded entries.
-            pipe.xlen(keys.ledger)
-            counters, life, remaining, ledger_lag = await pipe.execute()
-        won_count, won_fen, refunded_count, refunded_fen = counters
-        won_f = int(won_fen or 0)
+        """Live operator statistics; the lifecycle is Redis's (refunded: 0 until the
+        close-out). One consistent snapshot (a MULTI) of an unsharded campaign; a sharded
+        one's is a snapshot per sub-pool, read in one pipeline (a MULTI cannot span
+        slots), with ``per_shard`` what each sub-pool has left."""
+        pools = pools_of(campaign)
+        async with self._redis.pipeline(transaction=len(pools) == 1) as pipe:
+            pipe.hmget(CampaignKeys.of(campaign.id).meta, *LIFECYCLE_FIELDS)
+            for pool_id in pools:
+                keys = CampaignKeys.of(pool_id)
+                pipe.hmget(
+                    keys.meta, "won_count", "won_fen", "refunded_count", "refunded_fen", "total_fen"
+                )
+                pipe.llen(keys.pool)
+                # Drainers XDEL what they commit: the stream holds exactly the unrecorded
+                # entries.
+                pipe.xlen(keys.ledger)
+            life, *replies = await pipe.execute()
         spec = campaign.spec
-        state = campaign.state(self._clock(), int(remaining), lifecycle_of(life))
+        per_shard = []
+        ledger_lag = 0
+        for shard in range(len(pools)):
+            counters, remaining, lag = replies[3 * shard : 3 * shard + 3]
+            won_count, won_fen, refunded_count, refunded_fen, total_fen = (
+                int(v or 0) for v in counters
+            )
+            per_shard.append(
+                {
+                    "shard": shard,
+                    "remaining_count": int(remaining),
+                    "remaining_fen": (total_fen or spec.total_fen) - won_fen,
+                    "won_count": won_count,
+                    "won_fen": won_fen,
+                    "refunded_count": refunded_count,
+                    "refunded_fen": refunded_fen,
+                }
+            )
+            ledger_lag += int(lag)
+
+        def total(name: str) -> int:
+            return sum(int(s[name]) for s in per_shard)
+
+        remaining = total("remaining_count")
+        state = campaign.state(self._clock(), remaining, lifecycle_of(life))
         return {
             **campaign.summary(state),
             **spec.view(),
-            "remaining_count": int(remaining),
-            "remaining_fen": spec.total_fen - won_f,
-            "won_count": int(won_count or 0),
-            "won_fen": won_f,
-            "refunded_count": int(refunded_count or 0),
-            "refunded_fen": int(refunded_fen or 0),
-            "ledger_lag": int(ledger_lag),
+            "remaining_count": remaining,
+            "remaining_fen": spec.total_fen - total("won_fen"),
+            "won_count": total("won_count"),
+            "won_fen": total("won_fen"),
+            "refunded_count": total("refunded_count"),
+            "refunded_fen": total("refunded_fen"),
+            "ledger_lag": ledger_lag,
+            "per_shard": per_shard,
         }
 
     async def player_view(self, campaign: RedPacket, openid: str) -> dict[str, Any]:
-        """What ``openid`` has won, as the player sees it."""
-        raw = cast(
-            bytes | None, await self._redis.hget(CampaignKeys.of(campaign.id).winners, openid)
-        )
+        """What ``openid`` has won, as the player sees it (in whichever sub-pool)."""
+        pools = campaign.spec.pools
+        if not pools:
+            found = [await self._redis.hget(CampaignKeys.of(campaign.id).winners, openid)]
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for pool_id in pools:
+                    pipe.hget(CampaignKeys.of(pool_id).winners, openid)
+                found = await pipe.execute()
+        raw = next((cast(bytes, value) for value in found if value is not None), None)
         if raw is None:
             return {"result": "none"}
         return {"result": "won", "amount_fen": Envelope.decode(raw).amount_fen}

@@ -14,7 +14,8 @@ each chunk folded into a bit array (a Bloom filter: three bits per openid out of
 winner) with no sort and no big transient list, the loop free between chunks. 2 bytes
 per winner (20 MB for 10 million), at most ``MAX_INDEX_BYTES`` per campaign and
 ``MAX_TOTAL_BYTES`` in all: past that the least recently used index is evicted, and so
-is the index of a campaign that has ended, at its next grab.
+is the index of a campaign that has ended, at its next grab. Knowledge is per pool: a
+sharded red packet's sub-pools are known sold out one by one, by their ids.
 """
 
 from __future__ import annotations
@@ -127,13 +128,13 @@ class SoldOut:
         events.on("reset", self._forget)
         events.on_resync(self._forget_all)
 
-    def knows(self, campaign: RedPacket) -> bool:
-        """Whether ``campaign`` is sold out, as far as this worker coherently knows.
+    def knows(self, campaign: RedPacket, campaign_id: str) -> bool:
+        """Whether the pool ``campaign_id`` of ``campaign`` (its own, or one of its
+        sub-pools) is sold out, as far as this worker coherently knows.
 
         An ended campaign is forgotten here: its grabs are refused before the index
         would be consulted, so keeping it only holds memory.
         """
-        campaign_id = campaign.id
         if campaign_id not in self._known:
             return False
         if campaign.closes_ms <= time.time() * 1000:

@@ -436,12 +436,13 @@ WHERE id = $1
 """
 INSERT_CLOSEOUT = """
 INSERT INTO closeouts (campaign_id, refunded_count, refunded_fen, tiers, ended_at, closed_at,
-                       stream_id)
-VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)
-ON CONFLICT (campaign_id) DO NOTHING
+                       stream_id, shard)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)
+ON CONFLICT (campaign_id, shard) DO NOTHING
 """
 SET_ENDED = "UPDATE campaigns SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL"
-SELECT_CLOSEOUT = "SELECT * FROM closeouts WHERE campaign_id = $1"
+SELECT_CLOSEOUT = "SELECT * FROM closeouts WHERE campaign_id = $1 AND shard = $2"
+SELECT_CLOSEOUTS = "SELECT * FROM closeouts WHERE campaign_id = $1 ORDER BY shard"
 REJECT_CLOSEOUT = """
 INSERT INTO ledger_rejects (campaign_id, stream_id, kind, fields, reason)
 VALUES ($1, $2, 'closeout', $3::jsonb, 'contradicts the recorded close-out of the campaign')
@@ -474,12 +475,13 @@ async def write_lifecycle(conn: Conn, records: Sequence[PauseRecord | CloseoutRe
             to_datetime(r.ended_ms),
             to_datetime(r.at_ms),
             r.stream_id,
+            r.shard,
         )
         if status.split()[-1] == "1":
             await conn.execute(SET_ENDED, r.campaign_id, to_datetime(r.ended_ms))
             written += Written(1)
             continue
-        kept = await conn.fetchrow(SELECT_CLOSEOUT, r.campaign_id)
+        kept = await conn.fetchrow(SELECT_CLOSEOUT, r.campaign_id, r.shard)
         if kept is not None and kept["stream_id"] != r.stream_id:
             fields = {"c": r.refunded_count, "a": r.refunded_fen, "r": tiers, "e": r.ended_ms}
             await conn.execute(
@@ -506,11 +508,18 @@ async def fetch_paused(pool: asyncpg.Pool, campaign_id: str) -> bool:
     return bool(await pool.fetchval("SELECT paused FROM campaigns WHERE id = $1", campaign_id))
 
 
-async def fetch_closeout(pool: asyncpg.Pool, campaign_id: str) -> Closeout | None:
-    """The recorded close-out of a campaign, or None."""
-    row = await pool.fetchrow(SELECT_CLOSEOUT, campaign_id)
-    if row is None:
-        return None
+async def fetch_closeout(pool: asyncpg.Pool, campaign_id: str, shard: int = 0) -> Closeout | None:
+    """The recorded close-out of a campaign (of its sub-pool ``shard``), or None."""
+    row = await pool.fetchrow(SELECT_CLOSEOUT, campaign_id, shard)
+    return None if row is None else _closeout(row)
+
+
+async def fetch_closeouts(pool: asyncpg.Pool, campaign_id: str) -> dict[int, Closeout]:
+    """The recorded close-outs of a sharded red packet's sub-pools, by shard."""
+    return {row["shard"]: _closeout(row) for row in await pool.fetch(SELECT_CLOSEOUTS, campaign_id)}
+
+
+def _closeout(row: asyncpg.Record) -> Closeout:
     tiers = None
     if row["tiers"] is not None:
         tiers = tuple(TierLeftover(t["unreleased"], t["unwon"]) for t in orjson.loads(row["tiers"]))

@@ -16,12 +16,21 @@ each script touches a single Redis Cluster slot:
     hb:{<cid>}:daily:<d> hash   lottery: openid -> draws on day d (YYYYMMDD, Asia/Shanghai)
     hb:{<cid>}:days      hash   lottery: d -> draws that day, won:d -> prizes that day
     hb:{<cid>}:wins      hash   lottery: openid -> "draw_no:tier,..." prizes won
+    hb:{<cid>/<k>/<salt>}:meta, :pool, :winners, :ledger
+                         a sharded red packet's sub-pool k (of "shards": K > 1): the
+                                same four keys under a tag of its own, so a cluster
+                                spreads the sub-pools (see spread_pools); its meta has
+                                kind "shard", the window, lifecycle and counters of its
+                                envelopes. The campaign's own hb:{<cid>}:meta keeps the
+                                definition, "pools" (the sub-pools' ids) and the lifecycle
+                                mirrored, and has no pool, winners or ledger entries.
     hb:{<cid>}:replay:<openid>:<key>
                          string lottery: the draw made under one Idempotency-Key,
                                 "code:tier:draw_no", kept DRAW_REPLAY_TTL_S
-    hb:campaigns         set    ids of the campaigns whose ledger streams drainers follow:
-                                listed when opened, removed by a drainer once the campaign
-                                has ended and its stream is drained (PostgreSQL keeps all)
+    hb:campaigns         set    ids of the campaigns (and sub-pools) whose ledger streams
+                                drainers follow: listed when opened, removed by a
+                                drainer once the campaign has ended and its stream is
+                                drained (PostgreSQL keeps all)
     hb:sess:<sid>        string session JSON, with a TTL (the token names the sid)
     hb:session-key       string the key that signs session tokens, shared by every worker
     hb:revoked           zset   sids of sessions ended early -> their token's expiry (unix s)
@@ -46,6 +55,7 @@ from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from app.model import now_ms
 from app.store.scriptline import ClusterLine, ScriptLine
@@ -91,6 +101,42 @@ class CampaignKeys:
             days=f"{tag}:days",
             wins=f"{tag}:wins",
         )
+
+
+# A sub-pool's id: "<campaign>/<k>/<salt>". A "/" never matches a route's {id}, so no
+# request can name a sub-pool as a campaign; the salt places the sub-pool's slot.
+POOL_SEPARATOR = "/"
+
+
+def spread_pools(campaign_id: str, shards: int) -> tuple[str, ...]:
+    """The ids of a red packet's ``shards`` sub-pools (just ``campaign_id`` for one).
+
+    Sub-pool k takes the first salt whose hash slot lies in the k-th of ``shards`` equal
+    ranges of the 16,384 slots. ``redis-cli --cluster create`` gives each master an equal
+    range of slots, so K sub-pools on M masters land K / M to a master (within one),
+    where K hash tags picked at random would often share one master (three on three
+    masters: all apart only 2 times in 9). About ``shards`` salts are tried per sub-pool.
+    """
+    if shards == 1:
+        return (campaign_id,)
+    pools = []
+    for k in range(shards):
+        low = k * REDIS_CLUSTER_HASH_SLOTS // shards
+        high = (k + 1) * REDIS_CLUSTER_HASH_SLOTS // shards
+        salt = 0
+        while True:
+            pool = f"{campaign_id}{POOL_SEPARATOR}{k}{POOL_SEPARATOR}{salt}"
+            if low <= key_slot(CampaignKeys.of(pool).meta.encode()) < high:
+                pools.append(pool)
+                break
+            salt += 1
+    return tuple(pools)
+
+
+def pool_owner(pool: str) -> tuple[str, int]:
+    """The campaign id and shard number of a pool id (a campaign's own id: shard 0)."""
+    campaign_id, _, rest = pool.partition(POOL_SEPARATOR)
+    return campaign_id, int(rest.partition(POOL_SEPARATOR)[0]) if rest else 0
 
 
 def daily_key(campaign_id: str, day: int) -> str:
