@@ -195,9 +195,23 @@ class Tally(msgspec.Struct, kw_only=True):
 PayoutTotals = dict[str, Tally] | UnsetType
 
 
+class ShardStats(msgspec.Struct, kw_only=True):
+    """One sub-pool of a red packet: what it has left, what was won of it and what its
+    close-out refunded (a red packet of "shards": 1 has one, the whole campaign)."""
+
+    shard: Annotated[int, msgspec.Meta(ge=0)]
+    remaining_count: Count
+    remaining_fen: Fen
+    won_count: Count
+    won_fen: Fen
+    refunded_count: Count
+    refunded_fen: Fen
+
+
 class RedPacketStats(msgspec.Struct, kw_only=True):
     """A red packet's definition and live counters (``ledger_lag``: entries not yet in
-    PostgreSQL; ``refunded_*``: what its close-out returned to the budget, 0 before)."""
+    PostgreSQL; ``refunded_*``: what its close-out returned to the budget, 0 before);
+    ``shards`` sub-pools, ``per_shard`` in shard order, the totals their sums."""
 
     id: str
     kind: Literal["red_packet"]
@@ -210,6 +224,7 @@ class RedPacketStats(msgspec.Struct, kw_only=True):
     min_fen: Fen
     max_fen: Fen | None
     split: Split
+    shards: Annotated[int, msgspec.Meta(ge=1, le=256)]
     remaining_count: Count
     remaining_fen: Fen
     won_count: Count
@@ -217,6 +232,7 @@ class RedPacketStats(msgspec.Struct, kw_only=True):
     refunded_count: Count
     refunded_fen: Fen
     ledger_lag: Count
+    per_shard: list[ShardStats]
     payouts: PayoutTotals = UNSET
 
 
