@@ -175,6 +175,7 @@ CREATE_FLAGS = {
     "starts_at": "--starts-at",
     "ends_at": "--ends-at",
     "split": "--split",
+    "shards": "--shards",
 }
 _FIELD_NAMES = re.compile(r"\b(" + "|".join(CREATE_FLAGS) + r")\b")
 
@@ -422,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         choices=[str(s) for s in Split],
         help="random (拼手气, the default) or fixed (普通红包: total_fen / count each)",
+    )
+    p_create.add_argument(
+        "--shards",
+        type=int,
+        metavar="K",
+        help="sub-pools to spread it over a Redis Cluster, 1-256 (default: 1)",
     )
     sub.add_parser("drain", help="run one ledger drainer process (Redis stream -> PostgreSQL)")
     p_rec = sub.add_parser("reconcile", help="compare a campaign in Redis and PostgreSQL")

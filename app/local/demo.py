@@ -63,8 +63,9 @@ def wait_ready(urls: list[str], procs: list[subprocess.Popen[bytes]], timeout: f
         time.sleep(0.2)
 
 
-def demo_page(base_url: str, admin_token: str, data_dir: Path) -> str:
-    """The H5 page URL of the demo campaign, created on the first run (workers ready)."""
+def demo_page(base_url: str, admin_token: str, data_dir: Path, shards: int = 1) -> str:
+    """The H5 page URL of the demo campaign, created on the first run (workers ready);
+    ``shards`` > 1 (a local cluster): dealt into that many sub-pools, one per master."""
     saved = data_dir / "demo-campaign"
     if saved.exists():
         cid = saved.read_text().strip()
@@ -73,7 +74,8 @@ def demo_page(base_url: str, admin_token: str, data_dir: Path) -> str:
             return f"{base_url}/c/{cid}"
         except urllib.error.HTTPError:
             pass
-    created = _call("POST", f"{base_url}/api/admin/campaigns", admin_token, DEMO_CAMPAIGN)
+    definition = {**DEMO_CAMPAIGN, **({"shards": shards} if shards > 1 else {})}
+    created = _call("POST", f"{base_url}/api/admin/campaigns", admin_token, definition)
     cid = str(created["id"]) if isinstance(created, dict) else ""
     saved.write_text(cid + "\n")
     return f"{base_url}/c/{cid}"

@@ -241,7 +241,9 @@ def serve(
         keeper.start("payout worker", [sys.executable, "-m", "app", "payout"], env)
         print(f"hongbao: {workers} worker(s) on http://127.0.0.1:{port}/", flush=True)
         print(f"admin token in {data_dir / 'admin-token'} (or $ADMIN_TOKEN)", flush=True)
-        page = demo_page(f"http://127.0.0.1:{port}", env["ADMIN_TOKEN"], data_dir)
+        page = demo_page(
+            f"http://127.0.0.1:{port}", env["ADMIN_TOKEN"], data_dir, shards=redis_cluster or 1
+        )
         print(f"open the H5 page (375x667 is the phone size): {page}", flush=True)
         print("Ctrl-C stops everything started here.", flush=True)
         while not stopping:
