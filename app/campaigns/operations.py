@@ -17,7 +17,13 @@ event found in both the stream and PostgreSQL (committed, not yet deleted) is co
 once. Entries still in the stream are reported as ledger lag, never as mismatches:
 reconcile needs no quiet period. What is still missing after 3 is really missing.
 
-``rebuild`` restores a red packet lost from Redis from PostgreSQL.
+A sharded red packet's sub-pools live in slots of their own, and a MULTI cannot span
+slots on a Redis Cluster: step 2 is then one snapshot per sub-pool (each a MULTI within
+its slot), all taken between 1 and 3, so the argument holds for each sub-pool (each
+event settles in exactly one sub-pool, and 1 precedes every snapshot).
+
+``rebuild`` restores a red packet lost from Redis from PostgreSQL: of a sharded one,
+every sub-pool whose meta is missing, and its own meta if missing.
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ async def reconcile(
 async def rebuild(
     redis: Redis, pg: asyncpg.Pool, campaign_id: str
 ) -> red_packet_rebuild.RebuildResult:
-    """Restore a red packet lost from Redis, from PostgreSQL."""
+    """Restore a red packet (or the lost sub-pools of a sharded one) lost from Redis, from
+    PostgreSQL."""
     campaign = await definition(pg, campaign_id)
     if campaign.kind is not Kind.RED_PACKET:
         raise OperationError(f"campaign {campaign_id} is a {campaign.kind}; only red packets")

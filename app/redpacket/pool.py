@@ -123,11 +123,39 @@ async def open_campaign(
     A sharded campaign (``sub_pools``: one per sub-pool, in order) opens each sub-pool so,
     then its own meta, which lists them (``won``: 0, its sub-pools count what is won).
     """
-    pools = campaign.spec.pools
-    for shard, (pool_id, sub) in enumerate(zip(pools, sub_pools, strict=True)):
-        budget, taken = (sub.budget.count, sub.budget.fen), (sub.won.count, sub.won.fen)
-        meta = to_pool_meta(campaign, shard, budget, taken)
-        await _open(redis, pool_id, {**meta, **sub.lifecycle})
+    for shard, (_, sub) in enumerate(zip(campaign.spec.pools, sub_pools, strict=True)):
+        await open_sub_pool(redis, campaign, shard, sub)
+    await open_meta(redis, campaign, won, lifecycle)
+
+
+async def load_sub_pool(
+    redis: Redis,
+    campaign: RedPacket,
+    shard: int,
+    pool: Sequence[Envelope],
+    winners: Mapping[str, Envelope],
+) -> None:
+    """Replace the pool (in order) and winners of sub-pool ``shard`` alone (a rebuild of
+    a lost sub-pool); it opens with ``open_sub_pool``."""
+    await _load_pool(redis, campaign.spec.pools[shard], pool, list(winners.items()), _quiet)
+
+
+def _quiet(done: int) -> None:
+    """The progress of a load nobody watches."""
+
+
+async def open_sub_pool(redis: Redis, campaign: RedPacket, shard: int, sub: SubPool) -> None:
+    """Open sub-pool ``shard`` (its meta, as ``open_campaign`` opens each)."""
+    budget, taken = (sub.budget.count, sub.budget.fen), (sub.won.count, sub.won.fen)
+    meta = to_pool_meta(campaign, shard, budget, taken)
+    await _open(redis, campaign.spec.pools[shard], {**meta, **sub.lifecycle})
+
+
+async def open_meta(
+    redis: Redis, campaign: RedPacket, won: Totals = Totals(), lifecycle: Meta | None = None
+) -> None:
+    """Write the campaign's own meta (``open_campaign``'s last step; alone, a rebuild of
+    a sharded campaign's lost meta)."""
     await _open(redis, campaign.id, {**to_meta(campaign, won.count, won.fen), **(lifecycle or {})})
 
 
