@@ -5,10 +5,14 @@ on free loopback ports (app.local.cluster) with a short node timeout, so a kille
 master's replica takes over within a couple of seconds; ``cluster_redis`` flushes every
 master before each test and gives a cluster client for asserting end state. A test
 module imports the ``*_fixture`` functions (pytest knows them by their ``name``).
+A sharded red packet's end state is read over its sub-pools (``winners_by_pool``,
+``ledger_equals_sub_pools``): the pool ids are ``spread_pools(cid, K)``, ``(cid,)`` for one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,10 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from app.local.cluster import EmbeddedCluster
+from app.records import Envelope
 from app.settings import LedgerSettings, Settings
 from app.store.client import cluster_of, open_redis
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys
 from app.web.factory import create_app
 from tests.conftest import ADMIN_TOKEN, PAGE
 
@@ -104,3 +110,50 @@ def as_cluster(redis: Redis) -> RedisCluster:
 def cluster_env(cluster: EmbeddedCluster, **extra: str) -> dict[str, str]:
     """Environment variables that put a worker process on ``cluster``."""
     return {"REDIS_URL": cluster.url, "REDIS_CLUSTER": "1", **extra}
+
+
+async def winners_by_pool(redis: Redis, pools: tuple[str, ...]) -> dict[str, tuple[int, Envelope]]:
+    """Every sub-pool's winners: openid -> (shard, envelope), asserting that nobody is a
+    winner of two sub-pools and that each envelope was dealt to its sub-pool (seq % K)."""
+    found: dict[str, tuple[int, Envelope]] = {}
+    for shard, pool_id in enumerate(pools):
+        for user, value in (await redis.hgetall(CampaignKeys.of(pool_id).winners)).items():
+            openid, envelope = user.decode(), Envelope.decode(value)
+            assert openid not in found, f"{openid} won in shards {found[openid][0]} and {shard}"
+            assert envelope.seq % len(pools) == shard, (openid, shard, envelope)
+            found[openid] = (shard, envelope)
+    return found
+
+
+async def drained_pools(redis: Redis, pools: tuple[str, ...], within_s: float = 30) -> None:
+    """Wait until the drainers have recorded every sub-pool's stream."""
+    deadline = time.monotonic() + within_s
+    for pool_id in pools:
+        while await redis.xlen(CampaignKeys.of(pool_id).ledger) > 0:
+            assert time.monotonic() < deadline, f"the ledger of {pool_id} did not drain"
+            await asyncio.sleep(0.05)
+
+
+async def ledger_grabs(database_url: str, cid: str) -> dict[str, Envelope]:
+    """PostgreSQL's recorded grabs of a red packet: openid -> envelope."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT openid, seq, amount_fen FROM grabs WHERE campaign_id = $1", cid
+        )
+    finally:
+        await conn.close()
+    return {r["openid"]: Envelope(r["seq"], r["amount_fen"]) for r in rows}
+
+
+async def ledger_equals_sub_pools(
+    redis: Redis, database_url: str, cid: str, pools: tuple[str, ...]
+) -> dict[str, tuple[int, Envelope]]:
+    """Once drained, PostgreSQL's grabs are exactly the union of the sub-pools' winners,
+    and hb:campaigns lists the campaign and every sub-pool; the winners by pool."""
+    members = {m.decode() for m in await redis.smembers(CAMPAIGNS_SET)}
+    assert {cid, *pools} <= members, members
+    await drained_pools(redis, pools)
+    winners = await winners_by_pool(redis, pools)
+    assert await ledger_grabs(database_url, cid) == {p: e for p, (_, e) in winners.items()}
+    return winners

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
@@ -30,7 +31,7 @@ from app.local.cluster import EmbeddedCluster
 from app.local.embedded import free_port
 from app.settings import LedgerSettings, Settings
 from app.store.scriptline import ClusterLine
-from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, GrabCode, Scripts
+from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, GrabCode, Scripts, spread_pools
 from app.web.factory import create_app
 from app.web.keys import EVENTS
 from tests.cluster_support import (  # noqa: F401 - fixtures
@@ -40,6 +41,7 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
     cluster_fixture,
     cluster_redis_fixture,
     cluster_settings_fixture,
+    ledger_equals_sub_pools,
 )
 from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
 from tests.test_lottery_api import LOTTERY
@@ -83,49 +85,54 @@ async def test_campaigns_spread_over_the_masters(
     assert {m.decode() for m in await cluster_redis.smembers(CAMPAIGNS_SET)} == set(ids)
 
 
+@pytest.mark.parametrize("shards", [1, 5])
 async def test_2000_players_with_retries_on_the_cluster(
     aiohttp_client: Any,
     cluster_settings: Settings,
     cluster_redis: Redis,
     database_url: str,
+    shards: int,
 ) -> None:
-    """2,000 players grab twice at once (a retry racing its original) from two workers:
-    500 winners exactly, nobody twice, the sum is the budget, PostgreSQL == Redis."""
+    """2,000 players grab two or three times at once (retries racing their original)
+    from two workers, on one pool or five sub-pools over the 3 masters: 500 winners
+    exactly, nobody twice (in any sub-pool), the sum is the budget, sold out told only
+    to players who won nothing once every sub-pool is empty, PostgreSQL == Redis."""
     a = await cluster_app(aiohttp_client, cluster_settings)
     b = await cluster_app(aiohttp_client, cluster_settings)
-    cid = str((await create_campaign(a, total_fen=888_888, count=500))["id"])
+    cid = str((await create_campaign(a, total_fen=888_888, count=500, shards=shards))["id"])
+    pools = spread_pools(cid, shards)
     tokens = await gather_limited([login(a, f"p{i:05d}") for i in range(2000)])
     a.session.cookie_jar.clear()
-    results = await gather_limited(
-        [_grab(worker, t, cid) for t in tokens for worker in (a, b)], limit=400
-    )
-    by_player: dict[str, set[tuple[str, int]]] = {}
-    for token, first, second in zip(tokens, results[0::2], results[1::2], strict=True):
-        by_player[token] = {(r["result"], r.get("amount_fen", 0)) for r in (first, second)}
+    # Every player asks both workers; every other player asks the first one again.
+    asks = [(t, worker) for i, t in enumerate(tokens) for worker in (a, b, a)[: 2 + i % 2]]
+    results = await gather_limited([_grab(worker, t, cid) for t, worker in asks], limit=400)
+    by_player: dict[str, list[tuple[str, int]]] = {}
+    for (token, _), answer in zip(asks, results, strict=True):
+        by_player.setdefault(token, []).append((answer["result"], answer.get("amount_fen", 0)))
     winners = [p for p in by_player.values() if any(res != "sold_out" for res, _ in p)]
     assert len(winners) == 500
     for answers in winners:
-        # A retry of a winner says already_won with the same amount (or both say won
-        # nothing: impossible); never two different envelopes.
+        # A retry of a winner says already_won with the same amount, never sold out
+        # (the winning sub-pool is on every route), never two different envelopes.
         assert len({amount for _, amount in answers}) == 1, answers
         assert Counter(res for res, _ in answers)["won"] == 1, answers
-    assert sum(next(iter(p))[1] for p in winners) == 888_888
+    assert sum(p[0][1] for p in winners) == 888_888
 
-    keys = CampaignKeys.of(cid)
-    assert await cluster_redis.llen(keys.pool) == 0
-    assert await cluster_redis.hlen(keys.winners) == 500
-    await _drained(cluster_redis, cid)
-    conn = await asyncpg.connect(database_url)
-    try:
-        count, total = await conn.fetchrow(
-            "SELECT count(*), sum(amount_fen) FROM grabs WHERE campaign_id = $1", cid
-        )
-    finally:
-        await conn.close()
-    assert (count, total) == (500, 888_888)
-    await _reconciled(cluster_redis, database_url, cid)
+    for pool_id in pools:
+        assert await cluster_redis.llen(CampaignKeys.of(pool_id).pool) == 0
+    in_redis = await ledger_equals_sub_pools(cluster_redis, database_url, cid, pools)
+    assert len(in_redis) == 500
+    assert sum(e.amount_fen for _, e in in_redis.values()) == 888_888
+    assert Counter(shard for shard, _ in in_redis.values()) == dict.fromkeys(
+        range(shards), 500 // shards
+    )
+    if shards == 1:
+        await _reconciled(cluster_redis, database_url, cid)
     stats = await (await a.get(f"/api/admin/campaigns/{cid}", headers=ADMIN)).json()
     assert (stats["won_count"], stats["won_fen"], stats["ledger_lag"]) == (500, 888_888, 0)
+    assert stats["shards"] == shards
+    assert [s["remaining_count"] for s in stats["per_shard"]] == [0] * shards
+    assert sum(s["won_fen"] for s in stats["per_shard"]) == 888_888
 
 
 async def test_many_campaigns_drain_from_every_shard(
@@ -359,7 +366,8 @@ async def test_serve_on_a_local_cluster_grabs_and_stops_it(
     tmp_path: Path, database_url: str, cluster_clean: None
 ) -> None:
     """`./hb serve --redis-cluster 3`: its own 6 nodes, the H5 page and a grab through
-    the public port, and on Ctrl-C every node it started is gone."""
+    the public port, on one pool and on three sub-pools, and on Ctrl-C every node it
+    started is gone."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "ADMIN_TOKEN"}}
     env.update(DATABASE_URL=database_url, EMBEDDED_REDIS_PORT=str(free_port()))
@@ -401,7 +409,12 @@ async def test_serve_on_a_local_cluster_grabs_and_stops_it(
                 assert resp.status == 200
             async with http.post(f"{base}/api/campaigns/{cid}/grab") as resp:
                 grab = await resp.json()
+            sharded = await _serve_sharded(http, base, token)
         assert grab["result"] == "won"
+        assert sharded["shards"] == 3
+        assert (sharded["won_count"], sharded["remaining_count"]) == (6, 24)
+        assert sum(s["won_count"] for s in sharded["per_shard"]) == 6
+        assert sum(s["won_fen"] for s in sharded["per_shard"]) == sharded["won_fen"]
     finally:
         proc.send_signal(signal.SIGINT)
         rest = (await asyncio.to_thread(proc.communicate, timeout=90))[0]
@@ -411,3 +424,24 @@ async def test_serve_on_a_local_cluster_grabs_and_stops_it(
     for node_port in node_ports:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", node_port), 0.5):
             raise AssertionError(f"node on {node_port} still answers")
+
+
+async def _serve_sharded(http: aiohttp.ClientSession, base: str, token: str) -> dict[str, Any]:
+    """A red packet in 3 sub-pools on `./hb serve`'s cluster, its page, 6 players' grabs
+    (each won, whichever sub-pool their route reaches); its operator stats."""
+    admin = {"Authorization": f"Bearer {token}"}
+    body = {"kind": "red_packet", "name": "分片", "total_fen": 3_000, "count": 30, "shards": 3}
+    async with http.post(f"{base}/api/admin/campaigns", json=body, headers=admin) as resp:
+        assert resp.status == 201, await resp.text()
+        cid = (await resp.json())["id"]
+    async with http.get(f"{base}/c/{cid}") as resp:
+        assert resp.status == 200
+    for i in range(6):
+        async with http.post(f"{base}/auth/dev-login", json={"openid": f"k{i}"}) as resp:
+            assert resp.status == 200
+        async with http.post(f"{base}/api/campaigns/{cid}/grab") as resp:
+            assert (await resp.json())["result"] == "won"
+    async with http.get(f"{base}/api/admin/campaigns/{cid}", headers=admin) as resp:
+        stats: dict[str, Any] = await resp.json()
+        assert resp.status == 200, stats
+    return stats
