@@ -433,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("drain", help="run one ledger drainer process (Redis stream -> PostgreSQL)")
     p_rec = sub.add_parser("reconcile", help="compare a campaign in Redis and PostgreSQL")
     p_rec.add_argument("campaign_id", help="the campaign's id")
-    p_reb = sub.add_parser("rebuild", help="restore a campaign lost from Redis, from PostgreSQL")
+    p_reb = sub.add_parser(
+        "rebuild",
+        help="restore a campaign (or its lost sub-pools) lost from Redis, from PostgreSQL",
+    )
     p_reb.add_argument("campaign_id", help="the campaign's id")
     p_op = sub.add_parser(
         "operator",
