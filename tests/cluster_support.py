@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from app.campaigns import operations
 from app.local.cluster import EmbeddedCluster
 from app.records import Envelope
 from app.settings import LedgerSettings, Settings
@@ -157,3 +158,13 @@ async def ledger_equals_sub_pools(
     winners = await winners_by_pool(redis, pools)
     assert await ledger_grabs(database_url, cid) == {p: e for p, (_, e) in winners.items()}
     return winners
+
+
+async def reconciled(redis: Redis, database_url: str, cid: str) -> None:
+    """Assert that reconcile finds Redis and PostgreSQL in agreement on ``cid``."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        report = await operations.reconcile(redis, pool, cid)
+    finally:
+        await pool.close()
+    assert report.ok, report.render()

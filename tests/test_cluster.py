@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app.background.lag import ledger_lag_by_pool, ledger_lag_by_shard
-from app.campaigns import operations
 from app.local.cluster import EmbeddedCluster
 from app.local.embedded import free_port
 from app.settings import LedgerSettings, Settings
@@ -42,6 +40,7 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
     cluster_redis_fixture,
     cluster_settings_fixture,
     ledger_equals_sub_pools,
+    reconciled,
 )
 from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
 from tests.test_lottery_api import LOTTERY
@@ -59,15 +58,6 @@ async def _drained(redis: Redis, cid: str, within_s: float = 20) -> None:
     while await redis.xlen(CampaignKeys.of(cid).ledger) > 0:
         assert time.monotonic() < deadline, "the ledger did not drain"
         await asyncio.sleep(0.05)
-
-
-async def _reconciled(redis: Redis, database_url: str, cid: str) -> None:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    try:
-        report = await operations.reconcile(redis, pool, cid)
-    finally:
-        await pool.close()
-    assert report.ok, report.render()
 
 
 async def test_campaigns_spread_over_the_masters(
@@ -126,8 +116,7 @@ async def test_2000_players_with_retries_on_the_cluster(
     assert Counter(shard for shard, _ in in_redis.values()) == dict.fromkeys(
         range(shards), 500 // shards
     )
-    if shards == 1:
-        await _reconciled(cluster_redis, database_url, cid)
+    await reconciled(cluster_redis, database_url, cid)
     stats = await (await a.get(f"/api/admin/campaigns/{cid}", headers=ADMIN)).json()
     assert (stats["won_count"], stats["won_fen"], stats["ledger_lag"]) == (500, 888_888, 0)
     assert stats["shards"] == shards
@@ -158,7 +147,7 @@ async def test_many_campaigns_drain_from_every_shard(
     assert Counter(r["result"] for r in results) == {"won": 180, "sold_out": 90}
     for cid in ids:
         await _drained(cluster_redis, cid)
-        await _reconciled(cluster_redis, database_url, cid)
+        await reconciled(cluster_redis, database_url, cid)
 
 
 async def test_lottery_on_the_cluster(
@@ -182,7 +171,7 @@ async def test_lottery_on_the_cluster(
     quota = LOTTERY["quota_total"]
     assert Counter(statuses) == {200: 50 * min(4, quota), 429: 50 * max(0, 4 - quota)}
     await _drained(cluster_redis, cid)
-    await _reconciled(cluster_redis, database_url, cid)
+    await reconciled(cluster_redis, database_url, cid)
 
 
 async def test_login_session_and_revocation_across_workers(
@@ -330,7 +319,7 @@ async def test_lag_per_shard_then_a_drain_process_empties_every_shard(
         _, err = drain.communicate(timeout=20)
     assert drain.returncode == 0, err.decode()
     for cid in ids:
-        await _reconciled(cluster_redis, database_url, cid)
+        await reconciled(cluster_redis, database_url, cid)
 
 
 def by_shard_of(lag: dict[str, int]) -> Counter[str]:

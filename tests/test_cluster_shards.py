@@ -29,6 +29,7 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
     cluster_redis_fixture,
     cluster_settings_fixture,
     ledger_equals_sub_pools,
+    reconciled,
     winners_by_pool,
 )
 from tests.conftest import ADMIN, create_campaign, gather_limited, login
@@ -156,6 +157,7 @@ async def test_players_whose_home_ran_dry_win_from_the_other_sub_pools(
         p: amount for p, (_, amount) in told.items()
     }
     assert Counter(shard for shard, _ in in_redis.values()) == {0: 10, 1: 10, 2: 10}
+    await reconciled(cluster_redis, database_url, cid)
     assert sum(amount for _, amount in told.values()) == 30_000
     stats = await (await a.get(f"/api/admin/campaigns/{cid}", headers=ADMIN)).json()
     assert (stats["won_count"], stats["won_fen"], stats["remaining_count"]) == (30, 30_000, 0)

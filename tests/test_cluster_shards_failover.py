@@ -28,6 +28,7 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
     cluster_clean_fixture,
     cluster_redis_fixture,
     ledger_equals_sub_pools,
+    reconciled,
     winners_by_pool,
 )
 from tests.conftest import ADMIN
@@ -147,6 +148,7 @@ async def test_sigkill_the_master_of_a_sub_pool_under_load_loses_no_acknowledged
         cluster.wait_ok()
         in_ledger = await ledger_equals_sub_pools(cluster_redis, database_url, cid, pools)
         assert in_ledger == winners
+        await reconciled(cluster_redis, database_url, cid)
         assert (
             sum(e.amount_fen for _, e in winners.values())
             + sum([await _left_fen(cluster_redis, p) for p in pools])
