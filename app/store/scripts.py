@@ -108,25 +108,32 @@ class CampaignKeys:
 POOL_SEPARATOR = "/"
 
 
+# How far from the centre of its range a sub-pool's slot may fall (in slots): the salt
+# search then takes about 16384 / 17 tries per sub-pool (K = 256: a quarter second).
+SPREAD_WINDOW = 8
+
+
 def spread_pools(campaign_id: str, shards: int) -> tuple[str, ...]:
     """The ids of a red packet's ``shards`` sub-pools (just ``campaign_id`` for one).
 
-    Sub-pool k takes the first salt whose hash slot lies in the k-th of ``shards`` equal
-    ranges of the 16,384 slots. ``redis-cli --cluster create`` gives each master an equal
-    range of slots, so K sub-pools on M masters land K / M to a master (within one),
-    where K hash tags picked at random would often share one master (three on three
-    masters: all apart only 2 times in 9). About ``shards`` salts are tried per sub-pool.
+    Sub-pool k takes the first salt whose hash slot lies within SPREAD_WINDOW of the
+    centre of the k-th of ``shards`` equal ranges of the 16,384 slots. ``redis-cli
+    --cluster create`` gives each of M masters an equal range of slots, and K evenly
+    spaced centres fall K / M to a master's range (within one), none near its edges; so
+    K sub-pools spread as evenly as K allows, where K hash tags picked at random would
+    often share a master (three on three masters: all apart only 2 times in 9), and the
+    first salt anywhere in the k-th range would straddle masters whenever that range does.
     """
     if shards == 1:
         return (campaign_id,)
     pools = []
     for k in range(shards):
-        low = k * REDIS_CLUSTER_HASH_SLOTS // shards
-        high = (k + 1) * REDIS_CLUSTER_HASH_SLOTS // shards
+        centre = (2 * k + 1) * REDIS_CLUSTER_HASH_SLOTS // (2 * shards)
         salt = 0
         while True:
             pool = f"{campaign_id}{POOL_SEPARATOR}{k}{POOL_SEPARATOR}{salt}"
-            if low <= key_slot(CampaignKeys.of(pool).meta.encode()) < high:
+            # The slot of the sub-pool's tag, which every one of its keys shares.
+            if abs(key_slot(f"{{{pool}}}".encode()) - centre) <= SPREAD_WINDOW:
                 pools.append(pool)
                 break
             salt += 1
