@@ -116,7 +116,7 @@ class ReconcileReport:
         return "\n".join(lines)
 
 
-SHARD_HEADERS = ("shard", "winners", "fen", "pool", "fen", "refunded", "fen", "lag", "meta")
+SHARD_HEADERS = ("shard", "winners", "fen", "pool", "fen", "refunded", "fen", "lag", "meta", "keys")
 
 
 def _shard_row(line: ShardLine) -> tuple[object, ...]:
@@ -131,6 +131,7 @@ def _shard_row(line: ShardLine) -> tuple[object, ...]:
         None if line.refunded is None else refunded.fen,
         line.lag,
         "missing" if line.missing else "ok",
+        f"hb:{{{line.pool_id}}}:*",
     )
 
 
