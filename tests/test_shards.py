@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from app.background.drainer import Drainer
+from app.background.drainer import REFRESH_S, Drainer
 from app.identity.sessions import SessionStore
 from app.local.embedded import EmbeddedRedis
 from app.model import iso
@@ -247,9 +247,8 @@ async def test_one_shard_by_default_and_at_the_bounds(
     explicit = await create(app_client, total_fen=1_000, count=10, shards=1)
     assert (await stats(app_client, explicit["id"]))["per_shard"][0]["remaining_count"] == 10
     full = await create(app_client, total_fen=1_000, count=10, shards=10)
-    assert [s["remaining_count"] for s in (await stats(app_client, full["id"]))["per_shard"]] == [
-        1
-    ] * 10
+    one_each = (await stats(app_client, full["id"]))["per_shard"]
+    assert [s["remaining_count"] for s in one_each] == [1] * 10
     widest = await create(app_client, total_fen=100_000, count=1_000, shards=256)
     per_shard = (await stats(app_client, widest["id"]))["per_shard"]
     assert [s["shard"] for s in per_shard] == list(range(256))
@@ -478,6 +477,70 @@ async def test_pause_resume_end_reach_every_sub_pool_and_close_each_out(
     assert (final["state"], final["won_count"], final["won_fen"]) == ("ended", 8, ended["won_fen"])
 
 
+async def test_grabs_racing_the_end_add_up_in_every_sub_pool(
+    manual_client: TestClient, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    """The end closes the sub-pools one after another while grabs go on: whatever each
+    grab was told, grants + refunds == the budget, overall and per sub-pool."""
+    client = manual_client
+    shards, count, total = 4, 200, 50_000
+    cid = (await create(client, total_fen=total, count=count, shards=shards))["id"]
+    pools = await pools_of(redis, pg, cid, shards)
+    openids = [f"r{i:04d}" for i in range(300)]
+    tokens = await tokens_for(client, openids)
+
+    async def won_so_far() -> int:
+        counts = [await redis.hget(CampaignKeys.of(p).meta, "won_count") for p in pools]
+        return sum(int(c or 0) for c in counts)
+
+    async def end_soon() -> tuple[int, dict[str, Any]]:
+        while await won_so_far() < 50:
+            await asyncio.sleep(0.001)
+        return await admin(client, cid, "end")
+
+    sem = asyncio.Semaphore(50)
+
+    async def limited(openid: str) -> tuple[int, dict[str, Any]]:
+        async with sem:
+            return await grab(client, tokens[openid], cid)
+
+    answers, (status, ended) = await asyncio.gather(
+        asyncio.gather(*(limited(o) for o in openids)), end_soon()
+    )
+    assert status == 200
+    told = {o: b["amount_fen"] for o, (s, b) in zip(openids, answers, strict=True) if s == 200}
+    assert {b["error"] for s, b in answers if s != 200} <= {"ended"}
+    assert all(b["result"] == "won" for s, b in answers if s == 200)
+    assert 50 <= len(told) < count
+    assert (ended["won_count"], ended["won_fen"]) == (len(told), sum(told.values()))
+    assert ended["won_fen"] + ended["refunded_fen"] == total
+    assert ended["won_count"] + ended["refunded_count"] == count
+    union: dict[str, Envelope] = {}
+    for k, (pool_id, shard) in enumerate(zip(pools, ended["per_shard"], strict=True)):
+        theirs = await winners_in(redis, pool_id)
+        assert not set(theirs) & set(union)
+        union.update(theirs)
+        dealt = await pg.fetch(
+            "SELECT amount_fen FROM envelopes WHERE campaign_id = $1 AND seq % $2 = $3",
+            cid,
+            shards,
+            k,
+        )
+        assert (shard["won_count"], shard["won_fen"]) == (
+            len(theirs),
+            sum(e.amount_fen for e in theirs.values()),
+        )
+        assert shard["won_count"] + shard["refunded_count"] == len(dealt)
+        assert shard["won_fen"] + shard["refunded_fen"] == sum(r["amount_fen"] for r in dealt)
+    assert {o: e.amount_fen for o, e in union.items()} == told
+    await drain(client)
+    rows = await pg.fetch("SELECT openid, seq, amount_fen FROM grabs WHERE campaign_id = $1", cid)
+    assert {r["openid"]: Envelope(r["seq"], r["amount_fen"]) for r in rows} == union
+    closeouts = await fetch_closeouts(client.app[PG], cid)
+    assert sorted(closeouts) == list(range(shards))
+    assert sum(c.refunded_fen for c in closeouts.values()) + sum(told.values()) == total
+
+
 async def test_results_wait_for_every_sub_pool(
     manual_client: TestClient, redis: Redis, pg: asyncpg.Connection
 ) -> None:
@@ -547,6 +610,10 @@ async def test_the_window_passing_closes_out_every_sub_pool(
     assert {c.ended_ms for c in closeouts.values()} == {ends}  # the window's end
     final = await final_results(client, cid)
     assert (final["state"], final["won_fen"]) == ("ended", won)
+    # Closed out and drained: at the next refresh the drainers let go of every sub-pool.
+    await asyncio.sleep(REFRESH_S)
+    await drain(client)
+    assert not {m.decode() for m in await redis.smembers(CAMPAIGNS_SET)} & {cid, *pools}
 
 
 # --- Sold-out memory ---------------------------------------------------------------------
