@@ -233,7 +233,8 @@ class RedPackets:
                 {
                     "shard": shard,
                     "remaining_count": int(remaining),
-                    "remaining_fen": (total_fen or spec.total_fen) - won_fen,
+                    # A sub-pool's budget is its meta's (0 while it is lost from Redis).
+                    "remaining_fen": (total_fen if len(pools) > 1 else spec.total_fen) - won_fen,
                     "won_count": won_count,
                     "won_fen": won_fen,
                     "refunded_count": refunded_count,
