@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from app.errors import json_response
 from app.settings import Settings
+from app.web.hot import HotRoutes, LowLevelHandler
 from app.web.keys import READINESS
 
 log = logging.getLogger("hongbao.lifecycle")
@@ -69,9 +70,9 @@ class _JsonErrorHandler(RequestHandler):
 class _JsonErrorServer(web.Server):
     """An aiohttp server whose connections are ``_JsonErrorHandler``s."""
 
-    def __init__(self, made: web.Server, **kwargs: Any) -> None:
+    def __init__(self, made: web.Server, handler: LowLevelHandler, **kwargs: Any) -> None:
         super().__init__(
-            made.request_handler,
+            handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             **kwargs,
@@ -83,10 +84,12 @@ class _JsonErrorServer(web.Server):
 
 
 class JsonErrorRunner(web.AppRunner):
-    """``web.AppRunner`` whose server answers protocol-level errors in JSON."""
+    """``web.AppRunner`` whose server answers protocol-level errors in JSON and the hot
+    routes below the Application (app.web.hot)."""
 
     async def _make_server(self) -> web.Server:
-        return _JsonErrorServer(await super()._make_server(), access_log=None)
+        made = await super()._make_server()
+        return _JsonErrorServer(made, HotRoutes(self.app, made.request_handler), access_log=None)
 
 
 async def run_worker(app: web.Application, settings: Settings) -> int:
