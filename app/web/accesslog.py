@@ -25,13 +25,14 @@ import sys
 from typing import IO, Any
 
 import orjson
-from aiohttp import web
+
+from app.errors import JsonResponse
 
 FLUSH_AFTER_S = 0.05
 FLUSH_LINES = 1024
 
 
-class RoutineResponse(web.Response):
+class RoutineResponse(JsonResponse):
     """A 200 that settled nothing (a grab answered sold out or already won): one in
     ACCESS_LOG_SAMPLE of these gets an access line, with ``sample`` (how many it stands
     for); HAProxy's log has a line for each, with its request id."""
@@ -39,7 +40,7 @@ class RoutineResponse(web.Response):
 
 def routine_json(data: Any) -> RoutineResponse:
     """A JSON RoutineResponse (200), serialised with orjson."""
-    return RoutineResponse(body=orjson.dumps(data), content_type="application/json")
+    return RoutineResponse(orjson.dumps(data))
 
 
 class AccessLog:
