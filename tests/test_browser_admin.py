@@ -391,6 +391,57 @@ async def test_console_lottery_live_tier_stock(console_service: Service, browser
     await context.close()
 
 
+async def test_console_creates_a_sharded_red_packet_and_shows_each_sub_pool(
+    console_service: Service, browser: Browser
+) -> None:
+    """shards from the form; the live view draws one bar per sub-pool, its won part as
+    the sub-pool's won_count; a refused shards count is shown beside its field."""
+    service = console_service
+    await _ready(service)
+    context = await browser.new_context(viewport={"width": 1100, "height": 900}, locale="zh-CN")
+    page = await context.new_page()
+    watched = Watched(page)
+    await _sign_in(page, service.base)
+    await page.locator("#view-list a[href='#/new']").click()
+    await page.fill("#f-name", "分片红包")
+    await page.fill("#f-total_fen", "3000")
+    await page.fill("#f-count", "30")
+    await page.fill("#f-shards", "31")
+    await page.locator("#create").click()
+    await expect(page.locator("[data-field='shards'] .field__error")).to_contain_text("shards")
+    await page.fill("#f-shards", "3")
+    await page.locator("#create").click()
+    await page.wait_for_url("**/admin#/c/*")
+    cid = page.url.rsplit("/", 1)[1]
+    await expect(page.locator("#chart-shards")).to_be_visible()
+    assert await page.locator("#chart-shards .bar__track").count() == 3
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        for n in range(7):
+            async with http.post(
+                f"{service.base}/auth/dev-login", json={"openid": f"s{n}"}, headers=PAGE
+            ) as resp:
+                cookie = f"hb_session={resp.cookies['hb_session'].value}"
+            async with http.post(
+                f"{service.base}/api/campaigns/{cid}/grab", headers={**PAGE, "Cookie": cookie}
+            ) as resp:
+                assert (await resp.json())["result"] == "won"
+    await expect(page.locator("#kpi-won_count")).to_have_text("7 / 30")
+    stats = await _stats(service.base, cid)
+    assert stats["shards"] == 3
+    assert sum(p["won_count"] for p in stats["per_shard"]) == 7
+    label = await page.locator("#chart-shards svg").get_attribute("aria-label")
+    assert label is not None
+    for p in stats["per_shard"]:
+        size = p["won_count"] + p["remaining_count"]
+        assert f"Shard {p['shard']}  {p['won_count']} / {size}" in label
+    assert await page.locator("#chart-shards .bar--won").count() == sum(
+        1 for p in stats["per_shard"] if p["won_count"]
+    )
+    assert watched.problems == []
+    await context.close()
+
+
 async def test_console_shows_payout_states(paying_service: Service, browser: Browser) -> None:
     service = paying_service
     await _ready(service)

@@ -291,7 +291,7 @@
   function definition() {
     var body = { kind: kind(), name: $('f-name').value };
     if (body.kind === 'red_packet') {
-      ['total_fen', 'count', 'min_fen', 'max_fen'].forEach(function (k) { put(body, k, number($('f-' + k))); });
+      ['total_fen', 'count', 'min_fen', 'max_fen', 'shards'].forEach(function (k) { put(body, k, number($('f-' + k))); });
       body.split = $('f-split').value;
     } else {
       body.tiers = Array.prototype.map.call($('tiers').children, function (row) {
@@ -559,6 +559,20 @@
           t.name + '  ' + count(t.won) + ' / ' + count(t.released) + ' / ' + count(t.stock),
           [[t.won, 'bar--won'], [t.released - t.won, 'bar--left']],
           t.stock
+        ];
+      }));
+    }
+    // A sharded red packet: how far each sub-pool has sold (a dry home sends its
+    // players on to the others).
+    var shards = $('chart-shards');
+    shards.hidden = lottery || !(s.shards > 1);
+    if (!shards.hidden) {
+      barChart(shards, s.per_shard.map(function (p) {
+        var size = p.won_count + p.remaining_count + p.refunded_count;
+        return [
+          '分片 Shard ' + p.shard + '  ' + count(p.won_count) + ' / ' + count(size),
+          [[p.won_count, 'bar--won'], [p.remaining_count, 'bar--left']],
+          size
         ];
       }));
     }
