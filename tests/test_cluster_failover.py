@@ -76,6 +76,16 @@ def _promoted(cluster: EmbeddedCluster, slot: int, old: int, within_s: float = 1
     raise AssertionError(f"no replica took slot {slot} over within {within_s}s")
 
 
+# Workers on the cluster that answer a grant only once a replica has it.
+WAIT_ONE = {
+    "REDIS_CLUSTER": "1",
+    "REDIS_WAIT_REPLICAS": "1",
+    "REDIS_TIMEOUT_MS": "1000",
+    "LEDGER_BLOCK_MS": "50",
+    "LEDGER_CLAIM_IDLE_MS": "500",
+}
+
+
 @dataclass
 class ClusterTopology(Topology):
     """HAProxy in front of worker processes on the cluster."""
@@ -97,6 +107,13 @@ class ClusterTopology(Topology):
         )
         out.close()
         self.worker_ports[name] = port
+
+    def start_all(self) -> None:
+        """Two workers behind HAProxy, all answering."""
+        self.start_worker("w1")
+        self.start_worker("w2")
+        self.start_edge()
+        self.wait_all_up()
 
     def wait_all_up(self, timeout: float = 60) -> None:
         """As Topology's, once HAProxy's admin socket exists (it may lag its port)."""
@@ -126,23 +143,9 @@ async def test_sigkill_a_master_under_load_with_wait_loses_no_acknowledged_grant
     database_url: str,
     http: aiohttp.ClientSession,
 ) -> None:
-    topology = ClusterTopology(
-        tmp_path,
-        cluster.url,
-        database_url,
-        extra={
-            "REDIS_CLUSTER": "1",
-            "REDIS_WAIT_REPLICAS": "1",
-            "REDIS_TIMEOUT_MS": "1000",
-            "LEDGER_BLOCK_MS": "50",
-            "LEDGER_CLAIM_IDLE_MS": "500",
-        },
-    )
+    topology = ClusterTopology(tmp_path, cluster.url, database_url, extra=WAIT_ONE)
     try:
-        topology.start_worker("w1")
-        topology.start_worker("w2")
-        topology.start_edge()
-        topology.wait_all_up()
+        topology.start_all()
         url = topology.url
         body = {"kind": "red_packet", "name": "failover", "total_fen": 500_000, "count": 5000}
         async with http.post(f"{url}/api/admin/campaigns", json=body, headers=ADMIN) as resp:

@@ -34,6 +34,7 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
 from tests.conftest import ADMIN
 from tests.test_cluster_failover import (  # noqa: F401 - fixtures
     RESUME_WITHIN_S,
+    WAIT_ONE,
     ClusterTopology,
     _promoted,
     http,
@@ -52,23 +53,9 @@ async def test_sigkill_the_master_of_a_sub_pool_under_load_loses_no_acknowledged
     database_url: str,
     http: aiohttp.ClientSession,  # noqa: F811 - the imported fixture
 ) -> None:
-    topology = ClusterTopology(
-        tmp_path,
-        cluster.url,
-        database_url,
-        extra={
-            "REDIS_CLUSTER": "1",
-            "REDIS_WAIT_REPLICAS": "1",
-            "REDIS_TIMEOUT_MS": "1000",
-            "LEDGER_BLOCK_MS": "50",
-            "LEDGER_CLAIM_IDLE_MS": "500",
-        },
-    )
+    topology = ClusterTopology(tmp_path, cluster.url, database_url, extra=WAIT_ONE)
     try:
-        topology.start_worker("w1")
-        topology.start_worker("w2")
-        topology.start_edge()
-        topology.wait_all_up()
+        topology.start_all()
         url = topology.url
         body = {
             "kind": "red_packet",
