@@ -72,34 +72,25 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):06x}"
 
 
-async def _respond(
-    request: web.Request, handler: Handler, metrics: Metrics, origin: str | None
-) -> web.StreamResponse:
-    """The handler's response, or the JSON error it ends in."""
-    try:
-        if csrf_refused(request, origin):
-            return json_response(_CSRF, status=403)
-        if request.path.startswith(ADMIN_PREFIX):
-            await authenticate(request)
-        return await handler(request)
-    except ApiError as exc:
+def _error_response(request: web.Request, exc: Exception, metrics: Metrics) -> web.Response:
+    """The JSON answer to ``exc``, raised by a handler (a redirect is raised on)."""
+    if isinstance(exc, ApiError):
         return json_response(exc.body(), status=exc.status)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         return http_error_response(exc)
-    except RedisError as exc:
+    if isinstance(exc, RedisError):
         metrics.count_redis_error()
         log.warning("redis unavailable on %s %s: %r", request.method, request.path, exc)
         return json_response(_UNAVAILABLE, status=503)
-    except (asyncpg.PostgresConnectionError, OSError) as exc:
+    if isinstance(exc, (asyncpg.PostgresConnectionError, OSError)):
         # A store is down or overloaded: the client may retry; nothing was settled twice
         # because every settlement is one atomic script call.
         log.warning("store unavailable on %s %s: %r", request.method, request.path, exc)
         return json_response(_UNAVAILABLE, status=503)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return json_response({"error": "internal", "message": "internal error"}, status=500)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return json_response({"error": "internal", "message": "internal error"}, status=500)
 
 
 def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog) -> Middleware:
@@ -126,12 +117,29 @@ def edge_middleware(settings: Settings, metrics: Metrics, access_log: AccessLog)
         # Application log lines written while this request is handled carry its id.
         request_id_token = CURRENT_REQUEST_ID.set(request_id)
         try:
-            response = await _respond(request, handler, metrics, origin)
+            # The handler's answer, or the JSON error it ends in; in this frame, not a
+            # coroutine of its own, and the request state read only when needed (an
+            # operator to audit, an access line): measured, sold out 222.9k -> 219.7k
+            # instructions per request (python -m bench.instructions).
+            admin = False
+            response: web.StreamResponse
+            try:
+                if csrf_refused(request, origin):
+                    response = json_response(_CSRF, status=403)
+                else:
+                    admin = request.path.startswith(ADMIN_PREFIX)
+                    if admin:
+                        await authenticate(request)
+                    response = await handler(request)
+            except Exception as exc:
+                response = _error_response(request, exc, metrics)
             status = response.status
             routine = isinstance(response, RoutineResponse)
-            state = set(request)
-            if OPERATOR in state:
-                await audit(request, status)
+            # Only admin requests have an operator to audit (app.web.operators).
+            if admin:
+                state = set(request)
+                if OPERATOR in state:
+                    await audit(request, status)
             if not response.prepared:
                 response.headers[REQUEST_ID_HEADER] = request_id
             return response
