@@ -242,6 +242,7 @@ async def test_errors_of_the_hot_routes_are_the_applications(doors: Doors) -> No
         (draw, token, {"Idempotency-Key": "not ok!"}, 422, "invalid"),
         ("/api/campaigns/nosuchcampaign/grab", token, {}, 404, "not_found"),
         ("/api/campaigns/nosuchcampaign/draw", token, {}, 404, "not_found"),
+        (f"/api/campaigns/{'x' * 500}/grab", token, {}, 404, "not_found"),  # not remembered
     ]
     for path, who, headers, status, code in cases:
         answer = await doors.same("POST", path, who, hot_route=True, headers=headers)

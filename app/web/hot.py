@@ -34,8 +34,11 @@ ACTIONS = ("grab", "draw")
 # What the router's default {id} pattern ([^{}/]+) refuses, and "%" (see above).
 _NOT_PLAIN = frozenset("{}%")
 
-# Match infos remembered, by path: a campaign's players all ask the same two paths.
+# Match infos remembered, by path: a campaign's players all ask the same two paths. Only
+# for ids this long at most (ours are 16 characters), so what is remembered stays small
+# whatever paths a client makes up.
 MAX_MATCHES = 4096
+MAX_REMEMBERED_ID = 64
 
 # What aiohttp's low-level server calls with each request.
 LowLevelHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -88,7 +91,8 @@ class HotRoutes:
         match_info = UrlMappingMatchInfo({"id": campaign_id}, route)
         match_info.add_app(self._app)
         match_info.freeze()
-        if len(self._matches) >= MAX_MATCHES:
-            self._matches.clear()
-        self._matches[path] = match_info
+        if len(campaign_id) <= MAX_REMEMBERED_ID:
+            if len(self._matches) >= MAX_MATCHES:
+                self._matches.clear()
+            self._matches[path] = match_info
         return match_info
