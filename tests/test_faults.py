@@ -507,15 +507,15 @@ async def test_sold_out_indexes_bounded_and_ended_ones_evicted(
         # A third index pushes out the least recently used one (ended: camps[0] was
         # loaded after it); still known sold out, its grabs now confirmed in Redis.
         await learned(camps[1])
-        assert known.knows(ended)
+        assert known.knows(ended, ended.id)
         assert not known.surely_lost(ended.id, "loser")
         assert known.surely_lost(camps[0].id, "loser")
         assert known.surely_lost(camps[1].id, "loser")
         # Once ended, the campaign is forgotten at its next grab.
         await asyncio.sleep(1.6)
-        assert not known.knows(ended)
+        assert not known.knows(ended, ended.id)
         assert not known.surely_lost(ended.id, "loser")
-        assert known.knows(camps[1])
+        assert known.knows(camps[1], camps[1].id)
         assert not known.surely_lost(camps[1].id, "winner")
     finally:
         await known.close()
