@@ -10,6 +10,13 @@
 --          (its window has passed, or it was closed out), 4 paused by an operator
 --   now_ms: Redis's clock, which decided the window and stamps the ledger entries
 --   per user: code 0 won, 1 already won (same amount), 2 sold out; amount 0 when sold out
+-- A call that grants nothing and finds the pool empty still writes (HINCRBY meta
+-- empty_calls): with REDIS_WAIT_REPLICAS the WAIT after it then confirms that a replica
+-- has everything the master did before, the grant that emptied the pool included
+-- (replication is in order; which commands advance a connection's WAIT offset varies
+-- with Redis versions, a write always does), so a sharded campaign's grab falls through
+-- to another sub-pool only once a failover could not refill this one (and so pay a
+-- player twice, once in each).
 
 local meta, pool, winners, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
@@ -39,6 +46,7 @@ end
 
 local out = {0, 0, now}
 local won_count, won_fen = 0, 0
+local empty = false
 for i = 1, #ARGV do
   local user = ARGV[i]
   local prior = redis.call('HGET', winners, user)
@@ -57,6 +65,7 @@ for i = 1, #ARGV do
       out[#out + 1] = 0
       out[#out + 1] = tonumber(amount)
     else
+      empty = true
       out[#out + 1] = 2
       out[#out + 1] = 0
     end
@@ -65,6 +74,8 @@ end
 if won_count > 0 then
   redis.call('HINCRBY', meta, 'won_count', won_count)
   redis.call('HINCRBY', meta, 'won_fen', won_fen)
+elseif empty then
+  redis.call('HINCRBY', meta, 'empty_calls', 1)
 end
 out[2] = redis.call('LLEN', pool)
 return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,15 +24,18 @@ from app.identity.sessions import SessionStore
 from app.local.cluster import EmbeddedCluster
 from app.records import Envelope
 from app.redpacket import routing
+from app.settings import Settings
 from app.store.scripts import CampaignKeys, spread_pools
 from tests.cluster_support import (  # noqa: F401 - fixtures
+    cluster_app,
     cluster_clean_fixture,
     cluster_redis_fixture,
+    cluster_settings_fixture,
     ledger_equals_sub_pools,
     reconciled,
     winners_by_pool,
 )
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, create_campaign, login
 from tests.test_cluster_failover import (  # noqa: F401 - fixtures
     RESUME_WITHIN_S,
     WAIT_ONE,
@@ -148,3 +152,56 @@ async def test_sigkill_the_master_of_a_sub_pool_under_load_loses_no_acknowledged
 async def _left_fen(redis: Redis, pool_id: str) -> int:
     values = await redis.lrange(CampaignKeys.of(pool_id).pool, 0, -1)
     return sum(Envelope.decode(v).amount_fen for v in values)
+
+
+async def test_with_wait_a_grab_falls_through_only_once_a_replica_saw_the_pool_empty(
+    aiohttp_client: Any,
+    cluster: EmbeddedCluster,
+    cluster_settings: Settings,
+    cluster_redis: Redis,
+) -> None:
+    """Sub-pool 0's replicas stall (DEBUG SLEEP): the grant that empties it answers 503
+    (its WAIT falls short) and stands on the master alone. Another worker's grab of a
+    player homed there finds the pool empty; were that answer not a write WAITed in turn,
+    the grab would fall through and win in sub-pool 1, and a failover now (the replica
+    still holding sub-pool 0's envelope) would let the player win there too. It answers
+    503 instead, and wins once when asked again. (The embedded Redis 6.2 WAITs for all
+    the master did before any call; grab_envelope.lua writes on an empty pool so as not
+    to rely on that: which commands advance a connection's WAIT offset is Redis's
+    choice.)"""
+    wait = cluster_settings.with_(redis_wait_replicas=1, redis_timeout_ms=1200)
+    first, second = await cluster_app(aiohttp_client, wait), await cluster_app(aiohttp_client, wait)
+    cid = str((await create_campaign(first, total_fen=400, count=4, shards=2))["id"])
+    pools = tuple(
+        (await cluster_redis.hget(CampaignKeys.of(cid).meta, "pools")).decode().split(",")
+    )
+    homed = [u for u in (f"h{i}" for i in range(400)) if next(routing.order(pools, u)) == pools[0]]
+    early, last, late = homed[:3]
+    tokens = {u: await login(first, u) for u in (early, last, late)}
+    first.session.cookie_jar.clear()
+    second.session.cookie_jar.clear()
+
+    async def grab(client: Any, player: str) -> tuple[int, dict[str, Any]]:
+        resp = await client.post(
+            f"/api/campaigns/{cid}/grab", cookies={"hb_session": tokens[player]}
+        )
+        return resp.status, await resp.json()
+
+    # The second worker's connection to sub-pool 0's master has written, and had it
+    # replicated, before the replicas stall.
+    assert (await grab(second, early))[1]["result"] == "won"
+    master = cluster.master_of(key_slot(CampaignKeys.of(pools[0]).meta.encode()))
+    nodes = [Redis(host="127.0.0.1", port=r.port) for r in cluster.replicas_of(master)]
+    stalls = [asyncio.ensure_future(n.execute_command("DEBUG", "SLEEP", "2")) for n in nodes]
+    await asyncio.sleep(0.1)
+    assert (await grab(first, last))[0] == 503  # granted on the master, not confirmed
+    status, body = await grab(second, late)
+    assert status == 503, body
+    assert not [p for p in pools if await cluster_redis.hexists(CampaignKeys.of(p).winners, late)]
+    await asyncio.gather(*stalls)
+    for node in nodes:
+        await node.aclose()
+    status, body = await grab(second, late)
+    assert (status, body["result"]) == (200, "won")
+    holding = [p for p in pools if await cluster_redis.hexists(CampaignKeys.of(p).winners, late)]
+    assert holding == [pools[1]]

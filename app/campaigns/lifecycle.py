@@ -41,6 +41,10 @@ from app.store.scripts import (
 )
 
 log = logging.getLogger("hongbao.lifecycle")
+# Passes over a sharded campaign's sub-pools while pauses and resumes race (each pass
+# follows the campaign's meta as last read): beyond this, operators toggling faster
+# than a pass; the last of them passes again.
+PAUSE_PASSES = 10
 
 # A read of a campaign's lifecycle that an event overtook is read again, this often.
 READ_TRIES = 3
@@ -142,21 +146,40 @@ class Lifecycles:
         await self.refresh(list(self._known))
 
     async def pause(self, campaign_id: str, paused: bool, pools: tuple[str, ...] = ()) -> None:
-        """Pause (or resume) a campaign, and first each of its sub-pools (``pools``, a
-        sharded red packet's); 404 unknown, 409 ended. A repeat changes nothing."""
-        for pool in pools:
-            # Each sub-pool's script refuses its grabs from its call on; an ended or
-            # lost sub-pool has nothing to refuse, and the campaign's own answer decides.
-            sub, _ = await self._scripts.set_paused(pool, paused)
-            if sub is PauseStatus.NOT_FOUND:
-                log.warning("sub-pool %s of %s missing from Redis: not paused", pool, campaign_id)
+        """Pause (or resume) a campaign; 404 unknown, 409 ended. A repeat changes nothing.
+
+        The campaign's own meta decides; then its sub-pools (``pools``, a sharded red
+        packet's) are each set as that meta says, again until a re-read shows it
+        unchanged, so a pause and a resume racing (from two operators or workers) leave
+        every sub-pool as the campaign, whichever came last: the last writer of the
+        sub-pools re-reads the campaign after writing them.
+        """
         status, _ = await self._scripts.set_paused(campaign_id, paused)
         if status is PauseStatus.NOT_FOUND:
             raise NotFound("no such campaign")
         if status is PauseStatus.ENDED:
             raise Ended("the campaign has ended")
+        if pools:
+            await self._pause_sub_pools(campaign_id, pools, paused)
         # Published on a repeat too: it heals a worker that missed the first.
         await self._announce("paused" if paused else "resumed", campaign_id)
+
+    async def _pause_sub_pools(
+        self, campaign_id: str, pools: tuple[str, ...], paused: bool
+    ) -> None:
+        meta = CampaignKeys.of(campaign_id).meta
+        for _ in range(PAUSE_PASSES):
+            for pool in pools:
+                # Each sub-pool's script refuses its grabs from its call on; an ended or
+                # lost sub-pool has nothing to refuse.
+                sub, _ = await self._scripts.set_paused(pool, paused)
+                if sub is PauseStatus.NOT_FOUND:
+                    log.warning("sub-pool %s of %s missing from Redis: not set", pool, campaign_id)
+            now = await self._redis.hget(meta, "paused") == b"1"
+            if now == paused:
+                return
+            paused = now
+        log.warning("sub-pools of %s still changing after %d passes", campaign_id, PAUSE_PASSES)
 
     async def end(self, campaign_id: str, pools: tuple[str, ...] = ()) -> None:
         """End a campaign now and close it out (once; a repeat changes nothing), each of

@@ -22,9 +22,11 @@ from app.payout.service import PayoutService
 from app.redpacket.service import GrabOutcome, RedPackets
 from app.redpacket.spec import RedPacketSpec
 from app.reports import Progress
-from app.store.scripts import CampaignKeys, RedisClock, Scripts
+from app.store.scripts import POOL_SEPARATOR, CampaignKeys, RedisClock, Scripts
 
 log = logging.getLogger("hongbao.campaigns")
+# No campaign id holds a brace: it would break out of its keys' hash tag.
+_NOT_IN_IDS = frozenset("{}")
 T = TypeVar("T")
 # The payout part of a view lives in PostgreSQL; everything else in Redis. While
 # PostgreSQL is down or slow, views answer without it within this long.
@@ -80,7 +82,12 @@ class CampaignService:
         cached = self._cache.get(campaign_id)
         if cached is not None:
             return cached
-        if not (0 < len(campaign_id) <= 64) or "}" in campaign_id or "{" in campaign_id:
+        if (
+            not (0 < len(campaign_id) <= 64)
+            or not _NOT_IN_IDS.isdisjoint(campaign_id)
+            # A sub-pool's id (the router unquotes %2F into the route's {id}).
+            or POOL_SEPARATOR in campaign_id
+        ):
             raise NotFound("no such campaign")
         # Single flight: at an opening burst a cold worker reads the definition once,
         # however many requests are waiting for it.

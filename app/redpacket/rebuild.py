@@ -167,10 +167,16 @@ async def _rebuild_sharded(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) 
     opened: list[tuple[int, pool.SubPool]] = []
     won, rest = Totals(), Totals()
     refunded: Totals | None = None
+    # An end the drainers have not recorded for a lost pool (an operator's end while it
+    # was missing, or its close-out still in a live stream): what Redis still holds.
+    ended = await _live_end(redis, campaign, lost, meta_lost)
     for k in lost:
         taken = Totals.of(e.amount_fen for e in winners[k].values())
         unwon = Totals.of(e.amount_fen for e in dealt[k])
         lifecycle, refund = _lifecycle(campaign, paused, closeouts.get(k), unwon, f" of shard {k}")
+        if refund is None and ended is not None:
+            # Ended, not closed out: reopened already ended, the drainers close it out.
+            lifecycle = encode_lifecycle(paused, min(ended, campaign.closes_ms))
         if refund is not None:
             refunded = (refunded or Totals()) + refund
         opened.append((k, pool.SubPool(taken + unwon, taken, lifecycle)))
@@ -180,7 +186,8 @@ async def _rebuild_sharded(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) 
         await pool.load_sub_pool(redis, campaign, k, dealt[k], winners[k])
         await pool.open_sub_pool(redis, campaign, k, sub)
     if meta_lost:
-        await pool.open_meta(redis, campaign, lifecycle=_own_lifecycle(campaign, paused, closeouts))
+        own = _own_lifecycle(campaign, paused, closeouts, ended)
+        await pool.open_meta(redis, campaign, lifecycle=own)
     # Sold-out memory is per pool id; the campaign's id resets its lifecycle's.
     for k in lost:
         await publish(redis, "reset", spec.pools[k])
@@ -190,11 +197,32 @@ async def _rebuild_sharded(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) 
     )
 
 
-def _own_lifecycle(campaign: RedPacket, paused: bool, closeouts: dict[int, Closeout]) -> Meta:
+def _own_lifecycle(
+    campaign: RedPacket, paused: bool, closeouts: dict[int, Closeout], ended: int | None
+) -> Meta:
     """The campaign's own meta's lifecycle: closed once every sub-pool is (an end closes
-    the sub-pools first, then the campaign's meta), ended with the last of them."""
+    the sub-pools first, then the campaign's meta), ended with the last of them; ended
+    (the drainers then close it) when only the live sub-pools say so (``ended``)."""
     if len(closeouts) < campaign.spec.shards:
+        if ended is not None:
+            return encode_lifecycle(paused, min(ended, campaign.closes_ms))
         return encode_lifecycle(paused)
-    ended = max(c.ended_ms for c in closeouts.values())
+    end = max(c.ended_ms for c in closeouts.values())
     closed = max(c.closed_ms for c in closeouts.values())
-    return encode_lifecycle(paused, min(ended, campaign.closes_ms), closed)
+    return encode_lifecycle(paused, min(end, campaign.closes_ms), closed)
+
+
+async def _live_end(
+    redis: Redis, campaign: RedPacket, lost: list[int], meta_lost: bool
+) -> int | None:
+    """When the campaign ended, by the pools Redis still holds: the latest end of those
+    closed out (its own meta, its live sub-pools); None if none is."""
+    live = [p for k, p in enumerate(campaign.spec.pools) if k not in lost]
+    if not meta_lost:
+        live.append(campaign.id)
+    ends = []
+    for pool_id in live:
+        end, closed = await redis.hmget(CampaignKeys.of(pool_id).meta, "ends_at_ms", "closed_ms")
+        if closed is not None and end is not None:
+            ends.append(int(end))
+    return max(ends, default=None)
