@@ -14,15 +14,18 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from redis.asyncio import Redis
 
 from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from app.settings import Settings
 from app.web.factory import create_app
+from app.web.lifecycle import JsonErrorRunner
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -135,10 +138,19 @@ async def pg(database_url: str, clean: None) -> AsyncIterator[asyncpg.Connection
     await conn.close()
 
 
+class WorkerTestServer(TestServer):
+    """A test server serving as a worker does (app.web.lifecycle.JsonErrorRunner): the
+    hot routes below the Application, protocol errors in JSON."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return JsonErrorRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def client(aiohttp_client, settings: Settings) -> TestClient:  # type: ignore[no-untyped-def]
-    """An HTTP client on an in-process app, sending what the H5 page sends."""
-    return await aiohttp_client(create_app(settings), headers=PAGE)
+    """An HTTP client on an in-process app served as a worker serves it, sending what
+    the H5 page sends."""
+    return await aiohttp_client(WorkerTestServer(create_app(settings)), headers=PAGE)
 
 
 async def create_campaign(client: TestClient, **fields: object) -> dict[str, object]:

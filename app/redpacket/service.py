@@ -188,9 +188,12 @@ class RedPackets:
         ]
 
     async def _remaining(self, campaign: RedPacket) -> list[int]:
-        """Envelopes left in each pool (one pipeline: per shard on a Redis Cluster)."""
+        """Envelopes left in each pool (sub-pools: one pipeline, per shard on a cluster)."""
+        pools = campaign.spec.pools
+        if not pools:
+            return [int(await self._redis.llen(CampaignKeys.of(campaign.id).pool))]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for pool_id in pools_of(campaign):
+            for pool_id in pools:
                 pipe.llen(CampaignKeys.of(pool_id).pool)
             return [int(n) for n in await pipe.execute()]
 
