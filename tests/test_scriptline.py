@@ -73,6 +73,28 @@ async def test_lost_connection_fails_calls_then_reconnects(
         line.close()
 
 
+async def test_a_call_on_a_connection_closing_under_it_fails_as_lost_then_reconnects(
+    redis_url: str,
+) -> None:
+    """A master killed between the line's check of its connection and the write (or a
+    write of the same call that broke it): uvloop refuses the write with RuntimeError,
+    which would answer 500; the call fails as a lost connection (503) instead."""
+    line = _line(redis_url)
+    try:
+        assert await line.call("PING") == b"PONG"
+        protocol = line._protocol
+        assert protocol is not None
+        assert protocol.transport is not None
+        protocol.transport.close()
+        commands = [protocol.send(("PING",)), protocol.send(("PING",))]
+        for future in commands:
+            with pytest.raises(ConnectionError):
+                await future
+        assert await line.call("PING") == b"PONG"
+    finally:
+        line.close()
+
+
 async def test_password_and_database_from_the_url(private_redis_server: EmbeddedRedis) -> None:
     admin = Redis.from_url(private_redis_server.url)
     await admin.config_set("requirepass", "s3cret")

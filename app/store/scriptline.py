@@ -99,12 +99,22 @@ class _Protocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
     def send(self, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
-        """Write one command; the future gets its reply."""
+        """Write one command; the future gets its reply, or ConnectionError if the
+        connection is already closing (a master killed between the check and the write,
+        or the failed write of a command sent just before in the same call: uvloop then
+        refuses any write with RuntimeError)."""
         assert self.transport is not None
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.transport.is_closing():
+            future.set_exception(ConnectionError("connection to Redis lost while sending"))
+            return future
+        try:
+            self.transport.write(pack(args))
+        except RuntimeError as exc:
+            future.set_exception(ConnectionError(f"connection to Redis lost: {exc}"))
+            return future
         self.waiting.append(future)
         self.sent_at.append(time.monotonic())
-        self.transport.write(pack(args))
         return future
 
     def data_received(self, data: bytes) -> None:
