@@ -225,6 +225,44 @@ async def _node(port: int) -> Redis:
     return Redis(host="127.0.0.1", port=port)
 
 
+async def grab_retrying(client: Any, cid: str, token: str) -> tuple[str, int]:
+    """A grab as a player makes it, retrying a 503 (the first call to a failed master
+    makes the worker read the new slot map); its result and amount."""
+    for _ in range(20):
+        resp = await client.post(f"/api/campaigns/{cid}/grab", cookies={"hb_session": token})
+        if resp.status != 503:
+            break
+        await asyncio.sleep(0.1)
+    assert resp.status == 200, await resp.text()
+    answer = await resp.json()
+    return answer["result"], answer["amount_fen"]
+
+
+async def cut_replication(replicas: list[Any]) -> None:
+    """Cut ``replicas`` off their master (they cannot re-authenticate) and wait until
+    each has lost its link: the master's writes from now on are its alone."""
+    for replica in replicas:
+        node = await _node(replica.port)
+        await node.config_set("masterauth", "not-the-password")
+        await node.client_kill_filter(_type="master")
+        await node.aclose()
+    for replica in replicas:
+        node = await _node(replica.port)
+        deadline = time.monotonic() + 5
+        while (await node.info("replication")).get("master_link_status") == "up":
+            assert time.monotonic() < deadline, "the replica kept its link"
+            await asyncio.sleep(0.05)
+        await node.aclose()
+
+
+async def restore_replication(replicas: list[Any]) -> None:
+    """Let ``replicas`` authenticate to a master again (after cut_replication)."""
+    for replica in replicas:
+        node = await _node(replica.port)
+        await node.config_set("masterauth", "")
+        await node.aclose()
+
+
 async def test_without_wait_a_failover_can_lose_a_grant_reconcile_lists_it_rebuild_restores(
     aiohttp_client: Any,
     cluster: EmbeddedCluster,
@@ -241,18 +279,7 @@ async def test_without_wait_a_failover_can_lose_a_grant_reconcile_lists_it_rebui
     client.session.cookie_jar.clear()
 
     async def grab(player: str) -> tuple[str, int]:
-        # As a player would, retry a 503: the first call to a failed master makes the
-        # worker read the new slot map.
-        for _ in range(20):
-            resp = await client.post(
-                f"/api/campaigns/{cid}/grab", cookies={"hb_session": tokens[player]}
-            )
-            if resp.status != 503:
-                break
-            await asyncio.sleep(0.1)
-        assert resp.status == 200, await resp.text()
-        answer = await resp.json()
-        return answer["result"], answer["amount_fen"]
+        return await grab_retrying(client, cid, tokens[player])
 
     async def drained() -> None:
         deadline = time.monotonic() + 20
@@ -267,26 +294,12 @@ async def test_without_wait_a_failover_can_lose_a_grant_reconcile_lists_it_rebui
     slot = _slot(cluster, cid)
     master = cluster.master_of(slot)
     replicas = cluster.replicas_of(master)
-    for replica in replicas:
-        node = await _node(replica.port)
-        await node.config_set("masterauth", "not-the-password")
-        await node.client_kill_filter(_type="master")
-        await node.aclose()
-    for replica in replicas:
-        node = await _node(replica.port)
-        deadline = time.monotonic() + 5
-        while (await node.info("replication")).get("master_link_status") == "up":
-            assert time.monotonic() < deadline, "the replica kept its link"
-            await asyncio.sleep(0.05)
-        await node.aclose()
+    await cut_replication(replicas)
     told = {p: await grab(p) for p in lost}
     assert all(result == "won" for result, _ in told.values())
     await drained()  # PostgreSQL has them; only the master had them in Redis
     cluster.kill(master.port)
-    for replica in replicas:
-        node = await _node(replica.port)
-        await node.config_set("masterauth", "")
-        await node.aclose()
+    await restore_replication(replicas)
     _promoted(cluster, slot, master.port)
     cluster.wait_ok()
 

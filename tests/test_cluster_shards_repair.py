@@ -11,7 +11,6 @@ sub-pool, is answered already_won with the amount told.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
@@ -32,7 +31,12 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
     drained_pools,
 )
 from tests.conftest import create_campaign, login
-from tests.test_cluster_failover import _node, _promoted
+from tests.test_cluster_failover import (
+    _promoted,
+    cut_replication,
+    grab_retrying,
+    restore_replication,
+)
 
 SHARDS = 3
 
@@ -60,18 +64,7 @@ async def test_a_sub_pool_that_lost_grants_in_a_failover_is_listed_then_rebuilt_
         client.session.cookie_jar.clear()
 
         async def grab(player: str) -> tuple[str, int]:
-            # As a player would, retry a 503: the first call to a failed master makes
-            # the worker read the new slot map.
-            for _ in range(20):
-                resp = await client.post(
-                    f"/api/campaigns/{cid}/grab", cookies={"hb_session": tokens[player]}
-                )
-                if resp.status != 503:
-                    break
-                await asyncio.sleep(0.1)
-            assert resp.status == 200, await resp.text()
-            answer = await resp.json()
-            return answer["result"], answer["amount_fen"]
+            return await grab_retrying(client, cid, tokens[player])
 
         kept = {p: await grab(p) for p in before}
         await drained_pools(cluster_redis, pools)
@@ -84,28 +77,12 @@ async def test_a_sub_pool_that_lost_grants_in_a_failover_is_listed_then_rebuilt_
             if k != victim
         )
         replicas = cluster.replicas_of(master)
-        for replica in replicas:
-            node = await _node(replica.port)
-            await node.config_set("masterauth", "not-the-password")
-            await node.client_kill_filter(_type="master")
-            await node.aclose()
-        for replica in replicas:
-            node = await _node(replica.port)
-            for _ in range(100):
-                if (await node.info("replication")).get("master_link_status") != "up":
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the replica kept its link")
-            await node.aclose()
+        await cut_replication(replicas)
         told = {p: await grab(p) for p in lost}
         assert all(result == "won" for result, _ in told.values())
         await drained_pools(cluster_redis, pools)  # PostgreSQL has them, only the master did
         cluster.kill(master.port)
-        for replica in replicas:
-            node = await _node(replica.port)
-            await node.config_set("masterauth", "")
-            await node.aclose()
+        await restore_replication(replicas)
         _promoted(cluster, slot, master.port)
         cluster.wait_ok()
 

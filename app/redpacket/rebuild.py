@@ -105,12 +105,33 @@ async def rebuild(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) -> Rebuil
             f"{lag} ledger entries of campaign {campaign_id} are still in Redis, not yet "
             "in PostgreSQL; let the drainers record them first"
         )
-    grabs = await ledger.fetch_grabs(pg, campaign_id)
-    # Envelopes go back in seq order, which is the shuffled order of creation.
-    left = await ledger.fetch_ungranted(pg, campaign_id)
-    rejects = len(await ledger.fetch_rejects(pg, campaign_id))
-    paused = await ledger.fetch_paused(pg, campaign_id)
+    recorded = await _recorded(pg, campaign)
     closeout = await ledger.fetch_closeout(pg, campaign_id)
+    won = Totals.of(e.amount_fen for e in recorded.grabs.values())
+    rest = Totals.of(e.amount_fen for e in recorded.left)
+    lifecycle, refunded = _lifecycle(campaign, recorded.paused, closeout, rest, "")
+    await pool.load(redis, campaign, recorded.left, recorded.grabs)
+    await pool.open_campaign(redis, campaign, won, lifecycle)
+    # Workers that knew the campaign sold out must ask its script again.
+    await publish(redis, "reset", campaign_id)
+    return RebuildResult(campaign_id, won, rest, recorded.rejects, recorded.paused, refunded)
+
+
+@dataclass(frozen=True, slots=True)
+class _Recorded:
+    """What PostgreSQL recorded of a red packet, checked to make up its budget."""
+
+    grabs: dict[str, Envelope]
+    left: list[Envelope]  # ungranted, in seq order: the shuffled order of creation
+    rejects: int
+    paused: bool
+
+
+async def _recorded(pg: asyncpg.Pool, campaign: RedPacket) -> _Recorded:
+    """The grabs, ungranted envelopes, rejects and pause of ``campaign`` in PostgreSQL;
+    OperationError unless grabs + ungranted are exactly its envelopes."""
+    grabs = await ledger.fetch_grabs(pg, campaign.id)
+    left = await ledger.fetch_ungranted(pg, campaign.id)
     won = Totals.of(e.amount_fen for e in grabs.values())
     rest = Totals.of(e.amount_fen for e in left)
     spec = campaign.spec
@@ -119,12 +140,8 @@ async def rebuild(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) -> Rebuil
             f"PostgreSQL is inconsistent: grabs {won} + ungranted {rest} != "
             f"{spec.count} envelopes / {spec.total_fen} fen"
         )
-    lifecycle, refunded = _lifecycle(campaign, paused, closeout, rest, "")
-    await pool.load(redis, campaign, left, grabs)
-    await pool.open_campaign(redis, campaign, won, lifecycle)
-    # Workers that knew the campaign sold out must ask its script again.
-    await publish(redis, "reset", campaign_id)
-    return RebuildResult(campaign_id, won, rest, rejects, paused, refunded)
+    rejects = len(await ledger.fetch_rejects(pg, campaign.id))
+    return _Recorded(grabs, left, rejects, await ledger.fetch_paused(pg, campaign.id))
 
 
 async def _rebuild_sharded(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) -> RebuildResult:
@@ -147,23 +164,13 @@ async def _rebuild_sharded(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) 
                 f"{lag} ledger entries of campaign {campaign_id}'s shard {k} are still in "
                 "Redis, not yet in PostgreSQL; let the drainers record them first"
             )
-    grabs = await ledger.fetch_grabs(pg, campaign_id)
-    left = await ledger.fetch_ungranted(pg, campaign_id)
-    rejects = len(await ledger.fetch_rejects(pg, campaign_id))
-    paused = await ledger.fetch_paused(pg, campaign_id)
+    recorded = await _recorded(pg, campaign)
+    paused = recorded.paused
     closeouts = await ledger.fetch_closeouts(pg, campaign_id)
-    won_all = Totals.of(e.amount_fen for e in grabs.values())
-    rest_all = Totals.of(e.amount_fen for e in left)
-    if won_all + rest_all != Totals(spec.count, spec.total_fen):
-        raise OperationError(
-            f"PostgreSQL is inconsistent: grabs {won_all} + ungranted {rest_all} != "
-            f"{spec.count} envelopes / {spec.total_fen} fen"
-        )
     winners: list[dict[str, Envelope]] = [{} for _ in range(shards)]
-    for user, envelope in grabs.items():
+    for user, envelope in recorded.grabs.items():
         winners[envelope.seq % shards][user] = envelope
-    # Envelopes go back in seq order, which is the shuffled order of creation.
-    dealt = pool.deal(campaign, left)
+    dealt = pool.deal(campaign, recorded.left)
     opened: list[tuple[int, pool.SubPool]] = []
     won, rest = Totals(), Totals()
     refunded: Totals | None = None
@@ -193,7 +200,7 @@ async def _rebuild_sharded(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) 
         await publish(redis, "reset", spec.pools[k])
     await publish(redis, "reset", campaign_id)
     return RebuildResult(
-        campaign_id, won, rest, rejects, paused, refunded, tuple(lost), shards, meta_lost
+        campaign_id, won, rest, recorded.rejects, paused, refunded, tuple(lost), shards, meta_lost
     )
 
 
