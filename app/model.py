@@ -129,11 +129,17 @@ def optional_ms(moment: datetime | None) -> int | None:
     return None if moment is None else from_datetime(moment)
 
 
+def rfc3339(moment: datetime) -> str:
+    """RFC 3339 in UTC to the millisecond (``2027-02-10T16:00:00.000Z``), as every time
+    the API writes: one fixed width, so the strings sort as the times do."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def iso(ms: int | None) -> str | None:
-    """RFC 3339 (UTC, ``Z``) for a unix-millisecond time, None for None."""
+    """``rfc3339`` of a unix-millisecond time, None for None."""
     if ms is None:
         return None
-    return to_datetime(ms).isoformat().replace("+00:00", "Z")
+    return rfc3339(to_datetime(ms))
 
 
 def shanghai_day(ms: int) -> int:

@@ -17,6 +17,7 @@ from app.store import reads
 from app.store.scripts import CampaignKeys
 from app.web.keys import PG
 from tests.conftest import ADMIN, create_campaign, login
+from tests.test_times import TIME
 
 LOTTERY = {
     "kind": "lottery",
@@ -64,7 +65,7 @@ async def test_list_newest_first_with_live_state_in_pages(client: TestClient) ->
     assert red["name"] == "售罄"
     assert red["kind"] == "red_packet"
     assert (red["total_fen"], red["count"], red["won_count"], red["won_fen"]) == (100, 1, 1, 100)
-    assert red["created_at"].endswith("Z")
+    assert TIME.fullmatch(red["created_at"])
     lot = entries[0]  # type: ignore[index]
     assert (lot["kind"], lot["tiers"], lot["stock"], lot["prizes_won"]) == ("lottery", 2, 60, 0)
 

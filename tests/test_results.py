@@ -33,6 +33,7 @@ from tests.conftest import ADMIN, PAGE, command_calls, create_campaign, login
 from tests.test_ledger import FAST, wait_drained
 from tests.test_lottery_api import LOTTERY
 from tests.test_openapi import Contract
+from tests.test_times import TIME
 
 RESULTS = "/api/campaigns/{id}/results"
 
@@ -235,6 +236,7 @@ async def test_results_after_sell_out_best_luck_and_winners(
     assert [w["name"] for w in body["winners"]] == expected
     assert [w["amount_fen"] for w in body["winners"]] == [won[p] for p in latest]
     times = [w["granted_at"] for w in body["winners"]]
+    assert all(TIME.fullmatch(t) for t in times)
     assert times == sorted(times, reverse=True)
     assert all("player" not in w["name"] for w in body["winners"])
     # The ledger and Redis agree on the money.

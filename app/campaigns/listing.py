@@ -18,7 +18,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.campaigns import definitions
-from app.model import Kind
+from app.model import Kind, rfc3339
 from app.records import LIFECYCLE_FIELDS, lifecycle_of
 from app.redpacket.spec import pools_of
 from app.store import reads
@@ -48,10 +48,6 @@ class Position:
     def key(self) -> tuple[datetime, str]:
         """The (created_at, id) the next page starts strictly after."""
         return _EPOCH + self.created_us * _US, self.campaign_id
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
@@ -99,7 +95,7 @@ async def summaries(redis: Redis, rows: Sequence[asyncpg.Record]) -> list[dict[s
                 "stock": sum(t.stock for t in campaign.spec.tiers),
                 "prizes_won": sum(int(v) for k, v in tiers.items() if k.startswith(b"won:")),
             }
-        entry["created_at"] = _iso(row["created_at"])
+        entry["created_at"] = rfc3339(row["created_at"])
         out.append(entry)
     return out
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from app.campaigns import definitions
 from app.errors import NotFound
-from app.model import Campaign, Kind
+from app.model import Campaign, Kind, rfc3339
 from app.store import ledger, reads
 
 Row = Sequence[str | int]
@@ -31,11 +30,6 @@ class Winners:
     batches: AsyncGenerator[list[Row], None]
 
 
-def _time(moment: datetime) -> str:
-    """RFC 3339 in UTC to the millisecond, as every time in the API."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 # Each closes the store's stream it reads when it is closed itself (the download ended
 # early): the connection goes back to the pool at once, not when collected.
 
@@ -44,7 +38,7 @@ async def _grants(pool: asyncpg.Pool, campaign_id: str) -> AsyncGenerator[list[R
     async with contextlib.aclosing(reads.grants(pool, campaign_id)) as batches:
         async for rows in batches:
             yield [
-                (r["openid"], r["amount_fen"], _time(r["granted_at"]), r["payout_state"] or "")
+                (r["openid"], r["amount_fen"], rfc3339(r["granted_at"]), r["payout_state"] or "")
                 for r in rows
             ]
 
@@ -60,7 +54,7 @@ async def _prizes(pool: asyncpg.Pool, campaign: Campaign[Any]) -> AsyncGenerator
                     r["tier"],
                     tiers[r["tier"]].name,
                     r["value_fen"],
-                    _time(r["drawn_at"]),
+                    rfc3339(r["drawn_at"]),
                     r["payout_state"] or "",
                 )
                 for r in rows

@@ -8,7 +8,6 @@ import contextlib
 import csv
 import io
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -18,7 +17,7 @@ from msgspec import UNSET, UnsetType
 from app.campaigns.listing import Position
 from app.campaigns.winners import Row
 from app.errors import Invalid, json_response
-from app.model import Kind
+from app.model import Kind, rfc3339
 from app.validation import read_query
 from app.web.handlers.deps import require_admin
 from app.web.keys import CAMPAIGNS, OPERATORS
@@ -86,10 +85,6 @@ def _audit_before(cursor: str) -> int:
     return int(entry_id)
 
 
-def _time(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 async def list_campaigns(request: web.Request) -> web.Response:
     """GET /api/admin/campaigns: newest first, with live state; keyset pages."""
     require_admin(request)
@@ -111,7 +106,7 @@ async def audit_log(request: web.Request) -> web.Response:
     rows = await request.app[OPERATORS].audit(before, query.limit + 1)
     entries = [
         {
-            "at": _time(r["at"]),
+            "at": rfc3339(r["at"]),
             "operator": r["operator"],
             "role": r["role"],
             "method": r["method"],
