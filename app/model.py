@@ -131,15 +131,22 @@ def optional_ms(moment: datetime | None) -> int | None:
 
 def rfc3339(moment: datetime) -> str:
     """RFC 3339 in UTC to the millisecond (``2027-02-10T16:00:00.000Z``), as every time
-    the API writes: one fixed width, so the strings sort as the times do."""
+    the service records (a grant, a draw, a row's creation) is written: one fixed width,
+    so that a list of them sorts as strings the way it sorts as times."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def recorded_at(ms: int) -> str:
+    """``rfc3339`` of a unix-millisecond time the service recorded."""
+    return rfc3339(to_datetime(ms))
+
+
 def iso(ms: int | None) -> str | None:
-    """``rfc3339`` of a unix-millisecond time, None for None."""
+    """RFC 3339 (UTC, ``Z``) of a time an operator gave (a campaign's window), None for
+    None: to the second when it is a whole second, as operators write them."""
     if ms is None:
         return None
-    return rfc3339(to_datetime(ms))
+    return to_datetime(ms).isoformat().replace("+00:00", "Z")
 
 
 def shanghai_day(ms: int) -> int:

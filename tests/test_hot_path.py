@@ -1,6 +1,8 @@
 """What the hot path's shortcuts keep: a remembered session token still ends as soon as it
-is revoked and at its expiry; access lines of routine answers are sampled while every
-error and settlement is logged, with every field."""
+is revoked and at its expiry; a grab answered sold out from memory, with no Redis call,
+still refuses revoked, forged and snapshot tokens and tells a winner what it won;
+access lines of routine answers are sampled while every error and settlement is
+logged, with every field."""
 
 from __future__ import annotations
 
@@ -20,7 +22,14 @@ from app.store.scripts import SESSION_SIGNING_KEY, CampaignKeys, session_key
 from app.web.accesslog import AccessLog
 from app.web.factory import create_app
 from app.web.keys import ACCESS_LOG, EVENTS, SESSIONS
-from tests.conftest import PAGE, create_campaign, login
+from tests.conftest import (
+    GRAB_COMMANDS,
+    PAGE,
+    command_calls,
+    create_campaign,
+    login,
+    until_answered_locally,
+)
 
 
 async def _live(client: TestClient) -> None:
@@ -73,6 +82,58 @@ async def test_a_remembered_token_ends_at_its_expiry(client: TestClient, redis: 
     assert await _me(client, token, cid) == 401
     resp = await client.post(f"/api/campaigns/{cid}/grab", cookies={"hb_session": token})
     assert resp.status == 401
+
+
+async def _grab(client: TestClient, token: str, cid: str) -> tuple[int, dict[str, object]]:
+    resp = await client.post(f"/api/campaigns/{cid}/grab", cookies={"hb_session": token})
+    return resp.status, await resp.json()
+
+
+async def test_sold_out_from_memory_asks_redis_nothing_and_keeps_every_check(
+    client: TestClient, redis: Redis
+) -> None:
+    cid = str((await create_campaign(client, total_fen=300, count=3))["id"])
+    winners = [await login(client, f"winner{i}") for i in range(3)]
+    late = [await login(client, f"late{i}") for i in range(20)]
+    gone = await login(client, "gone")
+    key = await redis.get(SESSION_SIGNING_KEY)
+    assert isinstance(key, bytes)
+    sid, visitor = issue(key, Session("visitor", snapshot=True), int(time.time()) + 600)
+    await redis.set(session_key(sid), Session("visitor", snapshot=True).to_json(), ex=600)
+    client.session.cookie_jar.clear()
+    await _live(client)
+    won: dict[str, int] = {}
+    for token in winners:
+        status, body = await _grab(client, token, cid)
+        assert (status, body["result"]) == (200, "won")
+        won[token] = int(str(body["amount_fen"]))
+    assert sum(won.values()) == 300
+    await until_answered_locally(lambda: _grab(client, late[0], cid), redis)
+
+    # Tokens this worker has never seen: answered without a single Redis command, not
+    # even the session's MGET.
+    before = await command_calls(redis, *GRAB_COMMANDS)
+    for token in late[1:]:
+        assert await _grab(client, token, cid) == (200, {"result": "sold_out"})
+    assert await command_calls(redis, *GRAB_COMMANDS) == before
+
+    # Still refused: a forged token, a snapshot-page visitor, a session logged out.
+    forged = late[1][:-1] + ("A" if late[1][-1] != "A" else "B")
+    assert (await _grab(client, forged, cid))[0] == 401
+    status, body = await _grab(client, visitor, cid)
+    assert (status, body["error"], body["reason"]) == (403, "forbidden", "snapshot_user")
+    await client.app[SESSIONS].delete(gone)
+    deadline = time.monotonic() + 5
+    while (await _grab(client, gone, cid))[0] != 401:
+        assert time.monotonic() < deadline, "a logged-out token kept being answered"
+        await asyncio.sleep(0.01)
+    # A winner's retry is confirmed and looked up: what it won, once.
+    for token, amount in won.items():
+        assert await _grab(client, token, cid) == (
+            200,
+            {"result": "already_won", "amount_fen": amount},
+        )
+    assert await redis.hlen(CampaignKeys.of(cid).winners) == 3
 
 
 async def test_routine_answers_are_sampled_errors_and_settlements_all_logged(

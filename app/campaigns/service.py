@@ -201,6 +201,13 @@ class CampaignService:
             view["payout"] = await _from_ledger(self._payouts.player_view(campaign_id, openid))
         return view
 
+    def surely_sold_out(self, campaign: Campaign[Any], openid: str) -> bool:
+        """Whether a grab of ``campaign`` by ``openid`` is "sold out" by this worker's
+        memory alone (a red packet known sold out, the player among no winners)."""
+        return campaign.kind is Kind.RED_PACKET and self.red_packets.surely_sold_out(
+            campaign, openid
+        )
+
     def grab(self, campaign: Campaign[Any], openid: str) -> Awaitable[GrabOutcome]:
         """Settle one grab in an open campaign (see ensure_open); WrongKind for a lottery.
 

@@ -16,7 +16,11 @@ A token is good when its key id is known, its MAC holds, it has not expired and 
 expiry is no later than a fresh token's (issue + TTL: a token minted with a longer life
 is forged), and its session exists in Redis: each worker asks that once per session
 (coalesced into one MGET) and remembers the token with its claims, so a player's next
-request skips the MAC too (a dict lookup, then the revocation and expiry checks).
+request skips the MAC too (a dict lookup, then the revocation and expiry checks). The
+question is asked only by a request that needs it (``signed``, then ``confirm``): a grab
+of a red packet this worker knows is sold out, by a player who won nothing there,
+settles and reveals nothing, and is answered on the signature and the revocations the
+worker knows of.
 Logout deletes the session, records the sid in ``hb:revoked`` until the token would
 have expired, and publishes the revocation (app.background.events); a worker trusts
 its own memory of revocations and verified tokens only while its event listener is
@@ -103,11 +107,12 @@ class Session(NamedTuple):
 
 
 class Claims(NamedTuple):
-    """What a token with a good signature says."""
+    """What a token with a good signature says (and the token itself)."""
 
     sid: str
     expires_s: int
     session: Session
+    token: str
 
 
 def issue(key: bytes, session: Session, expires_s: int, kid: str = SHARED_KID) -> tuple[str, str]:
@@ -138,7 +143,8 @@ def read(keys: Mapping[str, bytes], token: str) -> Claims | None:
         return None
     sid, expires, snapshot, openid, _ = parts
     try:
-        return Claims(sid, int(expires), Session(_unb64(openid).decode(), None, snapshot == "1"))
+        session = Session(_unb64(openid).decode(), None, snapshot == "1")
+        return Claims(sid, int(expires), session, token)
     except (ValueError, binascii.Error):
         return None
 
@@ -235,6 +241,16 @@ class SessionStore:
 
     async def get(self, token: str) -> Session | None:
         """The session of ``token``, or None if forged, expired or ended."""
+        claims = await self.signed(token)
+        if claims is None or not await self.confirm(claims):
+            return None
+        return claims.session
+
+    async def signed(self, token: str) -> Claims | None:
+        """The claims of ``token`` if it is one of ours, unexpired and, as far as this
+        worker coherently knows, not revoked; None otherwise. No Redis call once the keys
+        are known, and none at all for a remembered token: whether its session still
+        exists is ``confirm``'s question, asked only by a request that needs it."""
         if self._events is not None and self._events.live:
             # Coherent memory: revocations arrive as events, and a token verified with
             # its session seen in Redis is neither verified nor asked about again.
@@ -242,25 +258,31 @@ class SessionStore:
             if claims is not None:
                 if claims.sid in self._revoked or not time.time() < claims.expires_s:
                     return None
-                return claims.session
+                return claims
             claims = await self.verify(token)
             if claims is None or claims.sid in self._revoked:
                 return None
-            if not await self._exists.submit(claims.sid):
-                return None
-            self._remember(token, claims)
-            return claims.session
-        # No coherent memory of revocations: Redis says whether the session lives.
-        claims = await self.verify(token)
-        if claims is None:
-            return None
-        return claims.session if await self._exists.submit(claims.sid) else None
+            return claims
+        return await self.verify(token)
 
-    def _remember(self, token: str, claims: Claims) -> None:
+    async def confirm(self, claims: Claims) -> bool:
+        """Whether the session of ``claims`` (an answer of ``signed``) exists in Redis:
+        asked once per token while the event listener is live (then remembered), on
+        every call otherwise; coalesced into one MGET."""
+        live = self._events is not None and self._events.live
+        if live and self._known.get(claims.token) is claims:
+            return True
+        if not await self._exists.submit(claims.sid):
+            return False
+        if live:
+            self._remember(claims)
+        return True
+
+    def _remember(self, claims: Claims) -> None:
         if len(self._known) >= KNOWN_MAX:
             for old in list(itertools.islice(self._known, KNOWN_MAX // 2)):
                 del self._known[old]
-        self._known[token] = claims
+        self._known[claims.token] = claims
 
     async def delete(self, token: str) -> None:
         """End the session of ``token`` everywhere."""

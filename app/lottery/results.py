@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from app.lottery.spec import Lottery
-from app.model import iso
+from app.model import recorded_at
 from app.store import results
 
 # How many of the latest prize winners everyone sees (latest first).
@@ -31,7 +31,7 @@ async def tally(pg: asyncpg.Pool, campaign: Lottery, state: str) -> dict[str, An
             "tier": w.tier,
             "prize": spec.tiers[w.tier].name,
             "value_fen": spec.tiers[w.tier].value_fen,
-            "drawn_at": iso(w.at_ms),
+            "drawn_at": recorded_at(w.at_ms),
         }
         for w in counted.latest
     ]

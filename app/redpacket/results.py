@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from app.model import iso
+from app.model import recorded_at
 from app.redpacket.spec import RedPacket, pools_of
 from app.redpacket.split import Split
 from app.store import results
@@ -53,7 +53,11 @@ async def finished(redis: Redis, campaign: RedPacket) -> str | None:
 
 
 def _winner(winner: results.Winner) -> dict[str, Any]:
-    return {"name": winner.name, "amount_fen": winner.amount_fen, "granted_at": iso(winner.at_ms)}
+    return {
+        "name": winner.name,
+        "amount_fen": winner.amount_fen,
+        "granted_at": recorded_at(winner.at_ms),
+    }
 
 
 async def tally(redis: Redis, pg: asyncpg.Pool, campaign: RedPacket) -> dict[str, Any] | None:

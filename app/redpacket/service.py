@@ -131,6 +131,17 @@ class RedPackets:
             return self._grab_sharded(campaign, pools, openid)
         return self._grab_pool(campaign, campaign.id, openid)
 
+    def surely_sold_out(self, campaign: RedPacket, openid: str) -> bool:
+        """Whether this worker knows every pool of ``campaign`` is sold out and
+        ``openid`` won in none of them: the grab's answer, with no Redis call."""
+        sold_out = self._sold_out
+        if sold_out is None:
+            return False
+        return all(
+            sold_out.knows(campaign, pool_id) and sold_out.surely_lost(pool_id, openid)
+            for pool_id in campaign.spec.pools or (campaign.id,)
+        )
+
     async def _grab_sharded(
         self, campaign: RedPacket, pools: tuple[str, ...], openid: str
     ) -> GrabOutcome:

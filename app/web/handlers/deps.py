@@ -6,12 +6,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.errors import ApiError, Forbidden, Unauthenticated
-from app.identity.sessions import COOKIE_NAME, Session
+from app.identity.sessions import COOKIE_NAME, Claims, Session
 from app.web.keys import OPENID, SESSIONS, SETTINGS
 from app.web.operators import require_admin
 
+UNKNOWN_SESSION = "session unknown or expired; log in again"
+
 __all__ = [
+    "confirmed_session",
     "current_session",
+    "playing_claims",
     "playing_session",
     "require_admin",
     "session_token",
@@ -47,7 +51,7 @@ def _token(request: web.Request) -> str:
 
 def _found(request: web.Request, session: Session | None) -> Session:
     if session is None:
-        raise Unauthenticated("session unknown or expired; log in again")
+        raise Unauthenticated(UNKNOWN_SESSION)
     request[OPENID] = session.openid
     return session
 
@@ -61,7 +65,29 @@ async def playing_session(request: web.Request) -> Session:
     """A session allowed to grab or draw (not a WeChat snapshot-page visitor)."""
     # The store is awaited here, not through current_session: a coroutine layer fewer
     # on the hot path.
-    session = _found(request, await request.app[SESSIONS].get(_token(request)))
+    return _playing(_found(request, await request.app[SESSIONS].get(_token(request))))
+
+
+async def playing_claims(request: web.Request) -> Claims:
+    """The claims of a token allowed to grab or draw (401 / 403 as playing_session),
+    its session not yet confirmed in Redis: enough for an answer that settles and
+    reveals nothing (a grab of a pool known sold out); anything else first awaits
+    ``confirmed_session``."""
+    claims = await request.app[SESSIONS].signed(_token(request))
+    if claims is None:
+        raise Unauthenticated(UNKNOWN_SESSION)
+    _playing(_found(request, claims.session))
+    return claims
+
+
+async def confirmed_session(request: web.Request, claims: Claims) -> Session:
+    """The session of ``playing_claims``'s answer, once Redis shows it exists (401 if not)."""
+    if not await request.app[SESSIONS].confirm(claims):
+        raise Unauthenticated(UNKNOWN_SESSION)
+    return claims.session
+
+
+def _playing(session: Session) -> Session:
     if session.snapshot:
         raise Forbidden(
             "open the page in WeChat and authorise to take part", reason="snapshot_user"
