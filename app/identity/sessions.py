@@ -46,6 +46,7 @@ from redis.exceptions import ConnectionError
 from app.background.events import Events, publish
 from app.store.batching import Batcher
 from app.store.client import cluster_of
+from app.store.scriptline import ScriptLine
 from app.store.scripts import REVOKED_SET, SESSION_SIGNING_KEY, session_key
 
 COOKIE_NAME = "hb_session"
@@ -165,8 +166,10 @@ class SessionStore:
         keys: Sequence[tuple[str, bytes]] = (),
         events: Events | None = None,
         batch_max: int = 256,
+        line: ScriptLine | None = None,
     ) -> None:
         self._redis = redis
+        self._line = line
         self._ttl_s = ttl_s
         self._events = events
         # Configured keys (the first signs); none: the Redis-shared key, read when needed.
@@ -198,7 +201,12 @@ class SessionStore:
                     # redis-py's cluster pipeline, under uvloop, can write on a transport
                     # a failed node just closed: a lost connection, as any other.
                     raise ConnectionError(f"Redis Cluster node lost: {exc}") from exc
-        values = cast(list[bytes | None], await self._redis.mget(keys))
+        if self._line is not None:
+            # On the hot path's line: written together with the scripts of the same loop
+            # iteration, without redis-py's pool, retry and callbacks per call.
+            values = cast(list[bytes | None], await self._line.call("MGET", *keys))
+        else:
+            values = cast(list[bytes | None], await self._redis.mget(keys))
         return [0 if value is None else 1 for value in values]
 
     async def _load_key(self) -> bytes:

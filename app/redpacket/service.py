@@ -187,9 +187,17 @@ class RedPackets:
         return [(result.status, GrabOutcome(code, amount)) for code, amount in result.outcomes]
 
     async def _lookup(self, campaign_id: str, users: list[str]) -> list[GrabOutcome]:
+        winners = CampaignKeys.of(campaign_id).winners
+        line = self._scripts.line
+        # On the hot path's line when there is one: written with the same iteration's
+        # session checks and scripts.
         raw = cast(
             list[bytes | None],
-            await self._redis.hmget(CampaignKeys.of(campaign_id).winners, users),
+            await (
+                line.call("HMGET", winners, *users)
+                if line is not None
+                else self._redis.hmget(winners, users)
+            ),
         )
         return [
             SOLD_OUT

@@ -357,6 +357,12 @@ class Scripts:
             return await self._line.evalsha(script.sha, self._sources[name], keys, args)
         return await script(keys=keys, args=args)
 
+    @property
+    def line(self) -> ScriptLine | None:
+        """The hot path's pipelined connection to a single Redis (None on a cluster, or
+        without one): other hot-path reads share its writes."""
+        return self._line if isinstance(self._line, ScriptLine) else None
+
     async def preload(self, redis: Redis) -> None:
         """SCRIPT LOAD every script, so a syntax error stops start-up."""
         for script in self._all():

@@ -134,7 +134,11 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     events = Events(app[REDIS], app[METRICS])
     sessions = SessionStore(
-        app[REDIS], settings.session_ttl_s, keys=settings.session_keys, events=events
+        app[REDIS],
+        settings.session_ttl_s,
+        keys=settings.session_keys,
+        events=events,
+        line=app[SCRIPTS].line,
     )
     payouts = PayoutService(app[PG], app[REDIS], settings.payout)
     campaigns = CampaignService(
