@@ -90,6 +90,8 @@ class _Protocol(asyncio.Protocol):
         self.timed_out = False
         # Packed commands not written yet (see _write).
         self._out: list[bytes] = []
+        # The connection's loop, kept (see app.store.batching: get_running_loop's getpid).
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport is not an asyncio.Transport subclass, but is one.
@@ -105,7 +107,7 @@ class _Protocol(asyncio.Protocol):
         or ConnectionError if the connection is already closing (a master killed
         between the check and the write)."""
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
         if self.transport.is_closing():
             future.set_exception(ConnectionError("connection to Redis lost while sending"))
