@@ -31,30 +31,6 @@ async def test_concurrent_calls_get_their_own_replies(redis_url: str) -> None:
         line.close()
 
 
-async def test_the_calls_of_one_loop_iteration_leave_in_one_write(
-    private_redis_server: EmbeddedRedis,
-) -> None:
-    """What Redis sees: the 200 calls made in one iteration arrive as one read (Redis
-    counts its read events), then come back each to its caller."""
-    line = _line(private_redis_server.url)
-    stats = Redis.from_url(private_redis_server.url)
-    try:
-        assert await line.call("PING") == b"PONG"
-
-        async def reads() -> int:
-            info = await stats.info("stats")
-            return int(info["total_reads_processed"])
-
-        before = await reads()
-        replies = await asyncio.gather(*(line.call("ECHO", f"n{i}") for i in range(200)))
-        assert replies == [f"n{i}".encode() for i in range(200)]
-        # One read for the line's write, one for the INFO of each side.
-        assert await reads() - before <= 3
-    finally:
-        line.close()
-        await stats.aclose()
-
-
 async def test_settles_grabs_like_redis_py_and_reloads_flushed_scripts(
     redis: Redis, redis_url: str
 ) -> None:

@@ -202,8 +202,8 @@ class SessionStore:
                     # a failed node just closed: a lost connection, as any other.
                     raise ConnectionError(f"Redis Cluster node lost: {exc}") from exc
         if self._line is not None:
-            # On the hot path's line: written together with the scripts of the same loop
-            # iteration, without redis-py's pool, retry and callbacks per call.
+            # On the hot path's line, without redis-py's pool, retry, timeout and
+            # callbacks per call (measured: docs/benchmarks.md, "Third pass").
             values = cast(list[bytes | None], await self._line.call("MGET", *keys))
         else:
             values = cast(list[bytes | None], await self._redis.mget(keys))

@@ -189,8 +189,7 @@ class RedPackets:
     async def _lookup(self, campaign_id: str, users: list[str]) -> list[GrabOutcome]:
         winners = CampaignKeys.of(campaign_id).winners
         line = self._scripts.line
-        # On the hot path's line when there is one: written with the same iteration's
-        # session checks and scripts.
+        # On the hot path's line when there is one, as the sessions' MGET.
         raw = cast(
             list[bytes | None],
             await (

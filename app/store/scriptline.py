@@ -5,7 +5,8 @@ pool and its lock, the retry wrapper, argument encoding and response callbacks. 
 settlement scripts need none of that: a ScriptLine packs the command itself, writes it
 on one connection shared by every batch of the worker, and hands replies back in order
 (Redis answers a connection's commands in the order it received them), parsing them
-with hiredis. Everything else keeps using redis-py.
+with hiredis. The hot path's two reads on a single Redis go on it too: the sessions'
+MGET and the winners' HMGET of a sold-out pool. Everything else keeps using redis-py.
 
 A lost connection fails the calls in flight with redis-py's ConnectionError (the edge
 renders 503; a script call is atomic, so a failed one settled all or nothing) and the
@@ -88,8 +89,6 @@ class _Protocol(asyncio.Protocol):
         self.sent_at: collections.deque[float] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.timed_out = False
-        # Packed commands not written yet (see _write).
-        self._out: list[bytes] = []
         # The connection's loop, kept (see app.store.batching: get_running_loop's getpid).
         self._loop = asyncio.get_running_loop()
 
@@ -103,39 +102,23 @@ class _Protocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
     def send(self, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
-        """Queue one command for this loop iteration's write; the future gets its reply,
-        or ConnectionError if the connection is already closing (a master killed
-        between the check and the write)."""
+        """Write one command; the future gets its reply, or ConnectionError if the
+        connection is already closing (a master killed between the check and the write,
+        or the failed write of a command sent just before in the same call: uvloop then
+        refuses any write with RuntimeError)."""
         assert self.transport is not None
-        loop = self._loop
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         if self.transport.is_closing():
             future.set_exception(ConnectionError("connection to Redis lost while sending"))
             return future
-        self._out.append(pack(args))
-        if len(self._out) == 1:
-            loop.call_soon(self._write)
+        try:
+            self.transport.write(pack(args))
+        except RuntimeError as exc:
+            future.set_exception(ConnectionError(f"connection to Redis lost: {exc}"))
+            return future
         self.waiting.append(future)
         self.sent_at.append(time.monotonic())
         return future
-
-    def _write(self) -> None:
-        """Write every command queued since the last write, in one system call.
-
-        Measured to pay (py-spy under ./hb bench --paths grab): a write on loopback cost
-        a worker about as much as the Python of a whole batch, and the session checks
-        and the scripts of one loop iteration now leave together."""
-        out = b"".join(self._out)
-        self._out.clear()
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return  # connection_lost fails every call waiting, these included
-        try:
-            transport.write(out)
-        except RuntimeError:
-            # uvloop refuses writes on a transport a failed write just closed: the
-            # calls fail as a lost connection.
-            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
