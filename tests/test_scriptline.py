@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, ResponseError
 
-from app.local.embedded import EmbeddedRedis
+from app.identity.sessions import Session, SessionStore, issue
+from app.local.embedded import EmbeddedRedis, free_port
 from app.store.scriptline import ScriptLine
-from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts
+from app.store.scripts import CampaignKeys, GrabCode, GrabStatus, Scripts, session_key
 
 
 def _line(url: str) -> ScriptLine:
@@ -29,6 +31,33 @@ async def test_concurrent_calls_get_their_own_replies(redis_url: str) -> None:
         assert await line.call("ECHO", "after an error") == b"after an error"
     finally:
         line.close()
+
+
+async def test_session_checks_go_over_the_line_and_fail_as_lost_with_it(
+    private_redis_server: EmbeddedRedis,
+) -> None:
+    """The sessions' MGET is the line's: it answers while redis-py's client points at a
+    port nobody listens on, and a Redis gone fails it with redis-py's ConnectionError
+    (503 at the edge), not an answer of "no such session"."""
+    line = _line(private_redis_server.url)
+    nowhere = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    stats = Redis.from_url(private_redis_server.url)
+    sessions = SessionStore(nowhere, 600, keys=[("k1", b"k" * 32)], line=line)
+    try:
+        sid, token = issue(b"k" * 32, Session("alive"), int(time.time()) + 600, "k1")
+        await stats.set(session_key(sid), Session("alive").to_json(), ex=600)
+        claims = await sessions.signed(token)
+        assert claims is not None
+        assert await sessions.confirm(claims)
+        await stats.flushdb()
+        assert not await sessions.confirm(claims)
+        await stats.aclose()
+        private_redis_server.stop()
+        with pytest.raises(ConnectionError):
+            await sessions.confirm(claims)
+    finally:
+        line.close()
+        await nowhere.aclose()
 
 
 async def test_settles_grabs_like_redis_py_and_reloads_flushed_scripts(
@@ -121,3 +150,11 @@ async def test_password_and_database_from_the_url(private_redis_server: Embedded
 def test_urls_it_does_not_speak() -> None:
     assert ScriptLine.from_url("rediss://example:6380/0") is None
     assert ScriptLine.from_url("unix:///run/redis.sock") is None
+
+
+def test_reads_leave_the_line_to_redis_py_when_scripts_wait_for_replicas(redis: Redis) -> None:
+    """With REDIS_WAIT_REPLICAS each script call is followed by WAIT on the line: a read
+    queued behind it would wait for the replicas too."""
+    assert Scripts(redis, ScriptLine("127.0.0.1", 6379, 0, None, None)).line is not None
+    waiting = ScriptLine("127.0.0.1", 6379, 0, None, None, wait_replicas=1)
+    assert Scripts(redis, waiting).line is None

@@ -267,11 +267,12 @@ class SessionStore:
                 if claims.sid in self._revoked or not time.time() < claims.expires_s:
                     return None
                 return claims
-            claims = await self.verify(token)
-            if claims is None or claims.sid in self._revoked:
-                return None
-            return claims
-        return await self.verify(token)
+        claims = await self.verify(token)
+        # A revocation heard is final, listening or not (the wait for a key may have
+        # spanned a resubscription).
+        if claims is None or claims.sid in self._revoked:
+            return None
+        return claims
 
     async def confirm(self, claims: Claims) -> bool:
         """Whether the session of ``claims`` (an answer of ``signed``) exists in Redis:

@@ -359,9 +359,11 @@ class Scripts:
 
     @property
     def line(self) -> ScriptLine | None:
-        """The hot path's pipelined connection to a single Redis (None on a cluster, or
-        without one): other hot-path reads share its writes."""
-        return self._line if isinstance(self._line, ScriptLine) else None
+        """The hot path's pipelined connection to a single Redis, for its reads too;
+        None on a cluster, without one, and with REDIS_WAIT_REPLICAS (a read queued
+        behind a script's WAIT would wait for the replicas as well)."""
+        line = self._line
+        return line if isinstance(line, ScriptLine) and not line.wait_replicas else None
 
     async def preload(self, redis: Redis) -> None:
         """SCRIPT LOAD every script, so a syntax error stops start-up."""

@@ -76,13 +76,18 @@ async def playing_claims(request: web.Request) -> Claims:
     claims = await request.app[SESSIONS].signed(_token(request))
     if claims is None:
         raise Unauthenticated(UNKNOWN_SESSION)
+    if claims.session.snapshot:
+        # 401 before 403, as playing_session: a visitor's ended session is unknown.
+        await confirmed_session(request, claims)
     _playing(_found(request, claims.session))
     return claims
 
 
 async def confirmed_session(request: web.Request, claims: Claims) -> Session:
-    """The session of ``playing_claims``'s answer, once Redis shows it exists (401 if not)."""
+    """The session of ``playing_claims``'s answer, once Redis shows it exists (401 if not,
+    and the access line then names no user)."""
     if not await request.app[SESSIONS].confirm(claims):
+        request.pop(OPENID, None)
         raise Unauthenticated(UNKNOWN_SESSION)
     return claims.session
 
