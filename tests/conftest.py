@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from app.local.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from app.settings import Settings
 from app.web.factory import create_app
+from app.web.keys import EVENTS
 from app.web.lifecycle import JsonErrorRunner
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -189,6 +190,15 @@ async def command_calls(redis: Redis, *commands: str) -> int:
 
 # Every command a grab may send to Redis, for tests that a path sends none.
 GRAB_COMMANDS = ("evalsha", "eval", "hmget", "hget", "mget", "get", "hgetall", "hscan")
+
+
+async def until_live(*clients: TestClient, within_s: float = 5.0) -> None:
+    """Wait (bounded) until every client's app has its event listener subscribed and
+    resynced (its memory of revocations and sold-out campaigns is then trusted)."""
+    deadline = time.monotonic() + within_s
+    while not all(c.app[EVENTS].live for c in clients):
+        assert time.monotonic() < deadline, "event listener never went live"
+        await asyncio.sleep(0.01)
 
 
 async def until_answered_locally(answer: Callable[[], Awaitable[object]], redis: Redis) -> None:

@@ -73,6 +73,27 @@ class Told:
     body: dict[str, Any]
 
 
+async def _login(http: aiohttp.ClientSession, base: str, openid: str) -> str:
+    """dev-login as ``openid``: the Cookie header of its session."""
+    async with http.post(f"{base}/auth/dev-login", json={"openid": openid}, headers=PAGE) as resp:
+        assert resp.status == 200, await resp.text()
+        return f"hb_session={resp.cookies['hb_session'].value}"
+
+
+async def _each_once(base: str, cid: str, action: str, openids: list[str]) -> list[str]:
+    """Each player logs in and makes one ``action`` (grab, draw): the results, in order."""
+    results = []
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        for openid in openids:
+            cookie = await _login(http, base, openid)
+            async with http.post(
+                f"{base}/api/campaigns/{cid}/{action}", headers={**PAGE, "Cookie": cookie}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                results.append(str((await resp.json())["result"]))
+    return results
+
+
 async def _grabbing(
     base: str, cid: str, prefix: str, stop: asyncio.Event, told: list[Told]
 ) -> None:
@@ -83,11 +104,7 @@ async def _grabbing(
         while not stop.is_set():
             openid = f"{prefix}-{n}"
             n += 1
-            async with http.post(
-                f"{base}/auth/dev-login", json={"openid": openid}, headers=PAGE
-            ) as resp:
-                assert resp.status == 200, await resp.text()
-                cookie = f"hb_session={resp.cookies['hb_session'].value}"
+            cookie = await _login(http, base, openid)
             sent = loop.time()
             async with http.post(
                 f"{base}/api/campaigns/{cid}/grab", headers={**PAGE, "Cookie": cookie}
@@ -356,17 +373,8 @@ async def test_console_lottery_live_tier_stock(console_service: Service, browser
     await expect(page.locator("#chart-remaining .chart__now")).to_have_text("53")
 
     # Ten players draw once each: every draw wins (no-prize weight 0), the stock goes down.
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-        for n in range(10):
-            async with http.post(
-                f"{service.base}/auth/dev-login", json={"openid": f"d{n}"}, headers=PAGE
-            ) as resp:
-                cookie = f"hb_session={resp.cookies['hb_session'].value}"
-            async with http.post(
-                f"{service.base}/api/campaigns/{cid}/draw", headers={**PAGE, "Cookie": cookie}
-            ) as resp:
-                assert resp.status == 200, await resp.text()
-                assert (await resp.json())["result"] == "prize"
+    drawn = await _each_once(service.base, cid, "draw", [f"d{n}" for n in range(10)])
+    assert drawn == ["prize"] * 10
     await expect(page.locator("#kpi-draws")).to_have_text("10")
     await expect(page.locator("#kpi-prizes_won")).to_have_text("10")
     await expect(page.locator("#chart-remaining .chart__now")).to_have_text("43")
@@ -416,16 +424,8 @@ async def test_console_creates_a_sharded_red_packet_and_shows_each_sub_pool(
     await expect(page.locator("#chart-shards")).to_be_visible()
     assert await page.locator("#chart-shards .bar__track").count() == 3
 
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-        for n in range(7):
-            async with http.post(
-                f"{service.base}/auth/dev-login", json={"openid": f"s{n}"}, headers=PAGE
-            ) as resp:
-                cookie = f"hb_session={resp.cookies['hb_session'].value}"
-            async with http.post(
-                f"{service.base}/api/campaigns/{cid}/grab", headers={**PAGE, "Cookie": cookie}
-            ) as resp:
-                assert (await resp.json())["result"] == "won"
+    grabbed = await _each_once(service.base, cid, "grab", [f"s{n}" for n in range(7)])
+    assert grabbed == ["won"] * 7
     await expect(page.locator("#kpi-won_count")).to_have_text("7 / 30")
     stats = await _stats(service.base, cid)
     assert stats["shards"] == 3

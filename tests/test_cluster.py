@@ -31,7 +31,6 @@ from app.settings import LedgerSettings, Settings
 from app.store.scriptline import ClusterLine
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, GrabCode, Scripts, spread_pools
 from app.web.factory import create_app
-from app.web.keys import EVENTS
 from tests.cluster_support import (  # noqa: F401 - fixtures
     as_cluster,
     cluster_app,
@@ -42,7 +41,7 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
     ledger_equals_sub_pools,
     reconciled,
 )
-from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
+from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login, until_live
 from tests.test_lottery_api import LOTTERY
 
 
@@ -181,10 +180,7 @@ async def test_login_session_and_revocation_across_workers(
     listener may sit on any node), and a new worker learns it when it subscribes."""
     a = await cluster_app(aiohttp_client, cluster_settings)
     b = await cluster_app(aiohttp_client, cluster_settings)
-    deadline = time.monotonic() + 5
-    while not (a.app[EVENTS].live and b.app[EVENTS].live):
-        assert time.monotonic() < deadline, "event listeners never went live"
-        await asyncio.sleep(0.01)
+    await until_live(a, b)
     cid = str((await create_campaign(a, total_fen=1_000, count=10))["id"])
     tokens = [await login(a, f"s{i}") for i in range(20)]
     a.session.cookie_jar.clear()

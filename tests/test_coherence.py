@@ -23,6 +23,7 @@ from tests.conftest import (
     create_campaign,
     login,
     until_answered_locally,
+    until_live,
 )
 
 Worker = Callable[[], Awaitable[TestClient]]
@@ -31,14 +32,6 @@ Worker = Callable[[], Awaitable[TestClient]]
 async def _worker(aiohttp_client, settings: Settings) -> TestClient:  # type: ignore[no-untyped-def]
     client: TestClient = await aiohttp_client(create_app(settings), headers=PAGE)
     return client
-
-
-async def _live(*workers: TestClient) -> None:
-    """Wait (bounded) until every worker's event listener is subscribed and resynced."""
-    deadline = time.monotonic() + 5
-    while not all(w.app[EVENTS].live for w in workers):
-        assert time.monotonic() < deadline, "event listener never went live"
-        await asyncio.sleep(0.01)
 
 
 async def _grab(worker: TestClient, token: str, cid: str) -> dict[str, object]:
@@ -58,7 +51,7 @@ async def test_sold_out_learned_by_every_worker_and_answered_without_redis(
 ) -> None:  # type: ignore[no-untyped-def]
     a = await _worker(aiohttp_client, settings)
     b = await _worker(aiohttp_client, settings)
-    await _live(a, b)
+    await until_live(a, b)
     cid = str((await create_campaign(a, total_fen=1_000, count=3))["id"])
     players = [await login(a, f"p{i}") for i in range(60)]
     a.session.cookie_jar.clear()
@@ -97,7 +90,7 @@ async def test_logout_on_one_worker_ends_the_session_on_all(
 ) -> None:  # type: ignore[no-untyped-def]
     a = await _worker(aiohttp_client, settings)
     b = await _worker(aiohttp_client, settings)
-    await _live(a, b)
+    await until_live(a, b)
     cid = str((await create_campaign(a, total_fen=1_000, count=10))["id"])
     token = await login(a, "leaver")
     a.session.cookie_jar.clear()
@@ -114,7 +107,7 @@ async def test_logout_on_one_worker_ends_the_session_on_all(
     assert await _me(a, token, cid) == 401
     # A worker started after the logout learns it from Redis when it subscribes.
     c = await _worker(aiohttp_client, settings)
-    await _live(c)
+    await until_live(c)
     assert (await _grab(c, token, cid))["status"] == 401
     assert await redis.hlen(CampaignKeys.of(cid).winners) == 0
 
@@ -123,7 +116,7 @@ async def test_forged_tampered_and_expired_tokens_refused(client: TestClient, re
     cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
     token = await login(client, "honest")
     client.session.cookie_jar.clear()
-    await _live(client)
+    await until_live(client)
     assert (await _grab(client, token, cid))["result"] == "won"
     key = await redis.get(SESSION_SIGNING_KEY)
     assert key is not None
@@ -212,7 +205,7 @@ async def test_listener_resyncs_what_it_missed_while_disconnected(
     aiohttp_client, settings: Settings, redis: Redis
 ) -> None:  # type: ignore[no-untyped-def]
     a = await _worker(aiohttp_client, settings)
-    await _live(a)
+    await until_live(a)
     cid = str((await create_campaign(a, total_fen=1_000, count=10))["id"])
     token = await login(a, "missed")
     a.session.cookie_jar.clear()
@@ -225,7 +218,7 @@ async def test_listener_resyncs_what_it_missed_while_disconnected(
     assert "hongbao_events_live 0.0" in await (await a.get("/metrics")).text()
     # Revoked while a is not subscribed: the published message never reaches it.
     await SessionStore(redis, settings.session_ttl_s).delete(token)
-    await _live(a)
+    await until_live(a)
     assert "hongbao_events_live 1.0" in await (await a.get("/metrics")).text()
     # Live again, a trusts its memory, which the resync rebuilt from hb:revoked.
     assert await _me(a, token, cid) == 401

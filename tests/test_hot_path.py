@@ -21,7 +21,7 @@ from app.settings import Settings
 from app.store.scripts import SESSION_SIGNING_KEY, CampaignKeys, session_key
 from app.web.accesslog import AccessLog
 from app.web.factory import create_app
-from app.web.keys import ACCESS_LOG, EVENTS, SESSIONS
+from app.web.keys import ACCESS_LOG, SESSIONS
 from tests.conftest import (
     GRAB_COMMANDS,
     PAGE,
@@ -29,14 +29,8 @@ from tests.conftest import (
     create_campaign,
     login,
     until_answered_locally,
+    until_live,
 )
-
-
-async def _live(client: TestClient) -> None:
-    deadline = time.monotonic() + 5
-    while not client.app[EVENTS].live:
-        assert time.monotonic() < deadline, "event listener never went live"
-        await asyncio.sleep(0.01)
 
 
 async def _me(client: TestClient, token: str, cid: str) -> int:
@@ -49,7 +43,7 @@ async def test_a_remembered_token_ends_when_revoked(client: TestClient, redis: R
     token = await login(client, "regular")
     other = await login(client, "neighbour")
     client.session.cookie_jar.clear()
-    await _live(client)
+    await until_live(client)
     # Verified once, then answered from the worker's memory of verified tokens.
     for _ in range(3):
         assert await _me(client, token, cid) == 200
@@ -70,7 +64,7 @@ async def test_a_remembered_token_ends_at_its_expiry(client: TestClient, redis: 
     cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
     await login(client, "first")  # makes the shared signing key
     client.session.cookie_jar.clear()
-    await _live(client)
+    await until_live(client)
     key = await redis.get(SESSION_SIGNING_KEY)
     assert isinstance(key, bytes)
     expires = int(time.time()) + 2
@@ -101,7 +95,7 @@ async def test_sold_out_from_memory_asks_redis_nothing_and_keeps_every_check(
     sid, visitor = issue(key, Session("visitor", snapshot=True), int(time.time()) + 600)
     await redis.set(session_key(sid), Session("visitor", snapshot=True).to_json(), ex=600)
     client.session.cookie_jar.clear()
-    await _live(client)
+    await until_live(client)
     won: dict[str, int] = {}
     for token in winners:
         status, body = await _grab(client, token, cid)

@@ -26,7 +26,7 @@ from app.settings import LedgerSettings, Settings
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, Scripts
 from app.web.factory import create_app
 from app.web.keys import EVENTS, PG, REDIS
-from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login
+from tests.conftest import ADMIN, PAGE, create_campaign, gather_limited, login, until_live
 from tests.test_lottery_api import create_lottery
 
 MANUAL = LedgerSettings(drain_in_worker=False, block_ms=50, claim_idle_ms=200)
@@ -60,13 +60,6 @@ async def view_state(client: TestClient, cid: str) -> str:
     return str((await resp.json())["state"])
 
 
-async def live(*clients: TestClient) -> None:
-    deadline = time.monotonic() + 5
-    while not all(c.app[EVENTS].live for c in clients):
-        assert time.monotonic() < deadline, "event listener never went live"
-        await asyncio.sleep(0.01)
-
-
 async def drain(client: TestClient, consumers: int = 1) -> None:
     """Drain every stream with ``consumers`` drainers racing, until nothing is left."""
     redis, pg = client.app[REDIS], client.app[PG]
@@ -82,7 +75,7 @@ async def test_pause_resume_end_answers_and_idempotency(client: TestClient) -> N
     cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
     token = await login(client, "alice")
     client.session.cookie_jar.clear()
-    await live(client)
+    await until_live(client)
 
     status, paused = await admin(client, cid, "pause")
     assert (status, paused["state"]) == (200, "paused")
@@ -135,7 +128,7 @@ async def test_a_lottery_pauses_and_closes_out_per_tier(
     cid = (await create_lottery(client, quota_total=100, quota_daily=None))["id"]
     token = await login(client, "drawer")
     client.session.cookie_jar.clear()
-    await live(client)
+    await until_live(client)
     status, body = await admin(client, cid, "pause")
     assert (status, body["state"]) == (200, "paused")
     resp = await client.post(f"/api/campaigns/{cid}/draw", cookies={"hb_session": token})
@@ -176,7 +169,7 @@ async def test_pause_grants_nothing_and_resume_grants_again(
     cid = str((await create_campaign(client, total_fen=10_000, count=100))["id"])
     tokens = [await login(client, f"p{i:03d}") for i in range(60)]
     client.session.cookie_jar.clear()
-    await live(client)
+    await until_live(client)
     first = await gather_limited([grab(client, t, cid) for t in tokens[:20]])
     assert {s for s, _ in first} == {200}
     await admin(client, cid, "pause")
@@ -204,7 +197,7 @@ async def test_grabs_racing_end_on_two_workers_add_up_and_close_out_once(
     cid = str((await create_campaign(a, total_fen=total, count=count))["id"])
     tokens = [await login(a, f"r{i:04d}") for i in range(400)]
     a.session.cookie_jar.clear()
-    await live(a, b)
+    await until_live(a, b)
 
     async def end_soon(worker: TestClient) -> tuple[int, dict[str, Any]]:
         # In the thick of it: once a quarter of the players have won.
@@ -250,7 +243,7 @@ async def test_pause_reaches_the_other_worker_at_once(
     cid = str((await create_campaign(a, total_fen=1_000, count=10))["id"])
     token = await login(a, "carol")
     a.session.cookie_jar.clear()
-    await live(a, b)
+    await until_live(a, b)
     assert await view_state(b, cid) == "open"
     await admin(a, cid, "pause")
     # The script refuses on b at once, whatever b knows yet.
@@ -350,7 +343,7 @@ async def test_rebuild_after_a_lost_redis_keeps_paused_ended_and_the_close_out(
     ended = str((await create_campaign(client, total_fen=3_000, count=30))["id"])
     tokens = [await login(client, f"b{i:02d}") for i in range(8)]
     client.session.cookie_jar.clear()
-    await live(client)
+    await until_live(client)
     await gather_limited([grab(client, t, c) for t in tokens[:4] for c in (paused, ended)])
     await admin(client, paused, "pause")
     await admin(client, paused, "resume")
@@ -435,7 +428,7 @@ async def test_a_worker_that_missed_changes_asks_redis_then_resyncs(
     cid = str((await create_campaign(client, total_fen=1_000, count=10))["id"])
     tokens = [await login(client, f"m{i}") for i in range(3)]
     client.session.cookie_jar.clear()
-    await live(client)
+    await until_live(client)
     await admin(client, cid, "pause")
     assert await view_state(client, cid) == "paused"
     elsewhere = Scripts(redis)  # another worker's calls, whose news this one will miss
@@ -452,12 +445,12 @@ async def test_a_worker_that_missed_changes_asks_redis_then_resyncs(
     # Its memory says paused, but it is not live: the script decides, and grants.
     status, body = await grab(client, tokens[0], cid)
     assert (status, body["result"]) == (200, "won")
-    await live(client)
+    await until_live(client)
     assert await view_state(client, cid) == "open"  # re-read on resubscribing
 
     await disconnected()
     await elsewhere.set_paused(cid, True)
     assert (await grab(client, tokens[1], cid))[1]["error"] == "paused"
-    await live(client)
+    await until_live(client)
     assert await view_state(client, cid) == "paused"
     assert await redis.hlen(CampaignKeys.of(cid).winners) == 1

@@ -17,7 +17,6 @@ from redis.asyncio import Redis
 from app.campaigns import operations
 from app.settings import Settings
 from app.store.scripts import CampaignKeys
-from app.web.keys import EVENTS
 from tests.cluster_support import (  # noqa: F401 - fixtures
     cluster_app,
     cluster_clean_fixture,
@@ -25,7 +24,7 @@ from tests.cluster_support import (  # noqa: F401 - fixtures
     cluster_redis_fixture,
     cluster_settings_fixture,
 )
-from tests.conftest import ADMIN, create_campaign, gather_limited, login
+from tests.conftest import ADMIN, create_campaign, gather_limited, login, until_live
 from tests.test_lottery_api import LOTTERY
 
 
@@ -55,10 +54,7 @@ async def test_pause_end_and_close_out_on_the_cluster(
     lid = (await resp.json())["id"]
     tokens = await gather_limited([login(a, f"c{i:03d}") for i in range(60)])
     a.session.cookie_jar.clear()
-    deadline = time.monotonic() + 10
-    while not (a.app[EVENTS].live and b.app[EVENTS].live):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    await until_live(a, b, within_s=10)
 
     for cid in packets:
         assert (await _post(a, f"/api/admin/campaigns/{cid}/pause"))[1]["state"] == "paused"

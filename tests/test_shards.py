@@ -37,8 +37,15 @@ from app.settings import Settings
 from app.store.ledger import fetch_closeouts
 from app.store.scripts import CAMPAIGNS_SET, CampaignKeys, GrabStatus, Scripts, spread_pools
 from app.web.factory import create_app
-from app.web.keys import EVENTS, PG, REDIS
-from tests.conftest import ADMIN, GRAB_COMMANDS, PAGE, command_calls, until_answered_locally
+from app.web.keys import PG, REDIS
+from tests.conftest import (
+    ADMIN,
+    GRAB_COMMANDS,
+    PAGE,
+    command_calls,
+    until_answered_locally,
+    until_live,
+)
 from tests.test_ledger import FAST, MANUAL
 
 RED_PACKET = {"kind": "red_packet", "name": "分片红包"}
@@ -164,13 +171,6 @@ async def drained(redis: Redis, pools: tuple[str, ...], within_s: float = 15) ->
     while any([await redis.xlen(CampaignKeys.of(p).ledger) for p in pools]):
         assert time.monotonic() < deadline, "the ledger streams did not drain"
         await asyncio.sleep(0.05)
-
-
-async def live(client: TestClient) -> None:
-    deadline = time.monotonic() + 5
-    while not client.app[EVENTS].live:
-        assert time.monotonic() < deadline, "event listener never went live"
-        await asyncio.sleep(0.01)
 
 
 # --- Validation --------------------------------------------------------------------------
@@ -403,7 +403,7 @@ async def test_pause_resume_end_reach_every_sub_pool_and_close_each_out(
     pools = await pools_of(redis, pg, cid, shards)
     homed = [take(players_homed(pools, k, f"h{k}-"), 4) for k in range(shards)]
     tokens = await tokens_for(client, [o for group in homed for o in group])
-    await live(client)
+    await until_live(client)
     scripts = Scripts(redis)
 
     for group in homed:
@@ -645,7 +645,7 @@ async def test_sold_out_memory_is_per_sub_pool(
     later = take(homed_0, 30)
     losers = [f"late-{i}" for i in range(5)]
     tokens = await tokens_for(client, first + later + losers)
-    await live(client)
+    await until_live(client)
     told: dict[str, int] = {}
     for openid in first:
         status, body = await grab(client, tokens[openid], cid)
