@@ -1,13 +1,17 @@
-"""Pause, resume and end as players meet them: HAProxy in front of two real workers.
+"""Pause, resume, end and sell-out as players meet them: HAProxy in front of two real
+workers.
 
 The pause is decided by Redis (the script refuses on every worker from the call on); the
 events channel then lets each worker answer "paused" from memory, without a script call;
-the end closes the campaign out once, and the workers' own drainers record it.
+the end closes the campaign out once, and the workers' own drainers record it. Once
+sold out, grabs are answered from memory with no Redis command at all, while a player
+who logged out is refused on every worker and a winner is told what it won.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,7 +26,7 @@ from app.identity.sessions import SessionStore
 from app.local.embedded import EmbeddedRedis
 from app.local.haproxy import haproxy_binary
 from app.store.scripts import CampaignKeys
-from tests.conftest import ADMIN, PAGE, command_calls
+from tests.conftest import ADMIN, GRAB_COMMANDS, PAGE, command_calls
 from tests.test_topology import Topology
 
 pytestmark = [
@@ -58,20 +62,26 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, within_s: float
         await asyncio.sleep(0.01)
 
 
+async def _call(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    token: str | None = None,
+    body: Any = None,
+) -> tuple[int, Any]:
+    """One request as the admin (no token) or as the player of ``token``."""
+    headers = ADMIN if token is None else {"Cookie": f"hb_session={token}"}
+    async with http.request(method, url, headers=headers, json=body) as resp:
+        return resp.status, await resp.json()
+
+
 async def test_every_worker_refuses_at_once_then_from_memory(
     stack: tuple[Topology, Redis], database_url: str
 ) -> None:
     topo, redis = stack
     workers = [f"http://127.0.0.1:{port}" for port in topo.worker_ports.values()]
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), headers=PAGE) as http:
-
-        async def call(
-            method: str, url: str, token: str | None = None, body: Any = None
-        ) -> tuple[int, Any]:
-            headers = ADMIN if token is None else {"Cookie": f"hb_session={token}"}
-            async with http.request(method, url, headers=headers, json=body) as resp:
-                return resp.status, await resp.json()
-
+        call = functools.partial(_call, http)
         definition = {"kind": "red_packet", "name": "暂停", "total_fen": 10_000, "count": 100}
         status, created = await call("POST", f"{topo.url}/api/admin/campaigns", body=definition)
         assert status == 201, created
@@ -141,3 +151,62 @@ async def test_every_worker_refuses_at_once_then_from_memory(
         assert granted == ended["won_fen"]
     finally:
         await conn.close()
+
+
+async def test_sold_out_from_memory_through_the_edge_keeps_every_check(
+    stack: tuple[Topology, Redis],
+) -> None:
+    topo, redis = stack
+    workers = [f"http://127.0.0.1:{port}" for port in topo.worker_ports.values()]
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), headers=PAGE) as http:
+        call = functools.partial(_call, http)
+        definition = {"kind": "red_packet", "name": "抢光", "total_fen": 300, "count": 3}
+        status, created = await call("POST", f"{topo.url}/api/admin/campaigns", body=definition)
+        assert status == 201, created
+        grab = f"/api/campaigns/{created['id']}/grab"
+        winners = CampaignKeys.of(created["id"]).winners
+        players = [f"p{i:02d}" for i in range(40)]
+        tokens = await SessionStore(redis, 3600).mint([*players, "gone", "probe1", "probe2"])
+        won: dict[str, int] = {}
+        for token in tokens[:3]:
+            status, answer = await call("POST", f"{topo.url}{grab}", token)
+            assert (status, answer["result"]) == (200, "won")
+            won[token] = answer["amount_fen"]
+        assert sum(won.values()) == 300
+        # Each worker learns the sell-out from the events channel: then a grab by a token
+        # it has never confirmed sends Redis nothing.
+        for worker, probe in zip(workers, tokens[-2:], strict=True):
+
+            async def from_memory(worker: str = worker, probe: str = probe) -> bool:
+                before = await command_calls(redis, *GRAB_COMMANDS)
+                status, answer = await call("POST", f"{worker}{grab}", probe)
+                assert (status, answer) == (200, {"result": "sold_out"})
+                return await command_calls(redis, *GRAB_COMMANDS) == before
+
+            await until(from_memory, f"{worker} kept asking Redis")
+
+        # Through HAProxy, players neither worker has seen: no Redis command, not even
+        # the sessions' MGET.
+        before = await command_calls(redis, *GRAB_COMMANDS)
+        fresh = tokens[3:40]
+        answers = await asyncio.gather(*(call("POST", f"{topo.url}{grab}", t) for t in fresh))
+        assert answers == [(200, {"result": "sold_out"})] * len(fresh)
+        assert await command_calls(redis, *GRAB_COMMANDS) == before
+
+        # A player who logged out is refused by every worker.
+        gone = tokens[40]
+        assert (await call("POST", f"{topo.url}/auth/logout", gone))[0] == 200
+        for worker in workers:
+
+            async def refused(worker: str = worker) -> bool:
+                return (await call("POST", f"{worker}{grab}", gone))[0] == 401
+
+            await until(refused, f"{worker} kept answering a logged-out player")
+        # A winner asking again through HAProxy is told what it won, and nothing more
+        # was granted.
+        for token, amount in won.items():
+            assert await call("POST", f"{topo.url}{grab}", token) == (
+                200,
+                {"result": "already_won", "amount_fen": amount},
+            )
+        assert await redis.hlen(winners) == 3
