@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bench.measure import Result
-from bench.rounds import ALWAYS, GRAB, OPENRESTY, Measured, Pair
+from bench.rounds import ALWAYS, EARLY, ENDED, GRAB, OPENRESTY, SOLD, WON_AGAIN, Measured, Pair
 from bench.stack import DRAIN_NICE
 
 CPU_COLUMNS = ("app", "floor", "drainer", "HAProxy", "Redis", "PostgreSQL", "OpenResty", "wrk")
@@ -33,13 +36,14 @@ def median_rps(pairs: list[Pair]) -> float:
     return statistics.median(p.rps for _, p in pairs)
 
 
+def paired_ratio(runs: list[Result], others: list[Result]) -> float:
+    """The median over rounds of each run's req/s over its paired run's."""
+    return statistics.median(r.rps / o.rps for r, o in zip(runs, others, strict=True))
+
+
 def summary(name: str, runs: list[Result], floors: list[Result] | None) -> str:
     """One table row: medians over rounds; the ratio is the median of paired ratios."""
-    ratio = (
-        "—"
-        if floors is None
-        else f"{statistics.median(r.rps / f.rps for r, f in zip(runs, floors, strict=True)):.2f}"
-    )
+    ratio = "—" if floors is None else f"{paired_ratio(runs, floors):.2f}"
     return (
         f"| {name} | {statistics.median(r.rps for r in runs):,.0f} "
         f"| {statistics.median(r.p50_ms for r in runs):.2f} "
@@ -62,11 +66,16 @@ def cpu_row(name: str, runs: list[Result], floors: list[Result] | None, server: 
     per = cpu_per_request(runs)
     ratio, worker = "—", "—"
     if floors is not None:
-        floor = cpu_per_request(floors)
-        ratio = f"{sum(floor) / sum(per):.2f}"
-        worker = f"{per[CPU_COLUMNS.index(server)] / floor[CPU_COLUMNS.index('floor')]:.2f}"
+        ratio = f"{sum(cpu_per_request(floors)) / sum(per):.2f}"
+        worker = f"{worker_ratio(runs, floors, server):.2f}"
     cells = " | ".join(f"{max(v, 0.0):.0f}" for v in per)
     return f"| {name} | {cells} | {sum(per):.0f} | {ratio} | {worker} |"
+
+
+def worker_ratio(runs: list[Result], floors: list[Result], server: str = "app") -> float:
+    """The ``server``'s CPU per request over the floor workers', over all rounds."""
+    per, floor = cpu_per_request(runs), cpu_per_request(floors)
+    return per[CPU_COLUMNS.index(server)] / floor[CPU_COLUMNS.index("floor")]
 
 
 def throughput(setup: Setup, measured: Measured, floors: list[Result]) -> list[str]:
@@ -104,7 +113,7 @@ def openresty(setup: Setup, measured: Measured) -> list[str]:
         return []
     ours = [grab for (_, grab), _ in measured.openresty]
     theirs = [o for _, o in measured.openresty]
-    rps = statistics.median(g.rps / o.rps for g, o in zip(ours, theirs, strict=True))
+    rps = paired_ratio(ours, theirs)
     our_cpu, their_cpu = cpu_per_request(ours), cpu_per_request(theirs)
     server = CPU_COLUMNS.index("app"), CPU_COLUMNS.index("OpenResty")
     requests = sum(o.requests for o in theirs) or 1
@@ -202,6 +211,64 @@ def cpu_table(measured: Measured, floors: list[Result]) -> list[str]:
     ]
 
 
+def median_p99(runs: list[Result], floors: list[Result]) -> float:
+    """The median p99 in ms of ``runs`` (their floors play no part)."""
+    return statistics.median(r.p99_ms for r in runs)
+
+
+class Target(NamedTuple):
+    """One of issue 17's targets: ``measure(runs, floors)`` of ``path`` against ``bound``."""
+
+    what: str
+    path: str
+    measure: Callable[[list[Result], list[Result]], float]
+    met: Callable[[float, float], bool]
+    bound: float
+
+
+TARGETS = (
+    Target("grab >= 0.7 of the floor", GRAB, paired_ratio, operator.ge, 0.7),
+    Target("sold out >= 0.9 of the floor", SOLD, paired_ratio, operator.ge, 0.9),
+    Target("already won >= 0.9 of the floor", WON_AGAIN, paired_ratio, operator.ge, 0.9),
+    Target("ended >= 0.9 of the floor", ENDED, paired_ratio, operator.ge, 0.9),
+    Target("not started >= 0.9 of the floor", EARLY, paired_ratio, operator.ge, 0.9),
+    Target(
+        "worker CPU, sold out <= 1.25x the floor worker's", SOLD, worker_ratio, operator.le, 1.25
+    ),
+    Target(
+        "worker CPU, winning grab <= 1.6x the floor worker's", GRAB, worker_ratio, operator.le, 1.6
+    ),
+    Target("grab p99 < 25 ms at the measured peak", GRAB, median_p99, operator.lt, 25.0),
+)
+OPENRESTY_TARGET = "grab >= 1.0x OpenResty's grabs/s"
+CALLS_TARGET = "script calls per grab <= 0.2"
+
+
+def target_row(what: str, value: float, met: bool) -> str:
+    """One row of the targets table."""
+    return f"| {what} | {value:.2f} | {'yes' if met else '**no**'} |"
+
+
+def targets(measured: Measured) -> list[str]:
+    """Every target of issue 17 whose paths ran, with its measured value, met or not."""
+    rows = []
+    for target in TARGETS:
+        pairs = measured.pairs.get(target.path)
+        if pairs:
+            value = target.measure([r for _, r in pairs], [f for f, _ in pairs])
+            rows.append(target_row(target.what, value, target.met(value, target.bound)))
+    if measured.openresty:
+        ours = [grab for (_, grab), _ in measured.openresty]
+        ratio = paired_ratio(ours, [o for _, o in measured.openresty])
+        rows.append(target_row(OPENRESTY_TARGET, ratio, ratio >= 1.0))
+    if GRAB in measured.pairs:
+        calls = measured.grab_calls / max(measured.grab_requests, 1)
+        rows.append(target_row(CALLS_TARGET, calls, calls <= 0.2))
+    if not rows:
+        return []
+    return ["", "Targets (issue 17):", "", "| target | measured | met? |", "|---|---:|---|", *rows]
+
+
 def render(setup: Setup, measured: Measured, ledger_ok: bool) -> str:
     """The whole report."""
     floors = [f for pairs in measured.pairs.values() for f, _ in pairs]
@@ -211,5 +278,6 @@ def render(setup: Setup, measured: Measured, ledger_ok: bool) -> str:
             *figures(setup, measured, ledger_ok),
             *cpu_table(measured, floors),
             *openresty(setup, measured),
+            *targets(measured),
         ]
     )
