@@ -3,6 +3,11 @@
 While a batch is in flight, new calls queue up; when it returns, everything queued
 goes out as the next batch. An idle system therefore adds no delay (the first call
 leaves on the next loop iteration), and a busy one sends fewer, larger batches.
+
+One batch in flight, not two (as until 2026-12): paired ``./hb bench`` runs measured
+0.11 script calls per grab instead of 0.16, and 1.79-1.85 instead of 1.88-2.06 times
+the floor worker's CPU per winning grab (docs/benchmarks.md, "Fourth pass"); every
+round trip saved is a system call and a wake-up of Redis.
 """
 
 from __future__ import annotations
@@ -17,22 +22,21 @@ R = TypeVar("R")
 
 
 class Batcher(Generic[T, R]):
-    """Collects items submitted concurrently and settles them with one ``flush`` call."""
+    """Collects items submitted concurrently and settles them with one ``flush`` call,
+    one call at a time."""
 
     def __init__(
         self,
         flush: Callable[[list[T]], Awaitable[list[R]]],
         *,
         max_size: int,
-        max_in_flight: int = 2,
     ) -> None:
         self._flush = flush
         self._max_size = max_size
-        self._max_in_flight = max_in_flight
         # Items queued and their futures, side by side (no pair object per item).
         self._items: list[T] = []
         self._futures: list[asyncio.Future[R]] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: asyncio.Task[None] | None = None
         self._scheduled = False
         # The loop of the first submit, kept: asyncio.get_running_loop() makes a getpid
         # system call each time on Python 3.11, measured (py-spy --native under ./hb
@@ -57,16 +61,16 @@ class Batcher(Generic[T, R]):
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        size = self._max_size
-        while self._items and len(self._in_flight) < self._max_in_flight:
+        if self._items and self._in_flight is None:
+            size = self._max_size
             items, futures = self._items[:size], self._futures[:size]
             del self._items[:size], self._futures[:size]
             task = self._running_loop().create_task(self._run(items, futures))
-            self._in_flight.add(task)
+            self._in_flight = task
             task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
+        self._in_flight = None
         if self._items and not self._scheduled:
             self._scheduled = True
             self._running_loop().call_soon(self._dispatch)
@@ -90,9 +94,9 @@ class Batcher(Generic[T, R]):
 
     async def drain(self) -> None:
         """Wait until nothing is queued or in flight."""
-        while self._items or self._in_flight:
-            if self._in_flight:
-                await asyncio.wait(set(self._in_flight))
+        while self._items or self._in_flight is not None:
+            if self._in_flight is not None:
+                await asyncio.wait({self._in_flight})
             else:
                 await asyncio.sleep(0)
 

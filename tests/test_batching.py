@@ -1,0 +1,73 @@
+"""The Batcher: one flush in flight; what arrives meanwhile leaves together as the next."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.store.batching import Batcher
+
+
+class Flushes:
+    """A flush that records each batch and returns when released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        await self.release.wait()
+        return [item * 10 for item in items]
+
+
+async def turns(n: int = 3) -> None:
+    """Let the loop run ``n`` iterations (a dispatch, its task's start)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_calls_made_while_a_batch_is_in_flight_leave_together_next() -> None:
+    flushes = Flushes()
+    batcher: Batcher[int, int] = Batcher(flushes, max_size=100)
+    first = batcher.submit(1)
+    await turns()
+    assert flushes.batches == [[1]]
+    # Two calls in two later loop iterations, both while the first batch is out.
+    later = [batcher.submit(2)]
+    await turns()
+    later.append(batcher.submit(3))
+    await turns()
+    assert flushes.batches == [[1]]
+    flushes.release.set()
+    assert await first == 10
+    assert await asyncio.gather(*later) == [20, 30]
+    assert flushes.batches == [[1], [2, 3]]
+    await batcher.drain()
+
+
+async def test_a_queue_longer_than_max_size_leaves_in_batches_of_max_size() -> None:
+    flushes = Flushes()
+    flushes.release.set()
+    batcher: Batcher[int, int] = Batcher(flushes, max_size=2)
+    futures = [batcher.submit(i) for i in range(5)]
+    assert await asyncio.gather(*futures) == [0, 10, 20, 30, 40]
+    assert flushes.batches == [[0, 1], [2, 3], [4]]
+
+
+async def test_a_failed_flush_fails_its_batch_only() -> None:
+    calls = 0
+
+    async def flush(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("lost")
+        return items
+
+    batcher: Batcher[int, int] = Batcher(flush, max_size=1)
+    lost, kept = batcher.submit(1), batcher.submit(2)
+    with pytest.raises(ConnectionError):
+        await lost
+    assert await kept == 2
