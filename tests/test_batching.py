@@ -71,3 +71,30 @@ async def test_a_failed_flush_fails_its_batch_only() -> None:
     with pytest.raises(ConnectionError):
         await lost
     assert await kept == 2
+
+
+async def test_a_cancelled_batch_cancels_its_waiters_and_the_next_batch_still_goes() -> None:
+    flushes = Flushes()
+    batcher: Batcher[int, int] = Batcher(flushes, max_size=100)
+    first = batcher.submit(1)
+    await turns()
+    second = batcher.submit(2)
+    # The shutdown of the batch in flight (its task cancelled), as at a worker's stop.
+    in_flight = batcher._in_flight
+    assert in_flight is not None
+    in_flight.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(first, 5)
+    flushes.release.set()
+    assert await second == 20
+    assert flushes.batches == [[1], [2]]
+
+
+async def test_a_flush_answering_fewer_results_fails_every_waiter() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    batcher: Batcher[int, int] = Batcher(short, max_size=100)
+    futures = [batcher.submit(i) for i in range(3)]
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)

@@ -4,10 +4,8 @@ While a batch is in flight, new calls queue up; when it returns, everything queu
 goes out as the next batch. An idle system therefore adds no delay (the first call
 leaves on the next loop iteration), and a busy one sends fewer, larger batches.
 
-One batch in flight, not two (as until 2026-12): paired ``./hb bench`` runs measured
-0.11 script calls per grab instead of 0.16, and 1.79-1.85 instead of 1.88-2.06 times
-the floor worker's CPU per winning grab (docs/benchmarks.md, "Fourth pass"); every
-round trip saved is a system call and a wake-up of Redis.
+One batch in flight, not two: larger batches, so fewer round trips, each a system call
+and a wake-up of Redis (measured: docs/benchmarks.md, "Issue 17, fourth pass").
 """
 
 from __future__ import annotations
@@ -83,6 +81,13 @@ class Batcher(Generic[T, R]):
     async def _run(self, items: list[T], futures: list[asyncio.Future[R]]) -> None:
         try:
             results = await self._flush(items)
+            if len(results) != len(futures):
+                raise RuntimeError(f"a batch of {len(futures)} got {len(results)} results")
+        except asyncio.CancelledError:
+            # The batch was cancelled (shutdown): so is every wait for it, none left hanging.
+            for future in futures:
+                future.cancel()
+            raise
         except Exception as exc:  # every waiter of this batch sees the failure
             for future in futures:
                 if not future.done():
