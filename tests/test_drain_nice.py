@@ -45,6 +45,7 @@ async def test_a_niced_drainer_records_every_grant(
         winners = await winners_of(redis, cid)
         assert len(winners) == 100
         assert await grabs_of(pg, cid) == winners
-        assert niceness(drainer.pid) == 19
+        # os.nice adds to the niceness it inherits, up to 19.
+        assert niceness(drainer.pid) == min(niceness(os.getpid()) + 19, 19)
     finally:
         procs.reap()
