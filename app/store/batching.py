@@ -65,10 +65,15 @@ class Batcher(Generic[T, R]):
             del self._items[:size], self._futures[:size]
             task = self._running_loop().create_task(self._run(items, futures))
             self._in_flight = task
-            task.add_done_callback(self._done)
+            task.add_done_callback(functools.partial(self._done, futures))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, futures: list[asyncio.Future[R]], task: asyncio.Task[None]) -> None:
         self._in_flight = None
+        if task.cancelled():
+            # The batch was cancelled (a shutdown), perhaps before its first step: so is
+            # every wait for it, none left hanging.
+            for future in futures:
+                future.cancel()
         if self._items and not self._scheduled:
             self._scheduled = True
             self._running_loop().call_soon(self._dispatch)
@@ -83,11 +88,6 @@ class Batcher(Generic[T, R]):
             results = await self._flush(items)
             if len(results) != len(futures):
                 raise RuntimeError(f"a batch of {len(futures)} got {len(results)} results")
-        except asyncio.CancelledError:
-            # The batch was cancelled (shutdown): so is every wait for it, none left hanging.
-            for future in futures:
-                future.cancel()
-            raise
         except Exception as exc:  # every waiter of this batch sees the failure
             for future in futures:
                 if not future.done():
