@@ -102,7 +102,7 @@ async def one(server: EmbeddedPostgres, changes: tuple[str, ...], rows: int) -> 
 
 
 async def run(rows: int, rounds: int) -> str:
-    """Every variant, ``rounds`` times alternated; the markdown table."""
+    """Every variant, ``rounds`` times, the order rotating; the markdown table."""
     names = list(VARIANTS)
     measured: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="hb-ledger-rows-") as tmp:
@@ -131,7 +131,7 @@ def main() -> None:
     """Parse the command line and print the table."""
     parser = argparse.ArgumentParser(prog="python -m bench.ledger_rows")
     parser.add_argument("--rows", type=int, default=100_000, help="grants per variant")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the variants")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every variant")
     args = parser.parse_args()
     print(asyncio.run(run(args.rows, args.rounds)))
 
