@@ -197,10 +197,12 @@ class SessionStore:
                     pipe.exists(key)
                 try:
                     return [int(n) for n in await pipe.execute()]
-                except RuntimeError as exc:
-                    # redis-py's cluster pipeline, under uvloop, can write on a transport
-                    # a failed node just closed: a lost connection, as any other.
-                    raise ConnectionError(f"Redis Cluster node lost: {exc}") from exc
+                except (RuntimeError, AttributeError) as exc:
+                    # redis-py's cluster pipeline can write on a connection a failed node
+                    # just closed: under uvloop a RuntimeError from the closed transport,
+                    # or (seen in CI, 2026-12-01) an AttributeError on the writer the
+                    # disconnect set to None. A lost connection, as any other.
+                    raise ConnectionError(f"Redis Cluster node lost: {exc!r}") from exc
         if self._line is not None:
             # On the hot path's line, without redis-py's pool, retry, timeout and
             # callbacks per call (measured: docs/benchmarks.md, "Third pass").
