@@ -59,10 +59,6 @@ async def one(server: EmbeddedPostgres, changes: tuple[str, ...], rows: int) -> 
     """Backend CPU µs per grant recorded, on a fresh database changed by ``changes``."""
     admin = await asyncpg.connect(server.url)
     try:
-        # Only ever this bench's own server: the folder it was started in.
-        data_dir = Path(await admin.fetchval("SELECT current_setting('data_directory')"))
-        if not data_dir.resolve().is_relative_to(server.data_dir.resolve()):
-            raise RuntimeError(f"{server.url} is not the bench's PostgreSQL ({data_dir})")
         await admin.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
         await admin.execute(f"CREATE DATABASE {DATABASE}")
     finally:
@@ -101,6 +97,18 @@ async def one(server: EmbeddedPostgres, changes: tuple[str, ...], rows: int) -> 
         await pool.close()
 
 
+async def ensure_own(server: EmbeddedPostgres) -> None:
+    """Fail unless ``server.url`` reaches the server started in ``server.data_dir``
+    (another one could have taken the free port first): only its databases are dropped."""
+    conn = await asyncpg.connect(server.url)
+    try:
+        data_dir = Path(await conn.fetchval("SELECT current_setting('data_directory')"))
+    finally:
+        await conn.close()
+    if not data_dir.resolve().is_relative_to(server.data_dir.resolve()):
+        raise RuntimeError(f"{server.url} is not the bench's PostgreSQL ({data_dir})")
+
+
 async def run(rows: int, rounds: int) -> str:
     """Every variant, ``rounds`` times, the order rotating; the markdown table."""
     names = list(VARIANTS)
@@ -109,6 +117,7 @@ async def run(rows: int, rounds: int) -> str:
         server = EmbeddedPostgres(Path(tmp), free_port())
         try:
             server.start()
+            await ensure_own(server)
             for round_no in range(rounds):
                 for name in names[round_no % len(names) :] + names[: round_no % len(names)]:
                     measured[name].append(await one(server, VARIANTS[name], rows))

@@ -66,16 +66,22 @@ def cpu_row(name: str, runs: list[Result], floors: list[Result] | None, server: 
     per = cpu_per_request(runs)
     ratio, worker = "—", "—"
     if floors is not None:
-        ratio = f"{sum(cpu_per_request(floors)) / sum(per):.2f}"
-        worker = f"{worker_ratio(runs, floors, server):.2f}"
+        floor = cpu_per_request(floors)
+        ratio = f"{sum(floor) / sum(per):.2f}"
+        worker = f"{server_over_floor(per, floor, server):.2f}"
     cells = " | ".join(f"{max(v, 0.0):.0f}" for v in per)
     return f"| {name} | {cells} | {sum(per):.0f} | {ratio} | {worker} |"
 
 
-def worker_ratio(runs: list[Result], floors: list[Result], server: str = "app") -> float:
-    """The ``server``'s CPU per request over the floor workers', over all rounds."""
-    per, floor = cpu_per_request(runs), cpu_per_request(floors)
+def server_over_floor(per: list[float], floor: list[float], server: str) -> float:
+    """The ``server``'s column of ``per`` over the floor workers' column of ``floor``
+    (both as cpu_per_request gives them)."""
     return per[CPU_COLUMNS.index(server)] / floor[CPU_COLUMNS.index("floor")]
+
+
+def worker_ratio(runs: list[Result], floors: list[Result]) -> float:
+    """The app workers' CPU per request over the floor workers', over all rounds."""
+    return server_over_floor(cpu_per_request(runs), cpu_per_request(floors), "app")
 
 
 def throughput(setup: Setup, measured: Measured, floors: list[Result]) -> list[str]:
